@@ -1,0 +1,50 @@
+# The README's first two commands: `make bench` and `make test`. Each creates
+# .venv/ on first use, installs torch and the tools, builds the extension
+# (CPU kernels always; CUDA kernels whenever torch is a CUDA build and nvcc is
+# found) and runs.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# torch.utils.cpp_extension otherwise guesses /usr/local and fails on -lcudart.
+ifeq ($(CUDA_HOME),)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME := /usr/local/cuda
+endif
+endif
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# Extra pytest/bench arguments: make test ARGS="-k adam", make bench ARGS="--cases large".
+ARGS ?=
+
+.PHONY: all venv build test bench wheel info clean
+
+all: build
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Always rebuilds (ninja keeps it incremental inside one build): every CUDA
+# source compiles in every `make test` run.
+build: venv
+	$(PY) -m pip install -q --no-build-isolation -e .
+
+test: build
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: build
+	$(PY) benchmarks/run.py $(ARGS)
+
+info: build
+	$(PY) -m pyoptim info
+
+# A wheel for the archs in TORCH_CUDA_ARCH_LIST, into dist/.
+wheel: venv
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info pyoptim/*.so

@@ -1,0 +1,46 @@
+// The CPU Adam launch: what the launcher (adam_cpu.cpp, built once) hands to
+// the kernel (adam_cpu_kernel.cpp, built once per instruction set).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <c10/core/ScalarType.h>
+
+#include <pyoptim/adam.h>
+#include <pyoptim/multi_tensor.h>
+
+namespace pyoptim::cpu {
+
+// Elements per CPU work item: 16K elements is 448 KB of traffic for an fp32
+// step, enough to amortize a task's start, small enough to balance 2,000
+// tensors of 8K over the threads. A multiple of every vector width.
+constexpr int64_t kAdamCpuChunk = 16384;
+
+struct AdamCpuLaunch {
+  c10::ScalarType dtype;
+  bool amsgrad;
+  bool decoupled;
+  double grad_mul;                    // inv_grad_scale * (maximize ? -1 : 1)
+  std::vector<void*> p, g, m, v, vm;  // per tensor; vm empty without amsgrad
+  std::vector<int64_t> numel;         // per tensor
+  std::vector<AdamHyper> hyper;       // per tensor (its group's)
+  std::vector<double> lr;             // per tensor
+  std::vector<double> step;           // per tensor, already advanced
+  LaunchGroup plan;                   // one group holding every tensor
+};
+
+// One definition per instruction set, each in namespace
+// pyoptim::cpu::<CPU_CAPABILITY> (DEFAULT, AVX2, AVX512); adam_cpu.cpp picks.
+#define PYOPTIM_DECLARE_ADAM_CPU_KERNEL(ISA) \
+  namespace ISA {                            \
+  void adam_kernel(const AdamCpuLaunch& launch); \
+  }
+PYOPTIM_DECLARE_ADAM_CPU_KERNEL(DEFAULT)
+#if defined(__x86_64__)
+PYOPTIM_DECLARE_ADAM_CPU_KERNEL(AVX2)
+PYOPTIM_DECLARE_ADAM_CPU_KERNEL(AVX512)
+#endif
+#undef PYOPTIM_DECLARE_ADAM_CPU_KERNEL
+
+}  // namespace pyoptim::cpu

@@ -1,0 +1,20 @@
+// MathOps for at::vec::Vectorized, so the shared per-element math in
+// csrc/include/pyoptim runs on CPU vector registers.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <pyoptim/math.h>
+
+namespace pyoptim {
+
+template <typename S>
+struct MathOps<at::vec::Vectorized<S>> {
+  using scalar = S;
+  using V = at::vec::Vectorized<S>;
+  static PYOPTIM_INLINE V splat(S x) { return V(x); }
+  static PYOPTIM_INLINE V sqrt(const V& x) { return x.sqrt(); }
+  static PYOPTIM_INLINE V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+};
+
+}  // namespace pyoptim

@@ -1,0 +1,49 @@
+// Elementwise helpers the shared per-element math is written in.
+//
+// The per-element updates in this directory are templates over a math type M:
+// `float` or `double` on the GPU and in scalar CPU tails, `at::vec::Vectorized<float>`
+// (or <double>) in the vectorized CPU loop. MathOps<M> supplies what plain
+// operators cannot (sqrt, max, broadcasting a scalar); the Vectorized
+// specialization lives in csrc/cpu/vec_math.h so this header stays CUDA-clean.
+#pragma once
+
+#include <cmath>
+
+#include <pyoptim/macros.h>
+
+namespace pyoptim {
+
+template <typename M>
+struct MathOps;
+
+template <>
+struct MathOps<float> {
+  using scalar = float;
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float splat(float x) { return x; }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float sqrt(float x) { return ::sqrtf(x); }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float max(float a, float b) {
+    // NaN-propagating like torch.maximum (fmaxf would drop the NaN).
+    return (a != a || a > b) ? a : b;
+  }
+};
+
+template <>
+struct MathOps<double> {
+  using scalar = double;
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double splat(double x) { return x; }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double sqrt(double x) { return ::sqrt(x); }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double max(double a, double b) {
+    return (a != a || a > b) ? a : b;
+  }
+};
+
+// torch.lerp's formula (ATen/native/Lerp.h), written so that the weight's side
+// of 0.5 is chosen once per call on the host: `lerp_low` for weight < 0.5.
+//   weight <  0.5: start + weight * (end - start)
+//   weight >= 0.5: end - (end - start) * (1 - weight)
+template <typename M>
+PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M lerp(M start, M end, M weight, M one_minus_weight, bool lerp_low) {
+  return lerp_low ? start + weight * (end - start) : end - (end - start) * one_minus_weight;
+}
+
+}  // namespace pyoptim

@@ -1,0 +1,57 @@
+// Every op's schema, in one TORCH_LIBRARY block. Backends register their
+// kernels with TORCH_LIBRARY_IMPL at the foot of the file that holds them
+// (csrc/cpu, csrc/cuda); fake kernels and the Python API are in pyoptim/.
+#include <Python.h>
+
+#include <string>
+#include <vector>
+
+#include <torch/library.h>
+
+namespace pyoptim {
+namespace cpu {
+const char* cpu_isa_name();
+}  // namespace cpu
+
+namespace {
+
+// The instruction set the CPU kernels run with here (DEFAULT, AVX2, AVX512).
+std::string cpu_capability() { return cpu::cpu_isa_name(); }
+
+// The archs the CUDA kernels were built for (TORCH_CUDA_ARCH_LIST at build
+// time, as 80, 90, ...); empty when built without CUDA.
+std::vector<int64_t> cuda_archs() { return {PYOPTIM_CUDA_ARCH_LIST}; }
+
+}  // namespace
+}  // namespace pyoptim
+
+// An empty module `pyoptim._C`, so `import pyoptim._C` loads this library and
+// runs the registrations below (the pytorch/extension-cpp pattern).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "pyoptim's compiled kernels (see torch.ops.pyoptim)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pyoptim, m) {
+  // Build information, for pyoptim.backend_info().
+  m.def("_cpu_capability() -> str", &pyoptim::cpu_capability);
+  m.def("_cuda_archs() -> int[]", &pyoptim::cuda_archs);
+
+  // One Adam/AdamW step over many tensors of one device and dtype, in place.
+  // Mirrors aten::_fused_adam_ (argument names and order), with per-group
+  // hyperparameters: tensors [sum(group_sizes[:k]), sum(group_sizes[:k+1]))
+  // belong to group k and use lr[k], beta1[k], ... . lr_tensor, when given,
+  // holds one lr per group on the params' device and replaces `lr` (no host
+  // sync: capturable). grad_scale divides the grads (GradScaler); a nonzero
+  // found_inf makes the whole call a no-op. Advances every state_steps entry
+  // by one unless found_inf is nonzero. grads are never written.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, "
+      "int[] group_sizes, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}

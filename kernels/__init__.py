@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as pyoptim.kernels. Importing this package imports no Triton."""

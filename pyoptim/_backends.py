@@ -1,0 +1,154 @@
+"""Which backends exist here, and which one serves a call.
+
+This module is the one place that decides: `select(op, device, requested)`
+returns a backend name, `get(op, backend)` its implementation, and
+`backend_info()` shows both. Nothing here touches a GPU at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("pyoptim")
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# Fastest first, per device type.
+_PREFERENCE = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+# op name -> backend -> "module:function"
+_IMPLS: dict[str, dict[str, str]] = {
+    "adam_step_": {
+        "cuda": "torch.ops.pyoptim.adam_step_",
+        "cpu": "torch.ops.pyoptim.adam_step_",
+        "triton": "pyoptim.kernels.adam:adam_step_triton",
+        "reference": "pyoptim.reference:adam_step_ref",
+    },
+}
+
+
+def _load_extension() -> tuple[bool, str | None]:
+    try:
+        importlib.import_module("pyoptim._C")
+    except (ImportError, OSError) as e:  # not built, or built against another torch
+        return False, f"{type(e).__name__}: {e}"
+    return True, None
+
+
+EXTENSION_LOADED, EXTENSION_ERROR = _load_extension()
+if not EXTENSION_LOADED:
+    # note [missing extension]: logged once, never raised; the reference
+    # backend (and Triton on GPUs) still serve every op.
+    warnings.warn(
+        f"pyoptim: the compiled extension pyoptim._C is not available ({EXTENSION_ERROR}); "
+        "falling back to the triton/reference backends. Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def cuda_archs() -> list[str]:
+    """The GPU archs the CUDA kernels were built for, like ["sm_80", "sm_90"]."""
+    if not EXTENSION_LOADED:
+        return []
+    return [f"sm_{a}" for a in torch.ops.pyoptim._cuda_archs()]
+
+
+def cpu_capability() -> str | None:
+    """The instruction set the CPU kernels use here (DEFAULT, AVX2, AVX512)."""
+    return torch.ops.pyoptim._cpu_capability() if EXTENSION_LOADED else None
+
+
+@functools.cache
+def triton_version() -> str | None:
+    """Triton's version when it is importable, else None (imports it lazily)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        import triton
+    except Exception:  # a broken install counts as absent
+        return None
+    return triton.__version__
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs in its interpreter (TRITON_INTERPRET=1): CPU tensors are accepted."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(op: str, device_type: str) -> list[str]:
+    """Backends that can run `op` on tensors of `device_type` here, fastest first."""
+    impls = _IMPLS[op]
+    out = []
+    for b in _PREFERENCE.get(device_type, ("reference",)):
+        if b not in impls:
+            continue
+        if b == "cuda" and not (EXTENSION_LOADED and cuda_archs()):
+            continue
+        if b == "cpu" and not EXTENSION_LOADED:
+            continue
+        if b == "triton" and triton_version() is None:
+            continue
+        out.append(b)
+    if device_type == "cpu" and triton_interpret() and triton_version() is not None and "triton" in impls:
+        out.append("triton")  # the interpreter: for testing numerics, never the default
+    return out
+
+
+def select(op: str, device: torch.device | str, requested: str | None = None) -> str:
+    """The backend that serves `op` on `device`: `requested`, else $PYOPTIM_BACKEND, else the fastest here."""
+    device_type = torch.device(device).type
+    choice = requested or os.environ.get("PYOPTIM_BACKEND") or None
+    avail = available(op, device_type)
+    if choice is None:
+        if not avail:
+            raise RuntimeError(f"pyoptim: no backend can run {op} on {device_type} tensors")
+        return avail[0]
+    if choice not in BACKENDS:
+        raise ValueError(f"pyoptim: unknown backend {choice!r}; expected one of {BACKENDS}")
+    if choice not in avail:
+        raise RuntimeError(
+            f"pyoptim: backend {choice!r} cannot run {op} on {device_type} tensors here; available: {avail}"
+        )
+    return choice
+
+
+@functools.cache
+def get(op: str, backend: str) -> Callable[..., Any]:
+    """The implementation of `op` by `backend`, with the op's signature."""
+    target = _IMPLS[op][backend]
+    if target.startswith("torch.ops."):
+        _, _, ns, name = target.split(".")
+        return getattr(getattr(torch.ops, ns), name)
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def backend_info() -> dict[str, Any]:
+    """What was built, and which backend serves each op on each device type here."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "torch": torch.__version__,
+        "extension_loaded": EXTENSION_LOADED,
+        "extension_error": EXTENSION_ERROR,
+        "cpu_capability": cpu_capability(),
+        "cuda_archs": cuda_archs(),
+        "cuda_available": torch.cuda.is_available(),
+        "triton": triton_version(),
+        "triton_interpret": triton_interpret(),
+        "env_backend": os.environ.get("PYOPTIM_BACKEND"),
+        "ops": {
+            op: {dt: {"available": available(op, dt), "default": (available(op, dt) or [None])[0]}
+                 for dt in device_types}
+            for op in _IMPLS
+        },
+    }

@@ -1,0 +1,84 @@
+"""Pure-PyTorch versions of every op: the test oracle and the fallback.
+
+Written from the ops' stated math in plain torch ops, one tensor at a time,
+with no code shared with the kernels. Math in float32 for fp16/bf16/fp32
+storage (float64 for fp64), states stored in the param's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from pyoptim._validation import check_adam_args
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adam_step_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    weight_decay: Sequence[float],
+    eps: Sequence[float],
+    group_sizes: Sequence[int],
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
+    """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
+    check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                    beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, amsgrad=amsgrad,
+                    lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    if len(params) == 0:
+        return
+    if found_inf is not None and found_inf.item() != 0.0:
+        return  # a step with inf/nan grads changes nothing
+    # GradScaler's inverse scale: 1 / scale in double, rounded to float32.
+    inv_scale = 1.0
+    if grad_scale is not None:
+        inv_scale = grad_scale.double().reciprocal().float().item()
+    grad_mul = -inv_scale if maximize else inv_scale
+    group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
+    lrs = lr_tensor.tolist() if lr_tensor is not None else list(lr)
+    for i, p in enumerate(params):
+        k = group_of[i]
+        lr_k, b1, b2, wd, eps_k = lrs[k], beta1[k], beta2[k], weight_decay[k], eps[k]
+        state_steps[i].add_(1)
+        step = state_steps[i].item()
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        grad = grads[i].to(ct) * grad_mul
+        exp_avg = exp_avgs[i].to(ct)
+        exp_avg_sq = exp_avg_sqs[i].to(ct)
+        if wd != 0:
+            if decoupled_weight_decay:
+                param = param * (1 - lr_k * wd)
+            else:
+                grad = grad + wd * param
+        exp_avg = torch.lerp(exp_avg, grad, 1 - b1)
+        exp_avg_sq = exp_avg_sq * b2 + (1 - b2) * grad * grad
+        bias_correction1 = 1 - b1**step
+        bias_correction2_sqrt = (1 - b2**step) ** 0.5
+        second = exp_avg_sq
+        if amsgrad:
+            second = torch.maximum(max_exp_avg_sqs[i].to(ct), exp_avg_sq)
+            max_exp_avg_sqs[i].copy_(second)
+        denom = second.sqrt() / bias_correction2_sqrt + eps_k
+        param = param + (-(lr_k / bias_correction1)) * exp_avg / denom
+        p.copy_(param)
+        exp_avgs[i].copy_(exp_avg)
+        exp_avg_sqs[i].copy_(exp_avg_sq)

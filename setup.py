@@ -1,0 +1,130 @@
+"""Build pyoptim and its extension pyoptim._C.
+
+The CPU kernels are always built. The CUDA kernels are built whenever torch is
+a CUDA build and nvcc is found: a build machine without a GPU still builds
+them (nothing here asks for a GPU). Environment:
+
+  TORCH_CUDA_ARCH_LIST  archs to build for (default "8.0;9.0"; e.g.
+                        "7.5;8.0;8.6;8.9;9.0;10.0+PTX" for a release wheel)
+  CUDA_HOME             the CUDA toolkit (default /usr/local/cuda when present)
+  PYOPTIM_NO_CUDA=1     build the CPU kernels only
+  MAX_JOBS              parallel compile jobs (ninja)
+  PYOPTIM_DEBUG=1       -O0 -g builds
+"""
+
+import os
+import platform
+import sys
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch.utils.cpp_extension reads CUDA_HOME at import; without this it
+        # guesses /usr/local and the link fails on -lcudart.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("PYOPTIM_DEBUG", "0") == "1"
+
+# CPU kernel sources built once per instruction set, each into namespace
+# pyoptim::cpu::<ISA>; csrc/cpu/*.cpp picks one at run time. The -m flags
+# apply to these files alone, so the library loads on any x86-64 CPU.
+ISA_SOURCES = ["csrc/cpu/adam_cpu_kernel.cpp"]
+ISAS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+if platform.machine() not in ("x86_64", "AMD64"):
+    ISAS = {"DEFAULT": []}
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("PYOPTIM_NO_CUDA", "0") == "1":
+        return False
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    return os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+
+
+def _cuda_archs() -> list[int]:
+    """TORCH_CUDA_ARCH_LIST as integers: "8.0;9.0+PTX" -> [80, 90]."""
+    archs = []
+    for item in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip().split("+")[0]
+        if item:
+            major, minor = item.split(".")
+            archs.append(int(major) * 10 + int(minor.rstrip("af")))
+    return archs
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """BuildExtension, plus the per-instruction-set CPU kernel objects."""
+
+    def build_extension(self, ext):
+        isa_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
+        os.makedirs(isa_dir, exist_ok=True)
+        cxx_flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else list(ext.extra_compile_args)
+        for src in ISA_SOURCES:
+            stem = os.path.splitext(os.path.basename(src))[0]
+            for isa, mflags in ISAS.items():
+                wrapper = os.path.join(isa_dir, f"{stem}_{isa.lower()}.cpp")
+                text = f'#define CPU_CAPABILITY {isa}\n#define CPU_CAPABILITY_{isa} 1\n#include "{os.path.join(ROOT, src)}"\n'
+                if not os.path.exists(wrapper) or open(wrapper).read() != text:
+                    with open(wrapper, "w") as f:
+                        f.write(text)
+                objects = self.compiler.compile(
+                    [wrapper],
+                    output_dir=os.path.join(isa_dir, isa.lower()),
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": cxx_flags + mflags, "nvcc": []},
+                    depends=ext.depends,
+                )
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+def _extension():
+    with_cuda = _with_cuda()
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    defines = ["-DPYOPTIM_WITH_CUDA"] if with_cuda else []
+    # Build information for ops.cpp only (nvcc would split the commas).
+    arch_list = ",".join(map(str, _cuda_archs())) if with_cuda else ""
+    cxx = opt + defines + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
+                           "-Wno-unused-function", "-Wno-maybe-uninitialized"]
+    sources = ["csrc/ops.cpp", "csrc/adam_host.cpp", "csrc/cpu/adam_cpu.cpp"]
+    kwargs = dict(
+        name="pyoptim._C",
+        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
+        depends=[os.path.join(ROOT, "csrc", d, f)
+                 for d in ("include/pyoptim", "", "cpu", "cuda")
+                 for f in os.listdir(os.path.join(ROOT, "csrc", d)) if f.endswith((".h", ".cuh"))],
+        py_limited_api=False,
+    )
+    if not with_cuda:
+        print("pyoptim: building the CPU kernels only (no CUDA torch or no nvcc)", file=sys.stderr)
+        return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    # No --use_fast_math: its approximate sqrt and division would part the GPU's
+    # results from the CPU path's and from torch's.
+    nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr"]
+    if os.environ.get("PYOPTIM_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
+    print(f"pyoptim: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    return cpp_extension.CUDAExtension(
+        sources=sources + ["csrc/cuda/adam_cuda.cu"],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        **kwargs,
+    )
+
+
+setup(
+    # kernels/ (the Triton kernels) ships inside the package as pyoptim.kernels.
+    packages=find_packages(include=["pyoptim", "pyoptim.*"]) + ["pyoptim.kernels"],
+    package_dir={"pyoptim.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+)

@@ -24,12 +24,12 @@ void check_like_param(const char* list, int64_t i, const at::Tensor& t, const at
 }
 
 void check_scalar_tensor(const char* name, const std::optional<at::Tensor>& t, const at::Device& dev,
-                         int64_t numel) {
+                         int64_t numel, at::ScalarType dtype = at::kFloat) {
   if (!t.has_value()) {
     return;
   }
   TORCH_CHECK(t->device() == dev, "adam_step_: ", name, " is on ", t->device(), " but params are on ", dev);
-  TORCH_CHECK(t->scalar_type() == at::kFloat, "adam_step_: ", name, " must be float32, got ",
+  TORCH_CHECK(t->scalar_type() == dtype, "adam_step_: ", name, " must be ", dtype, ", got ",
               t->scalar_type());
   TORCH_CHECK(t->numel() == numel, "adam_step_: ", name, " must have ", numel, " element(s), got ",
               t->numel());
@@ -112,7 +112,7 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
     TORCH_CHECK(s.device() == p.device(), "adam_step_: state_steps[", i, "] is on ", s.device(),
                 " but params[", i, "] is on ", p.device());
   }
-  check_scalar_tensor("lr_tensor", a.lr_tensor, p0.device(), groups);
+  check_scalar_tensor("lr_tensor", a.lr_tensor, p0.device(), groups, at::kDouble);
   check_scalar_tensor("grad_scale", a.grad_scale, p0.device(), 1);
   check_scalar_tensor("found_inf", a.found_inf, p0.device(), 1);
 }

@@ -44,7 +44,7 @@ TORCH_LIBRARY(pyoptim, m) {
   // Mirrors aten::_fused_adam_ (argument names and order), with per-group
   // hyperparameters: tensors [sum(group_sizes[:k]), sum(group_sizes[:k+1]))
   // belong to group k and use lr[k], beta1[k], ... . lr_tensor, when given,
-  // holds one lr per group on the params' device and replaces `lr` (no host
+  // holds one lr per group (float64) on the params' device and replaces `lr` (no host
   // sync: capturable). grad_scale divides the grads (GradScaler); a nonzero
   // found_inf makes the whole call a no-op. Advances every state_steps entry
   // by one unless found_inf is nonzero. grads are never written.

@@ -29,11 +29,12 @@ def _check_like_param(name: str, i: int, t: torch.Tensor, p: torch.Tensor) -> No
            list(p.shape))
 
 
-def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.device, numel: int) -> None:
+def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.device, numel: int,
+                         dtype: torch.dtype = torch.float32) -> None:
     if t is None:
         return
     _check(t.device == device, name, " is on ", t.device, " but params are on ", device)
-    _check(t.dtype == torch.float32, name, " must be float32, got ", t.dtype)
+    _check(t.dtype == dtype, name, " must be ", str(dtype).replace("torch.", ""), ", got ", t.dtype)
     _check(t.numel() == numel, name, " must have ", numel, " element(s), got ", t.numel())
 
 
@@ -99,6 +100,6 @@ def check_adam_args(
         _check(s is not None and s.numel() == 1 and s.dtype == torch.float32,
                "state_steps[", i, "] must be a float32 tensor of one element")
         _check(s.device == p.device, "state_steps[", i, "] is on ", s.device, " but params[", i, "] is on ", p.device)
-    _check_scalar_tensor("lr_tensor", lr_tensor, p0.device, groups)
+    _check_scalar_tensor("lr_tensor", lr_tensor, p0.device, groups, torch.float64)
     _check_scalar_tensor("grad_scale", grad_scale, p0.device, 1)
     _check_scalar_tensor("found_inf", found_inf, p0.device, 1)

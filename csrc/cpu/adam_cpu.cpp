@@ -97,7 +97,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const double inv_scale =
       grad_scale.has_value() ? static_cast<double>(static_cast<float>(1.0 / grad_scale->item<float>())) : 1.0;
   L.grad_mul = maximize ? -inv_scale : inv_scale;
-  const at::Tensor lr_values = lr_tensor.has_value() ? lr_tensor->to(at::kDouble) : at::Tensor();
+  const at::Tensor lr_values = lr_tensor.has_value() ? lr_tensor->contiguous() : at::Tensor();
   const int64_t n = static_cast<int64_t>(params.size());
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.p[i].data_ptr());

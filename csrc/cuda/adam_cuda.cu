@@ -77,7 +77,7 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T, bool AMSGRAD, bool DECOUPLED>
 __global__ void __launch_bounds__(kBlockSize) adam_kernel(
     const __grid_constant__ AdamLaunchMeta meta,
-    const float* lr_tensor,   // [groups] or null
+    const double* lr_tensor,  // [groups] or null
     const float* grad_scale,  // [1] or null
     const float* found_inf,   // [1] or null
     bool maximize) {
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kBlockSize) adam_kernel(
   const int64_t end = ::min(begin + kChunkSize, meta.numel[slot]);
   const int k = meta.group[slot];
 
-  const double lr = lr_tensor != nullptr ? static_cast<double>(lr_tensor[meta.group_base + k]) : meta.hyper[k].lr;
+  const double lr = lr_tensor != nullptr ? lr_tensor[meta.group_base + k] : meta.hyper[k].lr;
   // GradScaler's own inverse: 1 / scale in double, rounded to float.
   double grad_mul = grad_scale != nullptr ? static_cast<double>(static_cast<float>(1.0 / *grad_scale)) : 1.0;
   if (maximize) {
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kBlockSize) adam_kernel(
 
 template <typename T>
 void launch_adam(const AdamLaunchMeta& meta, int64_t num_chunks, bool amsgrad, bool decoupled,
-                 const float* lr_tensor, const float* grad_scale, const float* found_inf, bool maximize,
+                 const double* lr_tensor, const float* grad_scale, const float* found_inf, bool maximize,
                  cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(num_chunks));
 #define PYOPTIM_LAUNCH(AMS, DEC) \
@@ -208,7 +208,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AdamWork work = prepare_adam_work(args);
-  const float* lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr<float>() : nullptr;
+  const double* lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr<double>() : nullptr;
   const float* scale_ptr = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
   const float* inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
 

@@ -220,10 +220,11 @@ class Adam(torch.optim.Optimizer):
         lrs = [g["lr"] for g in groups]
         lr_tensor = None
         if any(isinstance(lr, Tensor) and lr.device.type != "cpu" for lr in lrs) and device.type != "cpu":
-            # Read lr on the device (capturable, no host sync): one value per group.
+            # Read lr on the device (capturable, no host sync): one float64
+            # value per group (exact for float32 and float64 lr tensors).
             lr_tensor = torch.stack([
-                lr.reshape(()).to(device=device, dtype=torch.float32) if isinstance(lr, Tensor)
-                else torch.full((), lr, dtype=torch.float32, device=device)
+                lr.reshape(()).to(device=device, dtype=torch.float64) if isinstance(lr, Tensor)
+                else torch.full((), lr, dtype=torch.float64, device=device)
                 for lr in lrs
             ])
             lr_floats = [0.0] * len(lrs)

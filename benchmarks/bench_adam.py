@@ -1,0 +1,132 @@
+"""AdamW's step: pyoptim's backends against torch's for-loop, foreach and fused AdamW, apex and DeepSpeed.
+
+One timed call is one optimizer.step() with every .grad already set. Bytes an
+fp32 step must move: 28 per parameter (p, g, exp_avg, exp_avg_sq read; p,
+exp_avg, exp_avg_sq written), 36 with amsgrad (max_exp_avg_sq read and
+written); in general 7 (or 9) times the element size.
+
+Run on its own: python benchmarks/bench_adam.py [run.py's options].
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import PARAM_CASES, Case, Op, Provider, main  # noqa: E402
+
+LR, WEIGHT_DECAY = 1e-3, 1e-2
+
+
+def make_inputs(case: Case, device, dtype, opts: argparse.Namespace) -> tuple[list, list]:
+    """Params and grads for `case` (random normal); each provider steps its own copies."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    n = case.numel
+    flat_p = torch.randn(n, generator=g, device=device, dtype=dtype)
+    flat_g = torch.randn(n, generator=g, device=device, dtype=dtype)
+    sizes = [s.numel() for s in (torch.Size(sh) for sh in case.shapes)]
+    params = [t.view(sh) for t, sh in zip(flat_p.split(sizes), case.shapes)]
+    grads = [t.view(sh) for t, sh in zip(flat_g.split(sizes), case.shapes)]
+    return params, grads
+
+
+def bytes_moved(case: Case, dtype, opts: argparse.Namespace) -> int:
+    """7 tensors' worth per element (p, g, m, v read; p, m, v written), 9 with amsgrad."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return case.numel * itemsize * (9 if opts.amsgrad else 7)
+
+
+def _params(inputs: tuple[list, list]) -> list:
+    """Fresh leaf params (their own storage) with .grad set."""
+    params0, grads0 = inputs
+    params = [p.clone().requires_grad_(True) for p in params0]
+    for p, g in zip(params, grads0):
+        p.grad = g.clone()
+    return params
+
+
+def _step_of(make_optimizer: Callable[[list], Any]) -> Callable[[tuple[list, list]], Callable[[], Any]]:
+    return lambda inputs: make_optimizer(_params(inputs)).step
+
+
+def _missing(module: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{module} is not importable"
+
+
+def providers(device, opts: argparse.Namespace) -> list[Provider]:
+    """pyoptim's backends for the device, torch's three AdamWs, and apex / DeepSpeed where importable."""
+    import torch
+
+    import pyoptim
+    from pyoptim import _backends
+
+    hp = dict(lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=opts.amsgrad)
+    out: list[Provider] = []
+    available = _backends.available("adam_step_", device.type)
+    candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference", "triton")
+    for b in candidates:
+        why = None if b in available else f"pyoptim backend {b!r} is not available here (backend_info: {available})"
+        out.append(Provider(
+            f"pyoptim-{b}", "pyoptim",
+            _step_of(lambda ps, b=b: pyoptim.optim.AdamW(ps, **hp, backend=b)),
+            unavailable=why,
+            # Triton on CPU is its interpreter: a numerics tool, timed only on request.
+            default=not (b == "triton" and device.type == "cpu"),
+        ))
+    for name, kw in (("forloop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+        out.append(Provider(f"torch-{name}", "torch", _step_of(lambda ps, kw=kw: torch.optim.AdamW(ps, **hp, **kw))))
+
+    if device.type == "cuda":
+        def apex_adam(ps):
+            from apex.optimizers import FusedAdam
+            return FusedAdam(ps, **hp, adam_w_mode=True)
+
+        def ds_adam(ps):
+            from deepspeed.ops.adam import FusedAdam
+            return FusedAdam(ps, **hp, adam_w_mode=True)
+
+        out.append(Provider("apex-fused", "peer", _step_of(apex_adam), unavailable=_missing("apex")))
+        out.append(Provider("deepspeed-fused", "peer", _step_of(ds_adam), unavailable=_missing("deepspeed")))
+    else:
+        def ds_cpu_adam(ps):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(ps, **hp, adamw_mode=True)
+
+        out.append(Provider("deepspeed-cpu", "peer", _step_of(ds_cpu_adam), unavailable=_missing("deepspeed")))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--amsgrad."""
+    parser.add_argument("--amsgrad", action="store_true", help="adam: amsgrad=True (36 bytes per fp32 param)")
+
+
+OP = Op(
+    name="adam",
+    description=f"AdamW step (lr={LR}, weight_decay={WEIGHT_DECAY}), one optimizer.step() with grads set",
+    cases=PARAM_CASES,
+    default_cases=("large", "many_small", "transformer"),
+    make_inputs=make_inputs,
+    bytes_moved=bytes_moved,
+    providers=providers,
+    baseline="torch-fused",
+    add_arguments=add_arguments,
+    settings=lambda opts: {"optimizer": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": (0.9, 0.999),
+                           "eps": 1e-8, "amsgrad": opts.amsgrad},
+)
+
+if __name__ == "__main__":
+    sys.exit(main(only=["adam"]))

@@ -1,0 +1,52 @@
+"""Shared fixtures: the implementations to test, and the tolerance table.
+
+On a machine without a GPU, Triton runs in its interpreter on CPU tensors
+(TRITON_INTERPRET must be set before Triton is first imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pyoptim  # noqa: E402
+from pyoptim import _backends  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# Tolerances for a backend against torch's own fp32/fp64 path, after 10+
+# steps: a few ulps of the stored dtype, grown by the steps' rounding.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+}
+
+
+def impls(op: str) -> list[tuple[str, str]]:
+    """(device type, backend) pairs that can run `op` here: every backend, not only the default."""
+    out = []
+    for device_type in ["cpu"] + (["cuda"] if HAS_CUDA else []):
+        for backend in _backends.available(op, device_type):
+            out.append((device_type, backend))
+    return out
+
+
+def impl_id(pair: tuple[str, str]) -> str:
+    return f"{pair[0]}-{pair[1]}"
+
+
+@pytest.fixture(params=impls("adam_step_"), ids=impl_id)
+def adam_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one adam_step_ implementation."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

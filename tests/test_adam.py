@@ -627,3 +627,18 @@ def test_cuda_over_2_pow_31_elements(backend):
         torch.testing.assert_close(p[w], rp, rtol=0, atol=0)
         torch.testing.assert_close(m[w], rm, rtol=0, atol=0)
         torch.testing.assert_close(v[w], rv, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+def test_torch_compile_fullgraph():
+    args, kwargs = _op_args()
+    expected = copy.deepcopy(args)
+
+    def step(p, g, m, v, vm, s):
+        torch.ops.pyoptim.adam_step_(p, g, m, v, vm, s, **kwargs)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    step(*expected)
+    for xs, ys in zip(args, expected):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)

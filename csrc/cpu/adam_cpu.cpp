@@ -101,7 +101,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const int64_t n = static_cast<int64_t>(params.size());
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.p[i].data_ptr());
-    L.g.push_back(const_cast<void*>(work.g[i].const_data_ptr()));
+    L.g.push_back(work.g[i].const_data_ptr());
     L.m.push_back(work.m[i].data_ptr());
     L.v.push_back(work.v[i].data_ptr());
     if (amsgrad) {

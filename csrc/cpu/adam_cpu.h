@@ -22,7 +22,8 @@ struct AdamCpuLaunch {
   bool amsgrad;
   bool decoupled;
   double grad_mul;                    // inv_grad_scale * (maximize ? -1 : 1)
-  std::vector<void*> p, g, m, v, vm;  // per tensor; vm empty without amsgrad
+  std::vector<void*> p, m, v, vm;     // per tensor; vm empty without amsgrad
+  std::vector<const void*> g;         // per tensor; read only
   std::vector<int64_t> numel;         // per tensor
   std::vector<AdamHyper> hyper;       // per tensor (its group's)
   std::vector<double> lr;             // per tensor

@@ -7,6 +7,7 @@
 #include <pyoptim/math.h>
 
 namespace pyoptim {
+inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
 
 template <typename S>
 struct MathOps<at::vec::Vectorized<S>> {
@@ -17,4 +18,5 @@ struct MathOps<at::vec::Vectorized<S>> {
   static PYOPTIM_INLINE V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
 };
 
+}  // namespace PYOPTIM_ISA
 }  // namespace pyoptim

@@ -28,6 +28,8 @@ struct AdamHyper {
   double weight_decay;
 };
 
+inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
+
 // Everything the per-element update needs for one tensor, in scalar type S
 // (the math type: float for fp32/fp16/bf16 storage, double for fp64).
 // Computed in double and rounded once, as torch's Python-side scalars are.
@@ -118,4 +120,5 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void adam_update(
   p = p + c.neg_step_size * m / denom;
 }
 
+}  // namespace PYOPTIM_ISA
 }  // namespace pyoptim

@@ -12,6 +12,7 @@
 #include <pyoptim/macros.h>
 
 namespace pyoptim {
+inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
 
 template <typename M>
 struct MathOps;
@@ -46,4 +47,5 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M lerp(M start, M end, M weight, M one_minus_
   return lerp_low ? start + weight * (end - start) : end - (end - start) * one_minus_weight;
 }
 
+}  // namespace PYOPTIM_ISA
 }  // namespace pyoptim

@@ -24,6 +24,8 @@ struct LaunchGroup {
   int64_t num_chunks() const { return chunk_prefix.back(); }
 };
 
+inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // max_chunks bounds a group's chunk count (a CUDA grid's x dimension).
@@ -75,4 +77,5 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE int find_slot(const I* prefix, int n, int64_t
   return lo;
 }
 
+}  // namespace PYOPTIM_ISA
 }  // namespace pyoptim

@@ -1,0 +1,123 @@
+// The CPU side of a multi-tensor op: one parallel region over every tensor's
+// chunks (the plan of csrc/include/pyoptim/multi_tensor.h, the mapping the
+// GPU runs), and the vectorized elementwise loop every elementwise op shares.
+//
+// An elementwise op is a functor with two call operators: one taking an
+// array of N at::vec::Vectorized<S> (the vector body), one taking an array of
+// N scalars S (the tail); both usually forward to one template in
+// csrc/include/pyoptim. LOAD and STORE are bit masks over the N arrays: an
+// array is read only if its LOAD bit is set, written back only if its STORE
+// bit is set (grads are read, never written).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <pyoptim/multi_tensor.h>
+
+namespace pyoptim::cpu::PYOPTIM_ISA {  // note [ISA namespaces]
+
+// Calls fn(tensor, begin, end) for element ranges covering every tensor of
+// `plan`, in parallel: each task takes a run of chunks, and a run that spans
+// several chunks of one tensor is one call.
+template <typename Fn>
+void parallel_chunks(const LaunchGroup& plan, int64_t chunk_size, const int64_t* numel, const Fn& fn) {
+  const int n = static_cast<int>(plan.num_tensors);
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c_begin, int64_t c_end) {
+    int64_t c = c_begin;
+    while (c < c_end) {
+      const int slot = find_slot(plan.chunk_prefix.data(), n, c);
+      const int64_t i = plan.first_tensor + slot;
+      const int64_t last = std::min(c_end, plan.chunk_prefix[slot + 1]);
+      const int64_t begin = (c - plan.chunk_prefix[slot]) * chunk_size;
+      const int64_t end = std::min((last - plan.chunk_prefix[slot]) * chunk_size, numel[i]);
+      fn(i, begin, end);
+      c = last;
+    }
+  });
+}
+
+template <unsigned MASK, int K>
+constexpr bool has_bit() {
+  return (MASK >> K) & 1u;
+}
+
+// Applies `op` to elements [begin, end) of the N arrays `ptr` (storage type
+// T, math in at::opmath_type<T>), in place.
+template <typename T, int N, unsigned LOAD, unsigned STORE, typename Op>
+void elementwise_range(T* const (&ptr)[N], int64_t begin, int64_t end, const Op& op) {
+  using S = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<S>;
+  int64_t j = begin;
+  if constexpr (std::is_same_v<T, S>) {
+    constexpr int64_t W = Vec::size();
+    for (; j + W <= end; j += W) {
+      Vec x[N];
+      for (int k = 0; k < N; ++k) {
+        if ((LOAD >> k) & 1u) {
+          x[k] = Vec::loadu(ptr[k] + j);
+        }
+      }
+      op(x);
+      for (int k = 0; k < N; ++k) {
+        if ((STORE >> k) & 1u) {
+          x[k].store(ptr[k] + j);
+        }
+      }
+    }
+  } else {
+    // fp16/bf16 storage: one storage vector holds two float vectors.
+    using VecT = at::vec::Vectorized<T>;
+    constexpr int64_t W = VecT::size();
+    static_assert(W == 2 * Vec::size());
+    for (; j + W <= end; j += W) {
+      Vec lo[N], hi[N];
+      for (int k = 0; k < N; ++k) {
+        if ((LOAD >> k) & 1u) {
+          std::tie(lo[k], hi[k]) = at::vec::convert_to_float<T>(VecT::loadu(ptr[k] + j));
+        }
+      }
+      op(lo);
+      op(hi);
+      for (int k = 0; k < N; ++k) {
+        if ((STORE >> k) & 1u) {
+          at::vec::convert_from_float<T>(lo[k], hi[k]).store(ptr[k] + j);
+        }
+      }
+    }
+  }
+  // The tail, on scalars, as the GPU runs it.
+  for (; j < end; ++j) {
+    S x[N];
+    for (int k = 0; k < N; ++k) {
+      x[k] = ((LOAD >> k) & 1u) ? static_cast<S>(ptr[k][j]) : S(0);
+    }
+    op(x);
+    for (int k = 0; k < N; ++k) {
+      if ((STORE >> k) & 1u) {
+        ptr[k][j] = static_cast<T>(x[k]);
+      }
+    }
+  }
+}
+
+// A math type's coefficients in both forms an elementwise op needs: broadcast
+// into vector registers for the body, scalar for the tail.
+template <template <typename> class Coeffs, typename S>
+struct VecAndScalar {
+  Coeffs<at::vec::Vectorized<S>> vec;
+  Coeffs<S> scalar;
+  template <typename Scalars>
+  explicit VecAndScalar(const Scalars& s) : vec(s), scalar(s) {}
+  const Coeffs<at::vec::Vectorized<S>>& get(const at::vec::Vectorized<S>*) const { return vec; }
+  const Coeffs<S>& get(const S*) const { return scalar; }
+};
+
+}  // namespace pyoptim::cpu::PYOPTIM_ISA

@@ -96,7 +96,7 @@ def _extension():
     arch_list = ",".join(map(str, _cuda_archs())) if with_cuda else ""
     cxx = opt + defines + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
                            "-Wno-unused-function", "-Wno-maybe-uninitialized"]
-    sources = ["csrc/ops.cpp", "csrc/adam_host.cpp", "csrc/cpu/adam_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/adam_cpu.cpp"]
     kwargs = dict(
         name="pyoptim._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],

@@ -47,11 +47,15 @@ TORCH_LIBRARY(pyoptim, m) {
   // holds one lr per group (float64) on the params' device and replaces `lr` (no host
   // sync: capturable). grad_scale divides the grads (GradScaler); a nonzero
   // found_inf makes the whole call a no-op. Advances every state_steps entry
-  // by one unless found_inf is nonzero. grads are never written.
+  // by one unless found_inf is nonzero. With grad_norm (the L2 norm of all
+  // the grads being clipped, as passed), grads are scaled by
+  // min(1, max_grad_norm / (unscaled norm + 1e-6)) inside the kernel, as
+  // torch.nn.utils.clip_grad_norm_ would scale them. grads are never written.
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
       "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, "
       "int[] group_sizes, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
 }

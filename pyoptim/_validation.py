@@ -7,6 +7,7 @@ these. Every check runs before anything is written.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -56,6 +57,8 @@ def check_adam_args(
     lr_tensor: Optional[torch.Tensor] = None,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
     device_type: Optional[str] = None,
 ) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of adam_step_."""
@@ -103,3 +106,5 @@ def check_adam_args(
     _check_scalar_tensor("lr_tensor", lr_tensor, p0.device, groups, torch.float64)
     _check_scalar_tensor("grad_scale", grad_scale, p0.device, 1)
     _check_scalar_tensor("found_inf", found_inf, p0.device, 1)
+    _check_scalar_tensor("grad_norm", grad_norm, p0.device, 1)
+    _check(grad_norm is None or max_grad_norm > 0, "max_grad_norm must be positive, got ", max_grad_norm)

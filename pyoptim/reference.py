@@ -7,6 +7,7 @@ storage (float64 for fp64), states stored in the param's dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -16,6 +17,19 @@ from pyoptim._validation import check_adam_args
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_multiplier(grad_scale: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor], max_grad_norm: float,
+                     maximize: bool) -> float:
+    """GradScaler's inverse scale x torch.nn.utils.clip_grad_norm_'s factor x maximize's sign."""
+    inv_scale = torch.ones((), dtype=torch.float32)
+    if grad_scale is not None:
+        inv_scale = grad_scale.double().reciprocal().float().cpu()  # as GradScaler computes it
+    mul = inv_scale.double()
+    if grad_norm is not None:
+        total = grad_norm.cpu().float() * inv_scale  # the unscaled grads' norm
+        mul = mul * torch.clamp(max_grad_norm / (total + 1e-6), max=1.0).double()
+    return -mul.item() if maximize else mul.item()
 
 
 def adam_step_ref(
@@ -38,20 +52,19 @@ def adam_step_ref(
     lr_tensor: Optional[torch.Tensor] = None,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
 ) -> None:
     """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
     check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                     beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, amsgrad=amsgrad,
-                    lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+                    lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                    max_grad_norm=max_grad_norm)
     if len(params) == 0:
         return
     if found_inf is not None and found_inf.item() != 0.0:
         return  # a step with inf/nan grads changes nothing
-    # GradScaler's inverse scale: 1 / scale in double, rounded to float32.
-    inv_scale = 1.0
-    if grad_scale is not None:
-        inv_scale = grad_scale.double().reciprocal().float().item()
-    grad_mul = -inv_scale if maximize else inv_scale
+    grad_mul = _grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize)
     group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
     lrs = lr_tensor.tolist() if lr_tensor is not None else list(lr)
     for i, p in enumerate(params):

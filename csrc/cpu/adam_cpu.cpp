@@ -1,5 +1,6 @@
 // adam_step_ on CPU tensors: the launcher, and its TORCH_LIBRARY_IMPL.
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <string>
 
@@ -7,7 +8,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
-#include "../adam_host.h"
+#include "../optim_host.h"
 #include "adam_cpu.h"
 
 namespace pyoptim::cpu {
@@ -74,47 +75,40 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps, at::IntArrayRef group_sizes,
                    bool amsgrad, bool maximize, bool decoupled_weight_decay,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
-  const AdamArgs args{params, grads,        exp_avgs,     exp_avg_sqs, max_exp_avg_sqs,
-                      state_steps, lr,      beta1,        beta2,       weight_decay,
-                      eps,    group_sizes,  amsgrad,      maximize,    decoupled_weight_decay,
-                      lr_tensor, grad_scale, found_inf};
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                   double max_grad_norm) {
+  const AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                      weight_decay, eps, group_sizes, amsgrad, maximize, decoupled_weight_decay,
+                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_adam_args(args, c10::DeviceType::CPU);
-  if (params.empty()) {
-    return;
-  }
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) {
+  if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
-  AdamWork work = prepare_adam_work(args);
-
+  MultiTensorWork work = prepare_work({params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
+                                      {true, false, true, true, true}, group_sizes);
   AdamCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.amsgrad = amsgrad;
   L.decoupled = decoupled_weight_decay;
-  // GradScaler's own inverse: 1 / scale in double, rounded to float.
-  const double inv_scale =
-      grad_scale.has_value() ? static_cast<double>(static_cast<float>(1.0 / grad_scale->item<float>())) : 1.0;
-  L.grad_mul = maximize ? -inv_scale : inv_scale;
-  const at::Tensor lr_values = lr_tensor.has_value() ? lr_tensor->contiguous() : at::Tensor();
+  L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
   const int64_t n = static_cast<int64_t>(params.size());
   for (const auto i : c10::irange(n)) {
-    L.p.push_back(work.p[i].data_ptr());
-    L.g.push_back(work.g[i].const_data_ptr());
-    L.m.push_back(work.m[i].data_ptr());
-    L.v.push_back(work.v[i].data_ptr());
+    L.p.push_back(work.lists[0][i].data_ptr());
+    L.g.push_back(work.lists[1][i].const_data_ptr());
+    L.m.push_back(work.lists[2][i].data_ptr());
+    L.v.push_back(work.lists[3][i].data_ptr());
     if (amsgrad) {
-      L.vm.push_back(work.vm[i].data_ptr());
+      L.vm.push_back(work.lists[4][i].data_ptr());
     }
-    L.numel.push_back(work.numel[i]);
     const int64_t k = work.group_of[i];
-    L.hyper.push_back(work.hyper[k]);
-    L.lr.push_back(lr_values.defined() ? lr_values.const_data_ptr<double>()[k] : lr[k]);
+    L.hyper.push_back(AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]});
+    L.lr.push_back(cpu_lr(args.aux, lr, k));
     float* step = state_steps[i].data_ptr<float>();
     *step += 1.0f;
     L.step.push_back(static_cast<double>(*step));
   }
+  L.numel = work.numel;
   L.plan = plan_launch_groups(work.numel, kAdamCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
   run_kernel(L);
   work.finish();

@@ -17,9 +17,10 @@
 #include <torch/library.h>
 
 #include <pyoptim/adam.h>
+#include <pyoptim/clip.h>
 #include <pyoptim/multi_tensor.h>
 
-#include "../adam_host.h"
+#include "../optim_host.h"
 #include "multi_tensor_apply.cuh"
 
 namespace pyoptim::cuda {
@@ -50,6 +51,8 @@ struct AdamFunctor {
   const double* lr_tensor;  // [groups] or null
   const float* grad_scale;  // [1] or null
   const float* found_inf;   // [1] or null
+  const float* grad_norm;   // [1] or null: clip by max_grad_norm
+  float max_grad_norm;
   bool maximize;
 
   __device__ __forceinline__ void operator()(const AdamMeta& meta, int slot, int64_t begin, int64_t end) const {
@@ -59,11 +62,7 @@ struct AdamFunctor {
     }
     const int k = meta.group[slot];
     const double lr = lr_tensor != nullptr ? lr_tensor[meta.group_base + k] : meta.extra.hyper[k].lr;
-    // GradScaler's own inverse: 1 / scale in double, rounded to float.
-    double grad_mul = grad_scale != nullptr ? static_cast<double>(static_cast<float>(1.0 / *grad_scale)) : 1.0;
-    if (maximize) {
-      grad_mul = -grad_mul;
-    }
+    const double grad_mul = grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize);
     const double step = *static_cast<const float*>(meta.ptr[5][slot]);
     const AdamCoeffs<S> coeffs(adam_scalars<S>(meta.extra.hyper[k], lr, step, grad_mul));
     T* const ptr[5] = {static_cast<T*>(meta.ptr[0][slot]), static_cast<T*>(meta.ptr[1][slot]),
@@ -85,21 +84,25 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps, at::IntArrayRef group_sizes,
                     bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const AdamArgs args{params, grads,        exp_avgs,     exp_avg_sqs, max_exp_avg_sqs,
-                      state_steps, lr,      beta1,        beta2,       weight_decay,
-                      eps,    group_sizes,  amsgrad,      maximize,    decoupled_weight_decay,
-                      lr_tensor, grad_scale, found_inf};
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                    double max_grad_norm) {
+  const AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                      weight_decay, eps, group_sizes, amsgrad, maximize, decoupled_weight_decay,
+                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_adam_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AdamWork work = prepare_adam_work(args);
+  MultiTensorWork work = prepare_work(
+      {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
+      {true, false, true, true, true}, group_sizes);
   const double* lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr<double>() : nullptr;
   const float* scale_ptr = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
   const float* inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+  const float* norm_ptr = grad_norm.has_value() ? grad_norm->const_data_ptr<float>() : nullptr;
+  const float max_norm = static_cast<float>(max_grad_norm);
 
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<void*> step_ptr(n);
@@ -107,13 +110,14 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     step_ptr[i] = state_steps[i].data_ptr<float>();
   }
   auto fill = [&](AdamMeta& meta, int s, int64_t i) {
-    meta.ptr[0][s] = work.p[i].data_ptr();
-    meta.ptr[1][s] = const_cast<void*>(work.g[i].const_data_ptr());  // read only (kStore)
-    meta.ptr[2][s] = work.m[i].data_ptr();
-    meta.ptr[3][s] = work.v[i].data_ptr();
-    meta.ptr[4][s] = amsgrad ? work.vm[i].data_ptr() : nullptr;
+    meta.ptr[0][s] = work.lists[0][i].data_ptr();
+    meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only (kStore)
+    meta.ptr[2][s] = work.lists[2][i].data_ptr();
+    meta.ptr[3][s] = work.lists[3][i].data_ptr();
+    meta.ptr[4][s] = amsgrad ? work.lists[4][i].data_ptr() : nullptr;
     meta.ptr[5][s] = step_ptr[i];
-    meta.extra.hyper[meta.group[s]] = work.hyper[work.group_of[i]];
+    const int64_t k = work.group_of[i];
+    meta.extra.hyper[meta.group[s]] = AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]};
   };
   auto count_steps = [&](const AdamMeta& meta) {
     adam_step_count_kernel<<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, inf_ptr);
@@ -124,11 +128,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       multi_tensor_apply<6, AdamExtra>(work.numel, work.group_of, kMaxGroups, stream, fill, count_steps, functor);
     };
     if (amsgrad) {
-      decoupled_weight_decay ? run(AdamFunctor<scalar_t, true, true>{lr_ptr, scale_ptr, inf_ptr, maximize})
-                             : run(AdamFunctor<scalar_t, true, false>{lr_ptr, scale_ptr, inf_ptr, maximize});
+      decoupled_weight_decay ? run(AdamFunctor<scalar_t, true, true>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize})
+                             : run(AdamFunctor<scalar_t, true, false>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize});
     } else {
-      decoupled_weight_decay ? run(AdamFunctor<scalar_t, false, true>{lr_ptr, scale_ptr, inf_ptr, maximize})
-                             : run(AdamFunctor<scalar_t, false, false>{lr_ptr, scale_ptr, inf_ptr, maximize});
+      decoupled_weight_decay ? run(AdamFunctor<scalar_t, false, true>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize})
+                             : run(AdamFunctor<scalar_t, false, false>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize});
     }
   });
   work.finish();

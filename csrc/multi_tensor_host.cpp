@@ -1,0 +1,143 @@
+#include "multi_tensor_host.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+namespace pyoptim {
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A work tensor for `t` in the layout of `layout_of` (a dense tensor).
+at::Tensor in_layout(const at::Tensor& t, const at::Tensor& layout_of) {
+  if (t.strides() == layout_of.strides() && t.is_non_overlapping_and_dense()) {
+    return t;
+  }
+  return at::empty_like(layout_of).copy_(t);
+}
+
+}  // namespace
+
+void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
+                        std::initializer_list<NamedList> like) {
+  const int64_t n = static_cast<int64_t>(params.tensors.size());
+  for (const NamedList& l : like) {
+    TORCH_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
+                l.tensors.size(), " entries but ", params.name, " has ", n);
+  }
+  if (n == 0) {
+    return;
+  }
+  const at::Tensor& p0 = params.tensors[0];
+  for (const auto i : c10::irange(n)) {
+    const at::Tensor& p = params.tensors[i];
+    TORCH_CHECK(p.defined(), op, ": ", params.name, "[", i, "] is undefined");
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": ", params.name, "[", i, "] is not a strided tensor (layout ",
+                p.layout(), ")");
+    TORCH_CHECK(p.device().type() == device_type, op, ": ", params.name, "[", i, "] is on ", p.device(),
+                ", expected a ", device_type, " tensor");
+    TORCH_CHECK(p.device() == p0.device(), op, ": ", params.name, "[", i, "] is on ", p.device(), " but ",
+                params.name, "[0] is on ", p0.device(), "; one call takes one device");
+    TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": ", params.name, "[", i, "] has dtype ",
+                p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
+    TORCH_CHECK(p.scalar_type() == p0.scalar_type(), op, ": ", params.name, "[", i, "] has dtype ",
+                p.scalar_type(), " but ", params.name, "[0] has ", p0.scalar_type(), "; one call takes one dtype");
+    for (const NamedList& l : like) {
+      if (l.tensors.empty()) {
+        continue;
+      }
+      const at::Tensor& t = l.tensors[i];
+      TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", l.name, "[", i, "] is sparse (layout ", t.layout(),
+                  "); sparse gradients are not supported");
+      TORCH_CHECK(t.device() == p.device(), op, ": ", l.name, "[", i, "] is on ", t.device(), " but ",
+                  params.name, "[", i, "] is on ", p.device());
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(),
+                  " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
+      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
+                  params.name, "[", i, "] has shape ", p.sizes());
+    }
+  }
+}
+
+void check_group_lists(const char* op, c10::IntArrayRef group_sizes,
+                       std::initializer_list<std::pair<const char*, c10::ArrayRef<double>>> hyper, int64_t n) {
+  const int64_t groups = static_cast<int64_t>(group_sizes.size());
+  for (const auto& [name, values] : hyper) {
+    TORCH_CHECK(static_cast<int64_t>(values.size()) == groups, op, ": ", name, " has ", values.size(),
+                " values for ", groups, " groups; one value per group");
+  }
+  int64_t total = 0;
+  for (const auto k : c10::irange(groups)) {
+    TORCH_CHECK(group_sizes[k] >= 0, op, ": group_sizes[", k, "] is negative");
+    total += group_sizes[k];
+  }
+  TORCH_CHECK(total == n, op, ": group_sizes add up to ", total, " but there are ", n, " params");
+}
+
+void check_aux_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Device& device,
+                      int64_t numel, at::ScalarType dtype) {
+  if (!t.has_value()) {
+    return;
+  }
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but params are on ", device);
+  TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == numel, op, ": ", name, " must have ", numel, " element(s), got ", t->numel());
+}
+
+void MultiTensorWork::finish() {
+  for (auto& [caller, work] : writeback) {
+    caller.copy_(work);
+  }
+  writeback.clear();
+}
+
+MultiTensorWork prepare_work(std::initializer_list<at::TensorList> lists, std::initializer_list<bool> mutated,
+                             c10::IntArrayRef group_sizes) {
+  TORCH_INTERNAL_ASSERT(lists.size() == mutated.size() && lists.size() > 0);
+  MultiTensorWork w;
+  const at::TensorList params = *lists.begin();
+  const int64_t n = static_cast<int64_t>(params.size());
+  w.lists.resize(lists.size());
+  for (auto& l : w.lists) {
+    l.reserve(n);
+  }
+  w.numel.reserve(n);
+  for (const auto k : c10::irange(group_sizes.size())) {
+    w.group_of.insert(w.group_of.end(), group_sizes[k], static_cast<int64_t>(k));
+  }
+  for (const auto i : c10::irange(n)) {
+    const at::Tensor& p = params[i];
+    // The layout every work tensor of this param shares: the param's own when
+    // it is dense (no copy in the common case), else contiguous.
+    const at::Tensor layout_of =
+        p.is_non_overlapping_and_dense() ? p : at::empty_like(p, at::MemoryFormat::Contiguous);
+    auto mut = mutated.begin();
+    int64_t k = 0;
+    for (auto l = lists.begin(); l != lists.end(); ++l, ++mut, ++k) {
+      if (l->empty()) {
+        continue;
+      }
+      const at::Tensor& caller = (*l)[i];
+      at::Tensor work = in_layout(caller, layout_of);
+      if (*mut && !work.is_same(caller)) {
+        w.writeback.emplace_back(caller, work);
+      }
+      w.lists[k].push_back(std::move(work));
+    }
+    w.numel.push_back(p.numel());
+  }
+  return w;
+}
+
+double cpu_inv_scale(const std::optional<at::Tensor>& grad_scale) {
+  if (!grad_scale.has_value()) {
+    return 1.0;
+  }
+  return static_cast<double>(static_cast<float>(1.0 / static_cast<double>(grad_scale->item<float>())));
+}
+
+}  // namespace pyoptim

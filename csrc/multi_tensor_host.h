@@ -1,0 +1,60 @@
+// Host-side checks and layout preparation shared by every multi-tensor op and
+// both of its C++ backends (CPU, CUDA), so they reject the same inputs with
+// the same messages, before anything is written. Messages name the op and
+// the offending index: "adam_step_: grads[3] has shape ...".
+#pragma once
+
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace pyoptim {
+
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+// params: floating point (fp32/fp64/fp16/bf16), one device of `device_type`,
+// one dtype. Each of `like` (when not empty) has params' length, and each
+// entry params[i]'s device, dtype and shape; sparse entries are rejected.
+void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
+                        std::initializer_list<NamedList> like);
+
+// One value per group in every list of `hyper`, group_sizes adding up to n.
+void check_group_lists(const char* op, c10::IntArrayRef group_sizes,
+                       std::initializer_list<std::pair<const char*, c10::ArrayRef<double>>> hyper, int64_t n);
+
+// An optional tensor of `numel` elements, of `dtype`, on `device`.
+void check_aux_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Device& device,
+                      int64_t numel, at::ScalarType dtype);
+
+// What kernels run on: for every tensor i, lists[k][i] for all k are dense
+// and share one layout (params[i]'s when it is dense, else contiguous), so
+// each can be walked as a flat array in the same order. Where a caller's
+// tensor has other strides or is not dense, the work tensor is a copy, and
+// finish() copies the mutated ones back.
+struct MultiTensorWork {
+  std::vector<std::vector<at::Tensor>> lists;  // [list][tensor]
+  std::vector<int64_t> numel;
+  std::vector<int64_t> group_of;  // per tensor, from group_sizes
+  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;  // (caller's, work)
+
+  void finish();
+};
+
+// lists[0] gives the layout; `mutated[k]` says whether list k is written.
+// Empty lists stay empty.
+MultiTensorWork prepare_work(std::initializer_list<at::TensorList> lists, std::initializer_list<bool> mutated,
+                             c10::IntArrayRef group_sizes);
+
+// The inverse of GradScaler's scale as GradScaler computes it (1 / scale in
+// double, rounded to float), read from a CPU tensor; 1 without one.
+double cpu_inv_scale(const std::optional<at::Tensor>& grad_scale);
+
+}  // namespace pyoptim

@@ -1,0 +1,101 @@
+#include "optim_host.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <pyoptim/clip.h>
+
+namespace pyoptim {
+
+void check_step_aux(const char* op, const StepAux& aux, at::TensorList params, int64_t groups) {
+  if (params.empty()) {
+    return;
+  }
+  const at::Device device = params[0].device();
+  check_aux_tensor(op, "lr_tensor", aux.lr_tensor, device, groups, at::kDouble);
+  check_aux_tensor(op, "grad_scale", aux.grad_scale, device, 1, at::kFloat);
+  check_aux_tensor(op, "found_inf", aux.found_inf, device, 1, at::kFloat);
+  check_aux_tensor(op, "grad_norm", aux.grad_norm, device, 1, at::kFloat);
+  TORCH_CHECK(!aux.grad_norm.has_value() || aux.max_grad_norm > 0.0, op, ": max_grad_norm must be positive, got ",
+              aux.max_grad_norm);
+}
+
+double cpu_grad_multiplier(const StepAux& aux, bool maximize) {
+  const float scale = aux.grad_scale.has_value() ? aux.grad_scale->item<float>() : 1.0f;
+  const float norm = aux.grad_norm.has_value() ? aux.grad_norm->item<float>() : 0.0f;
+  return grad_multiplier(aux.grad_scale.has_value() ? &scale : nullptr, aux.grad_norm.has_value() ? &norm : nullptr,
+                         static_cast<float>(aux.max_grad_norm), maximize);
+}
+
+bool cpu_found_inf(const StepAux& aux) {
+  return aux.found_inf.has_value() && aux.found_inf->item<float>() != 0.0f;
+}
+
+double cpu_lr(const StepAux& aux, c10::ArrayRef<double> lr, int64_t k) {
+  return aux.lr_tensor.has_value() ? aux.lr_tensor->select(0, k).item<double>() : lr[k];
+}
+
+void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
+  const char* op = "adam_step_";
+  check_tensor_lists(op, device_type, {"params", a.params},
+                     {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs},
+                      {"max_exp_avg_sqs", a.max_exp_avg_sqs}});
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  TORCH_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n &&
+                  static_cast<int64_t>(a.exp_avg_sqs.size()) == n &&
+                  static_cast<int64_t>(a.state_steps.size()) == n,
+              op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",
+              a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ", a.state_steps.size());
+  TORCH_CHECK(!a.amsgrad || static_cast<int64_t>(a.max_exp_avg_sqs.size()) == n, op,
+              ": amsgrad needs one max_exp_avg_sqs entry per param, got ", a.max_exp_avg_sqs.size(), " for ", n,
+              " params");
+  check_group_lists(op, a.group_sizes,
+                    {{"lr", a.lr}, {"beta1", a.beta1}, {"beta2", a.beta2}, {"weight_decay", a.weight_decay},
+                     {"eps", a.eps}},
+                    n);
+  for (const auto k : c10::irange(a.group_sizes.size())) {
+    TORCH_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    TORCH_CHECK(a.eps[k] >= 0.0, op, ": Invalid epsilon value: ", a.eps[k], " (group ", k, ")");
+    TORCH_CHECK(a.beta1[k] >= 0.0 && a.beta1[k] < 1.0, op, ": Invalid beta parameter at index 0: ", a.beta1[k],
+                " (group ", k, ")");
+    TORCH_CHECK(a.beta2[k] >= 0.0 && a.beta2[k] < 1.0, op, ": Invalid beta parameter at index 1: ", a.beta2[k],
+                " (group ", k, ")");
+    TORCH_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
+                ")");
+  }
+  for (const auto i : c10::irange(n)) {
+    const at::Tensor& s = a.state_steps[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
+                "] must be a float32 tensor of one element");
+    TORCH_CHECK(s.device() == a.params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
+                " but params[", i, "] is on ", a.params[i].device());
+  }
+  check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+}
+
+void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
+  const char* op = "sgd_step_";
+  check_tensor_lists(op, device_type, {"params", a.params},
+                     {{"grads", a.grads}, {"momentum_buffers", a.momentum_buffers}});
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  TORCH_CHECK(static_cast<int64_t>(a.grads.size()) == n, op, ": params and grads must have the same length, got ", n,
+              " and ", a.grads.size());
+  check_group_lists(op, a.group_sizes,
+                    {{"lr", a.lr}, {"momentum", a.momentum}, {"dampening", a.dampening},
+                     {"weight_decay", a.weight_decay}},
+                    n);
+  const bool has_momentum = !a.momentum_buffers.empty();
+  for (const auto k : c10::irange(a.group_sizes.size())) {
+    TORCH_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    TORCH_CHECK(a.momentum[k] >= 0.0, op, ": Invalid momentum value: ", a.momentum[k], " (group ", k, ")");
+    TORCH_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
+                ")");
+    TORCH_CHECK(has_momentum || a.momentum[k] == 0.0, op, ": group ", k, " has momentum ", a.momentum[k],
+                " but no momentum_buffers were given");
+    TORCH_CHECK(!a.nesterov || (a.momentum[k] > 0.0 && a.dampening[k] == 0.0), op,
+                ": Nesterov momentum requires a momentum and zero dampening (group ", k, ")");
+  }
+  check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+}
+
+}  // namespace pyoptim

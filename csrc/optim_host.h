@@ -1,0 +1,57 @@
+// Host-side checks of the optimizer-step ops (adam_step_, sgd_step_), shared
+// by their CPU and CUDA launchers.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include "multi_tensor_host.h"
+
+namespace pyoptim {
+
+// The arguments every step op takes after its tensor lists: GradScaler's
+// scale and found-inf flag, an lr per group on the device, and the fused
+// clip (the grads' total L2 norm and the max norm).
+struct StepAux {
+  const std::optional<at::Tensor>& lr_tensor;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& grad_norm;
+  double max_grad_norm;
+};
+
+// Checks StepAux against params' device and the number of groups.
+void check_step_aux(const char* op, const StepAux& aux, at::TensorList params, int64_t groups);
+
+// The step's grad multiplier on the CPU (see clip.h); reads CPU tensors.
+double cpu_grad_multiplier(const StepAux& aux, bool maximize);
+
+// True when found_inf (a CPU tensor) says to skip the step.
+bool cpu_found_inf(const StepAux& aux);
+
+// lr of group k: lr_tensor[k] when given (a CPU tensor here), else lr[k].
+double cpu_lr(const StepAux& aux, c10::ArrayRef<double> lr, int64_t k);
+
+struct AdamArgs {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
+  c10::ArrayRef<double> lr, beta1, beta2, weight_decay, eps;
+  c10::IntArrayRef group_sizes;
+  bool amsgrad, maximize, decoupled_weight_decay;
+  StepAux aux;
+};
+
+void check_adam_args(const AdamArgs& a, c10::DeviceType device_type);
+
+struct SgdArgs {
+  at::TensorList params, grads, momentum_buffers;
+  c10::ArrayRef<double> lr, momentum, dampening, weight_decay;
+  c10::IntArrayRef group_sizes;
+  bool nesterov, maximize, is_first_step;
+  StepAux aux;
+};
+
+void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type);
+
+}  // namespace pyoptim

@@ -8,11 +8,9 @@
 
 #include <torch/library.h>
 
-namespace pyoptim {
-namespace cpu {
-const char* cpu_isa_name();
-}  // namespace cpu
+#include "cpu/cpu_isa.h"
 
+namespace pyoptim {
 namespace {
 
 // The instruction set the CPU kernels run with here (DEFAULT, AVX2, AVX512).
@@ -58,4 +56,28 @@ TORCH_LIBRARY(pyoptim, m) {
       "int[] group_sizes, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
+  // One SGD step over many tensors of one device and dtype, in place.
+  // Mirrors aten::_fused_sgd_, with per-group hyperparameters as in
+  // adam_step_. momentum_buffers is empty when no group has momentum; with
+  // is_first_step they are written with the (decayed) grads, as torch's SGD
+  // clones the grad into a new buffer. lr_tensor, grad_scale, found_inf,
+  // grad_norm and max_grad_norm as in adam_step_.
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
+      "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, int[] group_sizes, "
+      "bool nesterov, bool maximize, bool is_first_step, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
+  // Norms of many tensors of one device and dtype in one pass: the total
+  // over all of them (0-d) and one per tensor ([n]), both float32, whatever
+  // the tensors' dtype (fp16/bf16 accumulate in fp32 and do not overflow).
+  // norm_type: any p > 0, inf included.
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type) -> (Tensor, Tensor)");
+
+  // Scales every tensor in place by min(1, max_norm / (total_norm + 1e-6)),
+  // as torch.nn.utils.clip_grad_norm_ does, reading total_norm (float32, 0-d,
+  // on the tensors' device) on the device: no host sync.
+  m.def("clip_scale_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
 }

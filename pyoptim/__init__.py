@@ -6,9 +6,9 @@
 
 from pyoptim import _backends
 from pyoptim._backends import backend_info
-from pyoptim import functional, optim, reference
-from pyoptim.optim import Adam, AdamW
+from pyoptim import functional, nn, optim, reference
+from pyoptim.optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "backend_info", "functional", "optim", "reference", "__version__"]
+__all__ = ["Adam", "AdamW", "SGD", "backend_info", "functional", "nn", "optim", "reference", "__version__"]

@@ -27,12 +27,18 @@ _PREFERENCE = {
 }
 # op name -> backend -> "module:function"
 _IMPLS: dict[str, dict[str, str]] = {
-    "adam_step_": {
-        "cuda": "torch.ops.pyoptim.adam_step_",
-        "cpu": "torch.ops.pyoptim.adam_step_",
-        "triton": "pyoptim.kernels.adam:adam_step_triton",
-        "reference": "pyoptim.reference:adam_step_ref",
-    },
+    op: {
+        "cuda": f"torch.ops.pyoptim.{op}",
+        "cpu": f"torch.ops.pyoptim.{op}",
+        "triton": f"pyoptim.kernels.{module}:{op.rstrip('_')}_triton",
+        "reference": f"pyoptim.reference:{op.rstrip('_')}_ref",
+    }
+    for op, module in [
+        ("adam_step_", "adam"),
+        ("sgd_step_", "sgd"),
+        ("multi_tensor_norm", "clip"),
+        ("clip_scale_", "clip"),
+    ]
 }
 
 
@@ -80,6 +86,14 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+@functools.cache
+def _has_triton_impl(target: str) -> bool:
+    """Triton imports here and the op has a Triton kernel module (found without importing it)."""
+    if triton_version() is None:
+        return False
+    return importlib.util.find_spec(target.partition(":")[0]) is not None
+
+
 def triton_interpret() -> bool:
     """True when Triton runs in its interpreter (TRITON_INTERPRET=1): CPU tensors are accepted."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -96,10 +110,10 @@ def available(op: str, device_type: str) -> list[str]:
             continue
         if b == "cpu" and not EXTENSION_LOADED:
             continue
-        if b == "triton" and triton_version() is None:
+        if b == "triton" and not _has_triton_impl(impls[b]):
             continue
         out.append(b)
-    if device_type == "cpu" and triton_interpret() and triton_version() is not None and "triton" in impls:
+    if device_type == "cpu" and triton_interpret() and "triton" in impls and _has_triton_impl(impls["triton"]):
         out.append("triton")  # the interpreter: for testing numerics, never the default
     return out
 

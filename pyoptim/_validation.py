@@ -1,110 +1,162 @@
 """Argument checks of the ops, for the backends written in Python.
 
-The C++ backends run the same checks in csrc/adam_host.cpp, with the same
-messages; the fake (meta) kernels and the triton and reference backends run
-these. Every check runs before anything is written.
+The C++ backends run the same checks (csrc/multi_tensor_host.cpp,
+csrc/optim_host.cpp), with the same messages; the fake (meta) kernels and the
+triton and reference backends run these. Every check runs before anything is
+written.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
-_ADAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check(cond: bool, *msg: object) -> None:
+def _check(cond: bool, op: str, *msg: object) -> None:
     if not cond:
-        raise RuntimeError("adam_step_: " + "".join(str(m) for m in msg))
+        raise RuntimeError(f"{op}: " + "".join(str(m) for m in msg))
 
 
-def _check_like_param(name: str, i: int, t: torch.Tensor, p: torch.Tensor) -> None:
-    _check(t is not None, name, "[", i, "] is undefined")
-    _check(t.layout == torch.strided, name, "[", i, "] is sparse (layout ", t.layout,
-           "); Adam does not support sparse gradients, please consider SparseAdam instead")
-    _check(t.device == p.device, name, "[", i, "] is on ", t.device, " but params[", i, "] is on ", p.device)
-    _check(t.dtype == p.dtype, name, "[", i, "] has dtype ", t.dtype, " but params[", i, "] has dtype ", p.dtype)
-    _check(t.shape == p.shape, name, "[", i, "] has shape ", list(t.shape), " but params[", i, "] has shape ",
-           list(p.shape))
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.device, numel: int,
-                         dtype: torch.dtype = torch.float32) -> None:
-    if t is None:
-        return
-    _check(t.device == device, name, " is on ", t.device, " but params are on ", device)
-    _check(t.dtype == dtype, name, " must be ", str(dtype).replace("torch.", ""), ", got ", t.dtype)
-    _check(t.numel() == numel, name, " must have ", numel, " element(s), got ", t.numel())
-
-
-def check_adam_args(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    max_exp_avg_sqs: Sequence[torch.Tensor],
-    state_steps: Sequence[torch.Tensor],
-    *,
-    lr: Sequence[float],
-    beta1: Sequence[float],
-    beta2: Sequence[float],
-    weight_decay: Sequence[float],
-    eps: Sequence[float],
-    group_sizes: Sequence[int],
-    amsgrad: bool,
-    lr_tensor: Optional[torch.Tensor] = None,
-    grad_scale: Optional[torch.Tensor] = None,
-    found_inf: Optional[torch.Tensor] = None,
-    grad_norm: Optional[torch.Tensor] = None,
-    max_grad_norm: float = 0.0,
-    device_type: Optional[str] = None,
-) -> None:
-    """Raise RuntimeError, as the C++ backends do, on any bad argument of adam_step_."""
+def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor],
+                       like: dict[str, Sequence[torch.Tensor]], device_type: Optional[str] = None) -> None:
+    """params: one device and one floating dtype; each non-empty list in `like` matches params entry by entry."""
     n = len(params)
-    _check(len(grads) == n and len(exp_avgs) == n and len(exp_avg_sqs) == n and len(state_steps) == n,
-           "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",
-           len(grads), ", ", len(exp_avgs), ", ", len(exp_avg_sqs), ", ", len(state_steps))
-    _check(not amsgrad or len(max_exp_avg_sqs) == n, "amsgrad needs one max_exp_avg_sqs entry per param, got ",
-           len(max_exp_avg_sqs), " for ", n, " params")
-    groups = len(group_sizes)
-    _check(all(len(x) == groups for x in (lr, beta1, beta2, weight_decay, eps)),
-           "lr, beta1, beta2, weight_decay and eps need one value per group (", groups, " groups)")
-    for k in range(groups):
-        _check(group_sizes[k] >= 0, "group_sizes[", k, "] is negative")
-        _check(lr[k] >= 0.0, "Invalid learning rate: ", lr[k], " (group ", k, ")")
-        _check(eps[k] >= 0.0, "Invalid epsilon value: ", eps[k], " (group ", k, ")")
-        _check(0.0 <= beta1[k] < 1.0, "Invalid beta parameter at index 0: ", beta1[k], " (group ", k, ")")
-        _check(0.0 <= beta2[k] < 1.0, "Invalid beta parameter at index 1: ", beta2[k], " (group ", k, ")")
-        _check(weight_decay[k] >= 0.0, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
-    _check(sum(group_sizes) == n, "group_sizes add up to ", sum(group_sizes), " but there are ", n, " params")
+    for name, lst in like.items():
+        _check(len(lst) == 0 or len(lst) == n, op, name, " has ", len(lst), " entries but ", params_name, " has ", n)
     if n == 0:
         return
     p0 = params[0]
     for i, p in enumerate(params):
-        _check(p is not None, "params[", i, "] is undefined")
+        _check(p is not None, op, params_name, "[", i, "] is undefined")
+        _check(p.layout == torch.strided, op, params_name, "[", i, "] is not a strided tensor (layout ", p.layout, ")")
         if device_type is not None:
-            _check(p.device.type == device_type, "params[", i, "] is on ", p.device, ", expected a ", device_type,
-                   " tensor")
-        _check(p.layout == torch.strided, "params[", i, "] is not a strided tensor")
-        _check(p.device == p0.device, "params[", i, "] is on ", p.device, " but params[0] is on ", p0.device,
-               "; one call takes one device")
-        _check(p.dtype in _ADAM_DTYPES, "params[", i, "] has dtype ", p.dtype,
+            _check(p.device.type == device_type, op, params_name, "[", i, "] is on ", p.device, ", expected a ",
+                   device_type, " tensor")
+        _check(p.device == p0.device, op, params_name, "[", i, "] is on ", p.device, " but ", params_name,
+               "[0] is on ", p0.device, "; one call takes one device")
+        _check(p.dtype in _DTYPES, op, params_name, "[", i, "] has dtype ", p.dtype,
                "; supported are float32, float64, float16 and bfloat16")
-        _check(p.dtype == p0.dtype, "params[", i, "] has dtype ", p.dtype, " but params[0] has ", p0.dtype,
-               "; one call takes one dtype")
-        _check_like_param("grads", i, grads[i], p)
-        _check_like_param("exp_avgs", i, exp_avgs[i], p)
-        _check_like_param("exp_avg_sqs", i, exp_avg_sqs[i], p)
-        if amsgrad:
-            _check_like_param("max_exp_avg_sqs", i, max_exp_avg_sqs[i], p)
-        s = state_steps[i]
-        _check(s is not None and s.numel() == 1 and s.dtype == torch.float32,
-               "state_steps[", i, "] must be a float32 tensor of one element")
-        _check(s.device == p.device, "state_steps[", i, "] is on ", s.device, " but params[", i, "] is on ", p.device)
-    _check_scalar_tensor("lr_tensor", lr_tensor, p0.device, groups, torch.float64)
-    _check_scalar_tensor("grad_scale", grad_scale, p0.device, 1)
-    _check_scalar_tensor("found_inf", found_inf, p0.device, 1)
-    _check_scalar_tensor("grad_norm", grad_norm, p0.device, 1)
-    _check(grad_norm is None or max_grad_norm > 0, "max_grad_norm must be positive, got ", max_grad_norm)
+        _check(p.dtype == p0.dtype, op, params_name, "[", i, "] has dtype ", p.dtype, " but ", params_name,
+               "[0] has ", p0.dtype, "; one call takes one dtype")
+        for name, lst in like.items():
+            if len(lst) == 0:
+                continue
+            t = lst[i]
+            _check(t is not None, op, name, "[", i, "] is undefined")
+            _check(t.layout == torch.strided, op, name, "[", i, "] is sparse (layout ", t.layout,
+                   "); sparse gradients are not supported")
+            _check(t.device == p.device, op, name, "[", i, "] is on ", t.device, " but ", params_name, "[", i,
+                   "] is on ", p.device)
+            _check(t.dtype == p.dtype, op, name, "[", i, "] has dtype ", t.dtype, " but ", params_name, "[", i,
+                   "] has dtype ", p.dtype)
+            _check(t.shape == p.shape, op, name, "[", i, "] has shape ", list(t.shape), " but ", params_name, "[",
+                   i, "] has shape ", list(p.shape))
+
+
+def check_group_lists(op: str, group_sizes: Sequence[int], hyper: dict[str, Sequence[float]], n: int) -> None:
+    """One value per group in every hyperparameter list; group_sizes add up to n."""
+    groups = len(group_sizes)
+    for name, values in hyper.items():
+        _check(len(values) == groups, op, name, " has ", len(values), " values for ", groups,
+               " groups; one value per group")
+    for k, size in enumerate(group_sizes):
+        _check(size >= 0, op, "group_sizes[", k, "] is negative")
+    _check(sum(group_sizes) == n, op, "group_sizes add up to ", sum(group_sizes), " but there are ", n, " params")
+
+
+def check_aux_tensor(op: str, name: str, t: Optional[torch.Tensor], device: torch.device, numel: int,
+                     dtype: torch.dtype) -> None:
+    """An optional tensor of `numel` elements, of `dtype`, on `device`."""
+    if t is None:
+        return
+    _check(t.device == device, op, name, " is on ", t.device, " but params are on ", device)
+    _check(t.dtype == dtype, op, name, " must be ", _dt(dtype), ", got ", t.dtype)
+    _check(t.numel() == numel, op, name, " must have ", numel, " element(s), got ", t.numel())
+
+
+def check_step_aux(op: str, params: Sequence[torch.Tensor], groups: int, lr_tensor: Optional[torch.Tensor],
+                   grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                   grad_norm: Optional[torch.Tensor], max_grad_norm: float) -> None:
+    """The arguments every step op takes after its lists (csrc/optim_host.cpp's check_step_aux)."""
+    if len(params) == 0:
+        return
+    device = params[0].device
+    check_aux_tensor(op, "lr_tensor", lr_tensor, device, groups, torch.float64)
+    check_aux_tensor(op, "grad_scale", grad_scale, device, 1, torch.float32)
+    check_aux_tensor(op, "found_inf", found_inf, device, 1, torch.float32)
+    check_aux_tensor(op, "grad_norm", grad_norm, device, 1, torch.float32)
+    _check(grad_norm is None or max_grad_norm > 0, op, "max_grad_norm must be positive, got ", max_grad_norm)
+
+
+def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+                    weight_decay, eps, group_sizes, amsgrad, lr_tensor=None, grad_scale=None, found_inf=None,
+                    grad_norm=None, max_grad_norm=0.0, device_type=None, **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of adam_step_."""
+    op = "adam_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                                              "max_exp_avg_sqs": max_exp_avg_sqs}, device_type)
+    n = len(params)
+    _check(len(grads) == n and len(exp_avgs) == n and len(exp_avg_sqs) == n and len(state_steps) == n, op,
+           "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",
+           len(grads), ", ", len(exp_avgs), ", ", len(exp_avg_sqs), ", ", len(state_steps))
+    _check(not amsgrad or len(max_exp_avg_sqs) == n, op, "amsgrad needs one max_exp_avg_sqs entry per param, got ",
+           len(max_exp_avg_sqs), " for ", n, " params")
+    check_group_lists(op, group_sizes, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay,
+                                        "eps": eps}, n)
+    for k in range(len(group_sizes)):
+        _check(lr[k] >= 0.0, op, "Invalid learning rate: ", lr[k], " (group ", k, ")")
+        _check(eps[k] >= 0.0, op, "Invalid epsilon value: ", eps[k], " (group ", k, ")")
+        _check(0.0 <= beta1[k] < 1.0, op, "Invalid beta parameter at index 0: ", beta1[k], " (group ", k, ")")
+        _check(0.0 <= beta2[k] < 1.0, op, "Invalid beta parameter at index 1: ", beta2[k], " (group ", k, ")")
+        _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
+    for i, s in enumerate(state_steps):
+        _check(s is not None and s.numel() == 1 and s.dtype == torch.float32, op, "state_steps[", i,
+               "] must be a float32 tensor of one element")
+        _check(s.device == params[i].device, op, "state_steps[", i, "] is on ", s.device, " but params[", i,
+               "] is on ", params[i].device)
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
+                   lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0,
+                   device_type=None, **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of sgd_step_."""
+    op = "sgd_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "momentum_buffers": momentum_buffers}, device_type)
+    n = len(params)
+    _check(len(grads) == n, op, "params and grads must have the same length, got ", n, " and ", len(grads))
+    check_group_lists(op, group_sizes, {"lr": lr, "momentum": momentum, "dampening": dampening,
+                                        "weight_decay": weight_decay}, n)
+    has_momentum = len(momentum_buffers) > 0
+    for k in range(len(group_sizes)):
+        _check(lr[k] >= 0.0, op, "Invalid learning rate: ", lr[k], " (group ", k, ")")
+        _check(momentum[k] >= 0.0, op, "Invalid momentum value: ", momentum[k], " (group ", k, ")")
+        _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
+        _check(has_momentum or momentum[k] == 0.0, op, "group ", k, " has momentum ", momentum[k],
+               " but no momentum_buffers were given")
+        _check(not nesterov or (momentum[k] > 0.0 and dampening[k] == 0.0), op,
+               "Nesterov momentum requires a momentum and zero dampening (group ", k, ")")
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def check_norm_args(tensors, norm_type, device_type=None) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of multi_tensor_norm."""
+    op = "multi_tensor_norm"
+    check_tensor_lists(op, "tensors", tensors, {}, device_type)
+    _check(norm_type > 0.0, op, "norm_type must be positive, got ", norm_type)
+
+
+def check_clip_scale_args(tensors, total_norm, max_norm, device_type=None) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of clip_scale_."""
+    op = "clip_scale_"
+    check_tensor_lists(op, "tensors", tensors, {}, device_type)
+    _check(max_norm >= 0.0, op, "max_norm must be non-negative, got ", max_norm)
+    if len(tensors):
+        check_aux_tensor(op, "total_norm", total_norm, tensors[0].device, 1, torch.float32)

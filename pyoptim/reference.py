@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pyoptim._validation import check_adam_args
+from pyoptim._validation import check_adam_args, check_clip_scale_args, check_norm_args, check_sgd_args
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -95,3 +95,72 @@ def adam_step_ref(
         p.copy_(param)
         exp_avgs[i].copy_(exp_avg)
         exp_avg_sqs[i].copy_(exp_avg_sq)
+
+
+def sgd_step_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    momentum: Sequence[float],
+    dampening: Sequence[float],
+    weight_decay: Sequence[float],
+    group_sizes: Sequence[int],
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """One SGD step over many tensors, in place (the contract of torch.ops.pyoptim.sgd_step_)."""
+    check_sgd_args(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                   weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov, lr_tensor=lr_tensor,
+                   grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    if len(params) == 0:
+        return
+    if found_inf is not None and found_inf.item() != 0.0:
+        return
+    grad_mul = _grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize)
+    group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
+    lrs = lr_tensor.tolist() if lr_tensor is not None else list(lr)
+    for i, p in enumerate(params):
+        k = group_of[i]
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        grad = grads[i].to(ct) * grad_mul
+        if weight_decay[k] != 0:
+            grad = grad + weight_decay[k] * param
+        if len(momentum_buffers):
+            if is_first_step:
+                buf = grad.clone()
+            else:
+                buf = momentum_buffers[i].to(ct) * momentum[k] + (1 - dampening[k]) * grad
+            momentum_buffers[i].copy_(buf)
+            grad = grad + momentum[k] * buf if nesterov else buf
+        p.copy_(param + (-lrs[k]) * grad)
+
+
+def multi_tensor_norm_ref(tensors: Sequence[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total norm, per-tensor norms) of many tensors, float32, accumulated in float64."""
+    check_norm_args(tensors, norm_type)
+    if len(tensors) == 0:
+        return torch.zeros(()), torch.zeros(0)
+    device = tensors[0].device
+    per = torch.stack([torch.linalg.vector_norm(t.detach().double(), norm_type) if t.numel()
+                       else torch.zeros((), dtype=torch.float64, device=device) for t in tensors])
+    total = torch.linalg.vector_norm(per, norm_type)
+    return total.float(), per.float()
+
+
+def clip_scale_ref(tensors: Sequence[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale every tensor in place by min(1, max_norm / (total_norm + 1e-6)), as clip_grad_norm_ does."""
+    check_clip_scale_args(tensors, total_norm, max_norm)
+    if len(tensors) == 0:
+        return
+    coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
+    for t in tensors:
+        t.mul_(coef.to(t.device))

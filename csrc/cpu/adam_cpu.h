@@ -10,6 +10,8 @@
 #include <pyoptim/adam.h>
 #include <pyoptim/multi_tensor.h>
 
+#include "cpu_isa.h"
+
 namespace pyoptim::cpu {
 
 // Elements per CPU work item: 16K elements is 448 KB of traffic for an fp32
@@ -31,17 +33,7 @@ struct AdamCpuLaunch {
   LaunchGroup plan;                   // one group holding every tensor
 };
 
-// One definition per instruction set, each in namespace
-// pyoptim::cpu::<CPU_CAPABILITY> (DEFAULT, AVX2, AVX512); adam_cpu.cpp picks.
-#define PYOPTIM_DECLARE_ADAM_CPU_KERNEL(ISA) \
-  namespace ISA {                            \
-  void adam_kernel(const AdamCpuLaunch& launch); \
-  }
-PYOPTIM_DECLARE_ADAM_CPU_KERNEL(DEFAULT)
-#if defined(__x86_64__)
-PYOPTIM_DECLARE_ADAM_CPU_KERNEL(AVX2)
-PYOPTIM_DECLARE_ADAM_CPU_KERNEL(AVX512)
-#endif
-#undef PYOPTIM_DECLARE_ADAM_CPU_KERNEL
+// Built once per instruction set (setup.py's ISA_SOURCES); see cpu_isa.h.
+PYOPTIM_DECLARE_ISA_KERNELS(void adam_kernel(const AdamCpuLaunch& launch))
 
 }  // namespace pyoptim::cpu

@@ -20,6 +20,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <pyoptim/math.h>
 #include <pyoptim/multi_tensor.h>
 
 namespace pyoptim::cpu::PYOPTIM_ISA {  // note [ISA namespaces]
@@ -44,9 +45,23 @@ void parallel_chunks(const LaunchGroup& plan, int64_t chunk_size, const int64_t*
   });
 }
 
-template <unsigned MASK, int K>
-constexpr bool has_bit() {
-  return (MASK >> K) & 1u;
+// Calls fn(tensor, chunk, begin, end) once per chunk of `plan` (chunk: the
+// chunk's index in the plan), in parallel: for reductions whose partials
+// must not depend on how chunks were split among threads.
+template <typename Fn>
+void parallel_each_chunk(const LaunchGroup& plan, int64_t chunk_size, const int64_t* numel, const Fn& fn) {
+  const int n = static_cast<int>(plan.num_tensors);
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c_begin, int64_t c_end) {
+    int slot = find_slot(plan.chunk_prefix.data(), n, c_begin);
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      while (plan.chunk_prefix[slot + 1] <= c) {
+        ++slot;
+      }
+      const int64_t i = plan.first_tensor + slot;
+      const int64_t begin = (c - plan.chunk_prefix[slot]) * chunk_size;
+      fn(i, c, begin, std::min(begin + chunk_size, numel[i]));
+    }
+  });
 }
 
 // Applies `op` to elements [begin, end) of the N arrays `ptr` (storage type
@@ -107,6 +122,14 @@ void elementwise_range(T* const (&ptr)[N], int64_t begin, int64_t end, const Op&
     }
   }
 }
+
+// One coefficient as an op's coefficient struct (for VecAndScalar).
+template <typename M>
+struct MathCoeff {
+  M value;
+  template <typename S>
+  explicit MathCoeff(S s) : value(MathOps<M>::splat(s)) {}
+};
 
 // A math type's coefficients in both forms an elementwise op needs: broadcast
 // into vector registers for the body, scalar for the tail.

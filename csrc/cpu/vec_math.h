@@ -15,6 +15,8 @@ struct MathOps<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static PYOPTIM_INLINE V splat(S x) { return V(x); }
   static PYOPTIM_INLINE V sqrt(const V& x) { return x.sqrt(); }
+  static PYOPTIM_INLINE V abs(const V& x) { return x.abs(); }
+  static PYOPTIM_INLINE V pow(const V& x, const V& y) { return x.pow(y); }
   static PYOPTIM_INLINE V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
 };
 

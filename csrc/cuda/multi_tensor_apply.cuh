@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <vector>
 
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -56,19 +57,21 @@ __global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const __grid_c
 }
 
 // Plans the launches for tensors of `numel` elements (per-tensor param group
-// `group_of`, at most `max_groups` groups per launch), fills each launch's
-// metadata with `fill(meta, slot, tensor)` and launches `f` over its chunks.
-// `before(meta)` runs first on each launch's metadata (e.g. a step counter
-// kernel); launches without chunks run `before` only.
-template <int N, typename Extra, typename Functor, typename Fill, typename Before>
-void multi_tensor_apply(const std::vector<int64_t>& numel, const std::vector<int64_t>& group_of, int64_t max_groups,
-                        cudaStream_t stream, const Fill& fill, const Before& before, const Functor& f) {
+// `group_of`, at most `max_groups` groups per launch; both may be empty) and
+// fills each launch's metadata, calling fill(meta, slot, tensor) per tensor.
+template <int N, typename Extra, typename Fill>
+std::vector<MultiTensorMeta<N, Extra>> build_metas(const std::vector<int64_t>& numel,
+                                                   const std::vector<int64_t>& group_of, int64_t max_groups,
+                                                   const Fill& fill) {
   using Meta = MultiTensorMeta<N, Extra>;
   static_assert(sizeof(Meta) < 32000, "metadata exceeds the kernel-parameter limit");
   const auto plan = plan_launch_groups(numel, kChunkSize, kMaxTensors, std::numeric_limits<int32_t>::max(), group_of,
                                        max_groups);
-  for (const LaunchGroup& launch : plan) {
-    Meta meta{};
+  std::vector<Meta> metas(plan.size());
+  for (const auto l : c10::irange(plan.size())) {
+    const LaunchGroup& launch = plan[l];
+    Meta& meta = metas[l];
+    meta = Meta{};
     meta.num_tensors = static_cast<int32_t>(launch.num_tensors);
     meta.first_tensor = static_cast<int32_t>(launch.first_tensor);
     meta.group_base = group_of.empty() ? 0 : static_cast<int32_t>(group_of[launch.first_tensor]);
@@ -82,12 +85,32 @@ void multi_tensor_apply(const std::vector<int64_t>& numel, const std::vector<int
       fill(meta, static_cast<int>(s), i);
     }
     meta.chunk_prefix[launch.num_tensors] = static_cast<int32_t>(launch.num_chunks());
+  }
+  return metas;
+}
+
+template <typename Meta>
+int64_t num_chunks(const Meta& meta) {
+  return meta.chunk_prefix[meta.num_tensors];
+}
+
+// Launches f over the chunks of one launch's metadata (none: no launch).
+template <typename Meta, typename Functor>
+void launch_chunks(const Meta& meta, const Functor& f, cudaStream_t stream) {
+  if (num_chunks(meta) == 0) {
+    return;
+  }
+  multi_tensor_kernel<<<static_cast<unsigned int>(num_chunks(meta)), kBlockSize, 0, stream>>>(meta, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// build_metas, then for each launch before(meta) and f over its chunks.
+template <int N, typename Extra, typename Functor, typename Fill, typename Before>
+void multi_tensor_apply(const std::vector<int64_t>& numel, const std::vector<int64_t>& group_of, int64_t max_groups,
+                        cudaStream_t stream, const Fill& fill, const Before& before, const Functor& f) {
+  for (const auto& meta : build_metas<N, Extra>(numel, group_of, max_groups, fill)) {
     before(meta);
-    if (launch.num_chunks() == 0) {
-      continue;
-    }
-    multi_tensor_kernel<<<static_cast<unsigned int>(launch.num_chunks()), kBlockSize, 0, stream>>>(meta, f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chunks(meta, f, stream);
   }
 }
 

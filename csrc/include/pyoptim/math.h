@@ -22,6 +22,8 @@ struct MathOps<float> {
   using scalar = float;
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float splat(float x) { return x; }
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float sqrt(float x) { return ::sqrtf(x); }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float abs(float x) { return ::fabsf(x); }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float pow(float x, float y) { return ::powf(x, y); }
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float max(float a, float b) {
     // NaN-propagating like torch.maximum (fmaxf would drop the NaN).
     return (a != a || a > b) ? a : b;
@@ -33,6 +35,8 @@ struct MathOps<double> {
   using scalar = double;
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double splat(double x) { return x; }
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double sqrt(double x) { return ::sqrt(x); }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double abs(double x) { return ::fabs(x); }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double pow(double x, double y) { return ::pow(x, y); }
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double max(double a, double b) {
     return (a != a || a > b) ? a : b;
   }

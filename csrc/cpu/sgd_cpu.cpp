@@ -1,0 +1,60 @@
+// sgd_step_ on CPU tensors: the launcher, and its TORCH_LIBRARY_IMPL.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "../optim_host.h"
+#include "cpu_isa.h"
+#include "sgd_cpu.h"
+
+namespace pyoptim::cpu {
+
+namespace {
+
+void run_sgd_kernel(const SgdCpuLaunch& launch) { PYOPTIM_ISA_DISPATCH(sgd_kernel, launch) }
+
+}  // namespace
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::ArrayRef<double> lr, at::ArrayRef<double> momentum, at::ArrayRef<double> dampening,
+                  at::ArrayRef<double> weight_decay, at::IntArrayRef group_sizes, bool nesterov, bool maximize,
+                  bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
+                     maximize, is_first_step, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  check_sgd_args(args, c10::DeviceType::CPU);
+  if (params.empty() || cpu_found_inf(args.aux)) {
+    return;
+  }
+  MultiTensorWork work = prepare_work({params, grads, momentum_buffers}, {true, false, true}, group_sizes);
+  SgdCpuLaunch L;
+  L.dtype = params[0].scalar_type();
+  L.momentum = !momentum_buffers.empty();
+  L.nesterov = nesterov;
+  L.first_step = is_first_step;
+  L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
+  const int64_t n = static_cast<int64_t>(params.size());
+  for (const auto i : c10::irange(n)) {
+    L.p.push_back(work.lists[0][i].data_ptr());
+    L.g.push_back(work.lists[1][i].const_data_ptr());
+    if (L.momentum) {
+      L.buf.push_back(work.lists[2][i].data_ptr());
+    }
+    const int64_t k = work.group_of[i];
+    L.hyper.push_back(SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k]});
+    L.lr.push_back(cpu_lr(args.aux, lr, k));
+  }
+  L.numel = work.numel;
+  L.plan = plan_launch_groups(work.numel, kSgdCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
+  run_sgd_kernel(L);
+  work.finish();
+}
+
+}  // namespace pyoptim::cpu
+
+TORCH_LIBRARY_IMPL(pyoptim, CPU, m) {
+  m.impl("sgd_step_", &pyoptim::cpu::sgd_step_cpu);
+}

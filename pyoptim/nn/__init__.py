@@ -1,0 +1,5 @@
+"""Drop-ins for torch.nn."""
+
+from pyoptim.nn import utils
+
+__all__ = ["utils"]

@@ -1,0 +1,87 @@
+"""SGD: a drop-in for torch.optim.SGD."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from pyoptim._validation import check_sgd_args
+from pyoptim.optim._base import FusedOptimizer
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD's arguments, state and semantics, with each step one fused kernel call per (device, dtype).
+
+    Extra keywords `backend` and `max_grad_norm` as in pyoptim.optim.Adam.
+    `foreach` and `fused` are accepted for compatibility and change nothing.
+    """
+
+    _op = "sgd_step_"
+    _check_args = staticmethod(check_sgd_args)
+    _lists = ("params", "grads", "momentum_buffers")
+    _torch_defaults = dict(momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False, foreach=None,
+                           differentiable=False, fused=None)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, Tensor] = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: Union[float, Tensor] = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        max_grad_norm: Optional[float] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        # torch.optim.SGD's checks and messages.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, max_grad_norm, backend)
+
+    def _sparse_message(self) -> str:
+        return "SGD does not support sparse gradients"
+
+    def _call_flags(self, group: dict[str, Any], state: dict[str, Tensor], fresh: bool) -> tuple:
+        has_momentum = group["momentum"] != 0
+        first_step = has_momentum and fresh
+        return has_momentum, first_step, bool(group["nesterov"]), bool(group["maximize"])
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        # torch keeps no state without momentum, and starts the buffer as a
+        # copy of the first grad: the op writes it (is_first_step).
+        if group["momentum"] == 0:
+            return {}
+        return {"momentum_buffer": torch.empty_like(p, memory_format=torch.preserve_format)}
+
+    def _state_tensors(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
+        return {"momentum_buffers": state["momentum_buffer"]} if group["momentum"] != 0 else {}
+
+    def _call_kwargs(self, flags: tuple, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        has_momentum, first_step, nesterov, maximize = flags
+        return dict(
+            momentum=[float(g["momentum"]) for g in groups],
+            dampening=[float(g["dampening"]) for g in groups],
+            weight_decay=[float(g["weight_decay"]) for g in groups],
+            nesterov=nesterov,
+            maximize=maximize,
+            is_first_step=first_step,
+        )

@@ -47,6 +47,22 @@ def adam_impl(request) -> tuple[str, str]:
     return request.param
 
 
+@pytest.fixture(params=impls("sgd_step_"), ids=impl_id)
+def sgd_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one sgd_step_ implementation."""
+    return request.param
+
+
+@pytest.fixture(params=impls("multi_tensor_norm"), ids=impl_id)
+def norm_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one multi_tensor_norm (and clip_scale_) implementation."""
+    return request.param
+
+
+def device_of(impl: tuple[str, str]) -> torch.device:
+    return torch.device("cuda" if impl[0] == "cuda" else "cpu")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -22,13 +22,11 @@
 
 #include "../optim_host.h"
 #include "multi_tensor_apply.cuh"
+#include "step_aux.cuh"
 
 namespace pyoptim::cuda {
 
 namespace {
-
-// Param groups per launch: their hyperparameters travel in the metadata.
-constexpr int kMaxGroups = 32;
 
 struct AdamExtra {
   AdamHyper hyper[kMaxGroups];
@@ -38,9 +36,9 @@ using AdamMeta = MultiTensorMeta<6, AdamExtra>;
 
 // Advances every step of the launch unless found_inf is set. Runs before the
 // update kernel, which reads the advanced value (as torch's fused Adam does).
-__global__ void adam_step_count_kernel(const __grid_constant__ AdamMeta meta, const float* found_inf) {
+__global__ void adam_step_count_kernel(const __grid_constant__ AdamMeta meta, StepDeviceAux aux) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= meta.num_tensors || (found_inf != nullptr && *found_inf != 0.0f)) {
+  if (i >= meta.num_tensors || aux.skip()) {
     return;
   }
   *static_cast<float*>(meta.ptr[5][i]) += 1.0f;
@@ -48,23 +46,17 @@ __global__ void adam_step_count_kernel(const __grid_constant__ AdamMeta meta, co
 
 template <typename T, bool AMSGRAD, bool DECOUPLED>
 struct AdamFunctor {
-  const double* lr_tensor;  // [groups] or null
-  const float* grad_scale;  // [1] or null
-  const float* found_inf;   // [1] or null
-  const float* grad_norm;   // [1] or null: clip by max_grad_norm
-  float max_grad_norm;
-  bool maximize;
+  StepDeviceAux aux;
 
   __device__ __forceinline__ void operator()(const AdamMeta& meta, int slot, int64_t begin, int64_t end) const {
     using S = at::opmath_type<T>;
-    if (found_inf != nullptr && *found_inf != 0.0f) {
+    if (aux.skip()) {
       return;
     }
     const int k = meta.group[slot];
-    const double lr = lr_tensor != nullptr ? lr_tensor[meta.group_base + k] : meta.extra.hyper[k].lr;
-    const double grad_mul = grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize);
     const double step = *static_cast<const float*>(meta.ptr[5][slot]);
-    const AdamCoeffs<S> coeffs(adam_scalars<S>(meta.extra.hyper[k], lr, step, grad_mul));
+    const AdamCoeffs<S> coeffs(
+        adam_scalars<S>(meta.extra.hyper[k], aux.lr(meta.group_base, k, meta.extra.hyper[k].lr), step, aux.grad_mul()));
     T* const ptr[5] = {static_cast<T*>(meta.ptr[0][slot]), static_cast<T*>(meta.ptr[1][slot]),
                        static_cast<T*>(meta.ptr[2][slot]), static_cast<T*>(meta.ptr[3][slot]),
                        static_cast<T*>(meta.ptr[4][slot])};
@@ -98,11 +90,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   MultiTensorWork work = prepare_work(
       {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
       {true, false, true, true, true}, group_sizes);
-  const double* lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr<double>() : nullptr;
-  const float* scale_ptr = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
-  const float* inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
-  const float* norm_ptr = grad_norm.has_value() ? grad_norm->const_data_ptr<float>() : nullptr;
-  const float max_norm = static_cast<float>(max_grad_norm);
+  const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
 
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<void*> step_ptr(n);
@@ -120,7 +108,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     meta.extra.hyper[meta.group[s]] = AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]};
   };
   auto count_steps = [&](const AdamMeta& meta) {
-    adam_step_count_kernel<<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, inf_ptr);
+    adam_step_count_kernel<<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, aux);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_cuda", [&] {
@@ -128,11 +116,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       multi_tensor_apply<6, AdamExtra>(work.numel, work.group_of, kMaxGroups, stream, fill, count_steps, functor);
     };
     if (amsgrad) {
-      decoupled_weight_decay ? run(AdamFunctor<scalar_t, true, true>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize})
-                             : run(AdamFunctor<scalar_t, true, false>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize});
+      decoupled_weight_decay ? run(AdamFunctor<scalar_t, true, true>{aux})
+                             : run(AdamFunctor<scalar_t, true, false>{aux});
     } else {
-      decoupled_weight_decay ? run(AdamFunctor<scalar_t, false, true>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize})
-                             : run(AdamFunctor<scalar_t, false, false>{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize});
+      decoupled_weight_decay ? run(AdamFunctor<scalar_t, false, true>{aux})
+                             : run(AdamFunctor<scalar_t, false, false>{aux});
     }
   });
   work.finish();

@@ -13,13 +13,11 @@
 
 #include "../optim_host.h"
 #include "multi_tensor_apply.cuh"
+#include "step_aux.cuh"
 
 namespace pyoptim::cuda {
 
 namespace {
-
-// Param groups per launch: their hyperparameters travel in the metadata.
-constexpr int kMaxGroups = 32;
 
 struct SgdExtra {
   SgdHyper hyper[kMaxGroups];
@@ -27,27 +25,18 @@ struct SgdExtra {
 // Lists: p, g, momentum buffer.
 using SgdMeta = MultiTensorMeta<3, SgdExtra>;
 
-// The step's device-side inputs.
-struct SgdDeviceArgs {
-  const double* lr_tensor;  // [groups] or null
-  const float* grad_scale;  // [1] or null
-  const float* found_inf;   // [1] or null
-  const float* grad_norm;   // [1] or null: clip by max_grad_norm
-  float max_grad_norm;
-  bool maximize;
-};
-
 template <typename T, bool MOMENTUM, bool NESTEROV, bool FIRST_STEP>
-struct SgdFunctor : SgdDeviceArgs {
+struct SgdFunctor {
+  StepDeviceAux aux;
+
   __device__ __forceinline__ void operator()(const SgdMeta& meta, int slot, int64_t begin, int64_t end) const {
     using S = at::opmath_type<T>;
-    if (found_inf != nullptr && *found_inf != 0.0f) {
+    if (aux.skip()) {
       return;
     }
     const int k = meta.group[slot];
-    const double lr = lr_tensor != nullptr ? lr_tensor[meta.group_base + k] : meta.extra.hyper[k].lr;
-    const double grad_mul = grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize);
-    const SgdCoeffs<S> coeffs(sgd_scalars<S>(meta.extra.hyper[k], lr, grad_mul));
+    const SgdCoeffs<S> coeffs(
+        sgd_scalars<S>(meta.extra.hyper[k], aux.lr(meta.group_base, k, meta.extra.hyper[k].lr), aux.grad_mul()));
     T* const ptr[3] = {static_cast<T*>(meta.ptr[0][slot]), static_cast<T*>(meta.ptr[1][slot]),
                        static_cast<T*>(meta.ptr[2][slot])};
     constexpr unsigned kLoad = MOMENTUM && !FIRST_STEP ? 0b111u : 0b011u;
@@ -60,7 +49,7 @@ struct SgdFunctor : SgdDeviceArgs {
 
 // Runs `run` with the functor for these flags.
 template <typename T, typename Run>
-void launch_sgd(bool has_momentum, bool first_step, bool nesterov, const SgdDeviceArgs& d, const Run& run) {
+void launch_sgd(bool has_momentum, bool first_step, bool nesterov, const StepDeviceAux& d, const Run& run) {
   if (!has_momentum) {
     run(SgdFunctor<T, false, false, false>{d});
   } else if (first_step) {
@@ -96,12 +85,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     meta.extra.hyper[meta.group[s]] = SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k]};
   };
   auto nothing_before = [](const SgdMeta&) {};
-  const double* lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr<double>() : nullptr;
-  const float* scale_ptr = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
-  const float* inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
-  const float* norm_ptr = grad_norm.has_value() ? grad_norm->const_data_ptr<float>() : nullptr;
-  const float max_norm = static_cast<float>(max_grad_norm);
-  const SgdDeviceArgs dev{lr_ptr, scale_ptr, inf_ptr, norm_ptr, max_norm, maximize};
+  const StepDeviceAux dev = StepDeviceAux::from(args.aux, maximize);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_cuda", [&] {
     launch_sgd<scalar_t>(has_momentum, is_first_step, nesterov, dev, [&](auto functor) {
       multi_tensor_apply<3, SgdExtra>(work.numel, work.group_of, kMaxGroups, stream, fill, nothing_before, functor);

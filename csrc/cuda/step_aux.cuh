@@ -1,0 +1,47 @@
+// The device side of StepAux (csrc/optim_host.h): what every step kernel
+// reads on the device instead of asking the host, so a step never syncs and
+// can be captured in a CUDA graph.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include <pyoptim/clip.h>
+
+#include "../optim_host.h"
+
+namespace pyoptim::cuda {
+
+// Param groups per launch: their hyperparameters travel in the metadata.
+constexpr int kMaxGroups = 32;
+
+struct StepDeviceAux {
+  const double* lr_tensor;  // [groups] or null
+  const float* grad_scale;  // [1] or null
+  const float* found_inf;   // [1] or null
+  const float* grad_norm;   // [1] or null: clip by max_grad_norm
+  float max_grad_norm;
+  bool maximize;
+
+  static StepDeviceAux from(const StepAux& aux, bool maximize) {
+    auto ptr = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; };
+    return {static_cast<const double*>(ptr(aux.lr_tensor)), static_cast<const float*>(ptr(aux.grad_scale)),
+            static_cast<const float*>(ptr(aux.found_inf)), static_cast<const float*>(ptr(aux.grad_norm)),
+            static_cast<float>(aux.max_grad_norm), maximize};
+  }
+
+  // found_inf is set: the step changes nothing.
+  __device__ __forceinline__ bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
+
+  // The lr of group `local` of a launch whose groups start at `group_base`.
+  __device__ __forceinline__ double lr(int group_base, int local, double lr_value) const {
+    return lr_tensor != nullptr ? lr_tensor[group_base + local] : lr_value;
+  }
+
+  __device__ __forceinline__ double grad_mul() const {
+    return grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize);
+  }
+};
+
+}  // namespace pyoptim::cuda

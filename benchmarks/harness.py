@@ -6,23 +6,27 @@ What it does, in order, for one run:
    device-to-device copy timed with CUDA events; on CPU an in-place update
    (`x.add_(1)` over 256 MB, read + write counted) and a copy, with torch's
    threads. The roofline is the copy number on CUDA and the in-place number
-   on CPU (an optimizer step or a norm pass updates its buffers in place);
-   both are reported.
+   on CPU (an optimizer step or a norm pass updates its buffers in place),
+   from the fastest call; both, as medians and fastest calls, are reported.
 2. for each op, each case and each provider (implementation): builds the
    inputs, sets the provider up, warms it up, and times one call: on CUDA with
    `triton.testing.do_bench` (median; torch.cuda.Event when Triton does not
-   import), on CPU with time.perf_counter (median of many repeats, bounded by
-   a time budget per measurement).
-3. prints a table (case, impl, ms, GB/s, fraction of the roofline, speed-up
-   over the op's baseline, usually torch's fused version; on CPU also minor
-   page faults per call) and writes the rows, with the device name, torch
-   version, pyoptim.backend_info(), git SHA and the measured bandwidth, as
-   JSON plus a PNG bar plot: <out>/<op>_<device kind>.json / .png, fixed
-   names so that a committed result is overwritten by the next run on that
-   kind of device.
+   import), one provider at a time; on CPU with time.perf_counter (median of
+   many repeats, bounded by a time budget per measurement), the providers of
+   a case taken in turns (note [interleaved CPU timing]) with the in-place
+   bandwidth probe among them, whose median is that case's roofline (note
+   [per-case CPU roofline]), and how much of the machine's CPU time other
+   processes used meanwhile.
+3. prints a table (case, impl, ms, spread, GB/s, fraction of the roofline,
+   speed-up over the op's baseline, usually torch's fused version; on CPU
+   also minor page faults per call) and writes the rows, with the device
+   name, torch version, pyoptim.backend_info(), git SHA and the measured
+   bandwidth, as JSON plus a PNG bar plot: <out>/<op>_<device kind>.json and
+   .png (plus _<dtype> when not fp32), fixed names so that a committed result
+   is overwritten by the next run on that kind of device.
 
 Adding an op: write benchmarks/bench_<op>.py that defines `OP = Op(...)` (see
-bench_adam.py, about 100 lines); run.py finds it by its file name. An op
+bench_adam.py); run.py finds it by its file name. An op
 supplies its cases (the tensors it works on, as shapes: `PARAM_CASES` below
 serve every optimizer-like op), a function that builds the inputs for a case,
 the bytes one call must move, and its providers: a name and a `setup(inputs)`
@@ -84,6 +88,9 @@ CUDA_TIMING = {
 # On CPU a call shorter than this is timed in batches of several calls, so
 # that perf_counter's resolution and overhead stay below 1%.
 CPU_MIN_SAMPLE_S = 200e-6
+# The CPU bandwidth buffer: 256 MB, far beyond any L3.
+CPU_BW_BYTES = 256 * 2**20
+BW_PROBE = "(in-place bandwidth)"
 
 
 # --------------------------------------------------------------------------
@@ -218,37 +225,102 @@ def _minflt() -> Optional[int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
 
 
-def time_cpu(fn: Callable[[], Any], *, warmup_s: float, budget_s: float, min_reps: int, max_reps: int) -> Timing:
-    """Median wall time of fn() with time.perf_counter: warm-up, then repeats until the budget is spent."""
-    # Warm-up: at least two calls (the first one usually allocates state).
+def _warm_up(fn: Callable[[], Any], warmup_s: float, budget_s: float) -> float:
+    """Call fn() for warmup_s seconds and at least twice (the first call usually allocates state), once
+    when that call took longer than budget_s; the fastest call's seconds."""
     t_end = time.perf_counter() + warmup_s
-    n = 0
-    t_call = math.inf
+    n, t_call = 0, math.inf
     while n < 2 or time.perf_counter() < t_end:
+        if n == 1 and t_call > budget_s:
+            break
         t0 = time.perf_counter()
         fn()
         t_call = min(t_call, time.perf_counter() - t0)
         n += 1
-    inner = max(1, math.ceil(CPU_MIN_SAMPLE_S / max(t_call, 1e-9)))
-    samples: list[float] = []
-    f0 = _minflt()
-    t_stop = time.perf_counter() + budget_s
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < t_stop):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    f1 = _minflt()
-    ms = [s * 1e3 for s in samples]
-    q1, q3 = _quartiles(ms)
-    return Timing(
-        ms=statistics.median(ms), ms_min=min(ms), ms_q1=q1, ms_q3=q3, reps=len(ms), calls_per_sample=inner,
-        minflt_per_call=None if f0 is None else (f1 - f0) / (len(samples) * inner),
-        method="perf_counter median",
-    )
+    return t_call
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, warmup_s: float, budget_s: float, min_reps: int,
+                         max_reps: int) -> dict[str, Any]:
+    """Median wall time of each fn() with time.perf_counter, the fns' samples taken in rounds; {name: Timing or exception}.
+
+    note [interleaved CPU timing]: a small machine shared with other work (2
+    cores, a parallel build next door) has spells, seconds long, in which a
+    multi-threaded call runs 2-100x slower (one torch thread descheduled
+    while the other waits for it at a barrier; torch's per-tensor parallel
+    regions pay this once per tensor). Timed one after another, the impl that
+    happens to fall in such a spell reads as slow. Here every round calls
+    every fn once (in an order that rotates), so all fns have the same number
+    of samples spread over the same span, and each median sees the same
+    weather. Rounds go on until budget_s per fn is spent, and at least
+    min_reps rounds unless those would take over twice the budget (calls of
+    seconds, in such a spell, get one or two rounds: the run must end in
+    minutes).
+    """
+    out: dict[str, Any] = {}
+    state: dict[str, dict] = {}
+    for name, fn in fns.items():
+        try:
+            t_call = _warm_up(fn, warmup_s, budget_s)
+        except Exception as e:  # reported as that impl's error
+            out[name] = e
+            continue
+        state[name] = dict(fn=fn, samples=[], flt=0, t_call=t_call,
+                           inner=max(1, math.ceil(CPU_MIN_SAMPLE_S / max(t_call, 1e-9))))
+    if not state:
+        return out
+    total_budget = budget_s * len(state)
+    t_round = sum(st["t_call"] * st["inner"] for st in state.values())
+    min_rounds = max(1, min(min_reps, int(2 * total_budget / t_round)))
+    names = list(state)
+    spent, rounds = 0.0, 0
+    while rounds < max_reps and (rounds < min_rounds or spent < total_budget):
+        live = [n for n in names if n not in out]
+        if not live:
+            break
+        k = rounds % len(live)
+        for name in live[k:] + live[:k]:
+            st = state[name]
+            fn, inner = st["fn"], st["inner"]
+            f0 = _minflt()
+            t0 = time.perf_counter()
+            try:
+                for _ in range(inner):
+                    fn()
+            except Exception as e:
+                out[name] = e
+                continue
+            dt = time.perf_counter() - t0
+            f1 = _minflt()
+            st["samples"].append(dt / inner)
+            spent += dt
+            if f0 is not None:
+                st["flt"] += f1 - f0
+        rounds += 1
+    for name, st in state.items():
+        if name in out:
+            continue
+        ms = [x * 1e3 for x in st["samples"]]
+        q1, q3 = _quartiles(ms)
+        out[name] = Timing(
+            ms=statistics.median(ms), ms_min=min(ms), ms_q1=q1, ms_q3=q3, reps=len(ms), calls_per_sample=st["inner"],
+            minflt_per_call=None if resource is None else st["flt"] / (len(ms) * st["inner"]),
+            method="perf_counter median, impls interleaved",
+        )
+    return out
+
+
+def time_cpu(fn: Callable[[], Any], **kw: Any) -> Timing:
+    """Median wall time of one fn() on CPU (see time_cpu_interleaved)."""
+    t = time_cpu_interleaved({"fn": fn}, **kw)["fn"]
+    if isinstance(t, Exception):
+        raise t
+    return t
 
 
 def _triton_testing():
+    if os.environ.get("PYOPTIM_BENCH_TIMER") == "events":  # force the torch.cuda.Event loop (to test it)
+        return None
     try:
         import triton.testing
     except Exception:  # absent or broken: fall back to torch.cuda.Event
@@ -260,9 +332,15 @@ def time_cuda(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> Timi
     """Median time of fn() from CUDA events: triton.testing.do_bench when Triton imports, else a torch.cuda.Event loop."""
     import torch
 
-    fn()
     fn()  # state allocation stays out of do_bench's runtime estimate
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    # do_bench repeats for rep_ms: a call slower than rep_ms / 5 still gets about 5 samples.
+    rep_ms = max(rep_ms, 5.5 * start.elapsed_time(end))
     tt = _triton_testing()
     if tt is not None:
         try:
@@ -277,7 +355,6 @@ def time_cuda(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> Timi
         return Timing(ms=float(ms), method="triton.testing.do_bench median")
     # torch.cuda.Event fallback, flushing L2 between calls as do_bench does.
     flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(3):
         fn()
@@ -320,28 +397,40 @@ def measure_bandwidth(device, mode: str) -> dict[str, Any]:
         free, _ = torch.cuda.mem_get_info(device)
         nbytes = min(2**30, free // 8)  # a 1 GiB copy, far beyond any L2
     else:
-        nbytes = 256 * 2**20  # 256 MB, far beyond any L3
+        nbytes = CPU_BW_BYTES
     n = nbytes // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.zeros(n, dtype=torch.float32, device=device)
     moved = 2 * n * 4  # read + written
-    copy = time_fn(lambda: dst.copy_(src), device, mode)
-    del dst
-    inplace = time_fn(lambda: src.add_(1.0), device, mode)
-    del src
+    fns = {"copy": lambda: dst.copy_(src), "inplace": lambda: src.add_(1.0)}
+    contention = CpuContention().start()
+    if device.type == "cuda":
+        ts = {k: time_fn(fn, device, mode) for k, fn in fns.items()}
+    else:
+        ts = time_cpu_interleaved(fns, **CPU_TIMING[mode])
+        for t in ts.values():
+            if isinstance(t, BaseException):
+                raise t
+    del src, dst, fns
     _free_memory(device)
-    out = {
-        "bytes_per_call": moved,
-        "copy_GBps": moved / copy.ms / 1e6,
-        "copy_ms": copy.ms,
-        "inplace_GBps": moved / inplace.ms / 1e6,
-        "inplace_ms": inplace.ms,
-        "method": copy.method,
-    }
+    out: dict[str, Any] = {"bytes_per_call": moved, "method": ts["copy"].method,
+                           "cpu_busy_elsewhere": contention.stop()}
+    for k, t in ts.items():
+        out[f"{k}_GBps"] = moved / t.ms / 1e6  # from the median time
+        out[f"{k}_peak_GBps"] = None if t.ms_min is None else moved / t.ms_min / 1e6  # from the fastest call
+        out[f"{k}_ms"] = t.ms
+        out[f"{k}_ms_q1_q3"] = (t.ms_q1, t.ms_q3)
+        out[f"{k}_reps"] = t.reps
     # The roofline: a D2D copy on GPUs; on CPUs the in-place update, the access
     # pattern of an optimizer step (a copy there also pays for write-allocate).
+    # Its value is the fastest call's: what the memory can do. On a quiet
+    # machine that is within a few % of the median; on a shared one the
+    # median can sit at a fraction of it, and then every kernel would read
+    # as running above the roofline.
     out["roofline"] = "copy" if device.type == "cuda" else "inplace"
-    out["roofline_GBps"] = out[f"{out['roofline']}_GBps"]
+    kind = out["roofline"]
+    out["roofline_GBps"] = out[f"{kind}_peak_GBps"] or out[f"{kind}_GBps"]
+    out["roofline_from"] = "fastest call" if out[f"{kind}_peak_GBps"] else "median"
     return out
 
 
@@ -379,7 +468,7 @@ def device_kind(device) -> str:
 
 
 def git_info() -> dict[str, Any]:
-    """HEAD's SHA ("unknown" outside a git checkout) and whether the tree has uncommitted changes."""
+    """HEAD's SHA (else $PYOPTIM_GIT_SHA, else "unknown") and whether the tree has uncommitted changes."""
     def git(*args: str) -> Optional[str]:
         try:
             r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
@@ -389,7 +478,47 @@ def git_info() -> dict[str, Any]:
 
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if sha else None
-    return {"git_sha": sha or "unknown", "git_dirty": None if status is None else bool(status)}
+    # A copy of the tree without .git (a GPU box) can be told its SHA.
+    sha = sha or os.environ.get("PYOPTIM_GIT_SHA") or "unknown"
+    return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
+
+
+class CpuContention:
+    """The share of the machine's CPU time that other processes used between start() and stop() (Linux; else None).
+
+    A benchmark on a shared machine (a parallel build next to it) reads
+    slow; this says so next to the numbers instead of leaving it to guess.
+    """
+
+    def __init__(self) -> None:
+        self._t0: Optional[tuple[float, float, float]] = None
+
+    @staticmethod
+    def _sample() -> Optional[tuple[float, float, float]]:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        if resource is None:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        user, nice, system, idle, iowait, irq, softirq, steal = vals
+        busy = (user + nice + system + irq + softirq + steal) / hz
+        total = busy + (idle + iowait) / hz
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return busy, total, ru.ru_utime + ru.ru_stime
+
+    def start(self) -> "CpuContention":
+        self._t0 = self._sample()
+        return self
+
+    def stop(self) -> Optional[float]:
+        t1 = self._sample()
+        if self._t0 is None or t1 is None or t1[1] <= self._t0[1]:
+            return None
+        busy, total, own = (b - a for a, b in zip(self._t0, t1))
+        return max(0.0, min(1.0, (busy - own) / total))
 
 
 def _free_memory(device) -> None:
@@ -426,6 +555,10 @@ class Row:
     reps: Optional[int] = None
     calls_per_sample: Optional[int] = None
     minflt_per_call: Optional[float] = None
+    # The bandwidth frac_of_bw is of: on CPU measured in turns with this case's impls.
+    roofline_GBps: Optional[float] = None
+    # The share of the machine's CPU time other processes used while this case ran.
+    cpu_busy_elsewhere: Optional[float] = None
     error: Optional[str] = None
 
 
@@ -442,42 +575,88 @@ def _select(providers: list[Provider], patterns: Optional[list[str]]) -> tuple[l
 
 
 def run_op(op: Op, cases: list[str], device, dtype, opts: argparse.Namespace, bandwidth: dict) -> tuple[list[Row], dict[str, str]]:
-    """Time every selected provider of `op` on every case; returns the rows and {impl: why skipped}."""
+    """Time every selected provider of `op` on every case; returns the rows and {impl: why skipped}.
+
+    On CUDA the providers of a case are set up and timed one at a time, and
+    fractions are of the run-start bandwidth; on CPU they are all set up, then
+    timed in turns (note [interleaved CPU timing]) together with an in-place
+    bandwidth probe (note [per-case CPU roofline]). Either way a case's tensors
+    are freed before the next case's are made.
+    """
+    import torch
+
     providers = op.providers(device, opts)
     run, skipped = _select(providers, opts.impls)
     skipped_why = {p.name: p.unavailable for p in skipped}
     mode = "quick" if opts.quick else "full"
     rows: list[Row] = []
+
+    def err(e: BaseException) -> str:
+        msg = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
     for case_name in cases:
         case = op.cases[case_name]
         nbytes = op.bytes_moved(case, dtype, opts)
+        print(f"  {op.name} {case.name}: {case.ntensors} tensors, {case.numel:,} elements, "
+              f"{nbytes / 1e6:,.1f} MB per call", flush=True)
         inputs = op.make_inputs(case, device, dtype, opts)
-        case_rows: list[Row] = []
-        for prov in run:
-            row = Row(op.name, case.name, prov.name, prov.family, case.numel, case.ntensors, nbytes)
-            print(f"  {op.name} {case.name:<12} {prov.name:<20}", end="", flush=True)
-            fn = None
-            try:
-                fn = prov.setup(inputs)
-                t = time_fn(fn, device, mode)
-            except Exception as e:  # report it and go on with the others
-                row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                print(f" ERROR {row.error}")
-            else:
-                row.ms, row.ms_min, row.ms_q1, row.ms_q3 = t.ms, t.ms_min, t.ms_q1, t.ms_q3
-                row.reps, row.calls_per_sample, row.minflt_per_call = t.reps, t.calls_per_sample, t.minflt_per_call
-                row.GBps = nbytes / t.ms / 1e6
-                row.frac_of_bw = row.GBps / bandwidth["roofline_GBps"]
-                print(f" {t.ms:10.3f} ms  {row.GBps:8.1f} GB/s  ({t.reps} reps)")
-            del fn
-            _free_memory(device)  # each provider's state goes before the next one's
-            case_rows.append(row)
-        base = next((r for r in case_rows if r.impl == op.baseline and r.ms is not None), None)
-        for r in case_rows:
-            if base is not None and r.ms is not None:
-                r.speedup_vs_baseline = base.ms / r.ms
-        rows += case_rows
-        del inputs
+        case_rows = {p.name: Row(op.name, case.name, p.name, p.family, case.numel, case.ntensors, nbytes) for p in run}
+        results: dict[str, Any] = {}
+        contention = CpuContention().start()
+        if device.type == "cuda":
+            for prov in run:
+                fn = None
+                try:
+                    fn = prov.setup(inputs)
+                    results[prov.name] = time_fn(fn, device, mode)
+                except Exception as e:  # report it and go on with the others
+                    results[prov.name] = e
+                del fn
+                _free_memory(device)  # each provider's state goes before the next one's
+        else:
+            # note [per-case CPU roofline]: the in-place bandwidth probe is timed
+            # in turns with the providers, so that each fraction compares two
+            # medians taken in the same weather: on a shared 2-core machine the
+            # run-start number can be half of what a quiet spell allows.
+            probe = torch.ones(CPU_BW_BYTES // 4, dtype=torch.float32)
+            fns = {BW_PROBE: lambda: probe.add_(1.0)}
+            for prov in run:
+                try:
+                    fns[prov.name] = prov.setup(inputs)
+                except Exception as e:
+                    results[prov.name] = e
+            results.update(time_cpu_interleaved(fns, **CPU_TIMING[mode]))
+            del fns, probe
+        busy_elsewhere = contention.stop()
+        roofline = bandwidth["roofline_GBps"]
+        probe_t = results.pop(BW_PROBE, None)
+        if isinstance(probe_t, Timing):
+            roofline = 2 * CPU_BW_BYTES / probe_t.ms / 1e6
+            print(f"    {'in-place bandwidth':<20} {probe_t.ms:10.3f} ms  {roofline:8.1f} GB/s  ({probe_t.reps} samples; "
+                  "the roofline of this case's fractions)")
+        for name, row in case_rows.items():
+            t = results[name]
+            row.cpu_busy_elsewhere = busy_elsewhere
+            row.roofline_GBps = roofline
+            if isinstance(t, BaseException):
+                row.error = err(t)
+                print(f"    {name:<20} ERROR {row.error}")
+                continue
+            row.ms, row.ms_min, row.ms_q1, row.ms_q3 = t.ms, t.ms_min, t.ms_q1, t.ms_q3
+            row.reps, row.calls_per_sample, row.minflt_per_call = t.reps, t.calls_per_sample, t.minflt_per_call
+            row.GBps = nbytes / t.ms / 1e6
+            row.frac_of_bw = row.GBps / roofline
+            print(f"    {name:<20} {t.ms:10.3f} ms  {row.GBps:8.1f} GB/s  ({t.reps} samples)")
+        if busy_elsewhere is not None:
+            print(f"    other processes used {100 * busy_elsewhere:.0f}% of the machine's CPU time meanwhile"
+                  + ("  <-- shared machine: these timings are noisy" if busy_elsewhere > 0.10 else ""))
+        base = case_rows.get(op.baseline)
+        for row in case_rows.values():
+            if base is not None and base.ms is not None and row.ms is not None:
+                row.speedup_vs_baseline = base.ms / row.ms
+        rows += case_rows.values()
+        del inputs, results
         _free_memory(device)  # each case's tensors go before the next case's
     return rows, skipped_why
 
@@ -491,23 +670,26 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def format_table(rows: list[Row], baseline: str, cpu: bool) -> str:
-    """A fixed-width text table of the rows."""
-    head = ["case", "impl", "ms", "GB/s", "of BW", f"vs {baseline}"] + (["flt/call"] if cpu else []) + ["reps"]
+    """A fixed-width text table of the rows (spread: half the interquartile range, as a % of the median)."""
+    head = ["case", "impl", "ms", "spread", "GB/s", "of BW", f"vs {baseline}"] + (["flt/call"] if cpu else []) + ["reps"]
     lines = []
     for r in rows:
         if r.error:
-            cells = [r.case, r.impl, "ERROR", r.error[:60], "", ""] + ([""] if cpu else []) + [""]
+            cells = [r.case, r.impl, "ERROR", r.error[:70]] + [""] * (len(head) - 4)
         else:
+            spread = None if r.ms_q1 is None or r.ms_q3 is None else 50 * (r.ms_q3 - r.ms_q1) / r.ms
             cells = [
-                r.case, r.impl, _fmt(r.ms, ".3f"), _fmt(r.GBps, ".1f"),
+                r.case, r.impl, _fmt(r.ms, ".3f"), "-" if spread is None else f"±{spread:.0f}%", _fmt(r.GBps, ".1f"),
                 "-" if r.frac_of_bw is None else f"{100 * r.frac_of_bw:.0f}%",
                 "-" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}x",
             ] + ([_fmt(r.minflt_per_call, ".0f")] if cpu else []) + [str(r.reps)]
         lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    widths = [max([len(h)] + [len(c[i]) for c in lines if not (c[2] == "ERROR" and i >= 3)]) for i, h in enumerate(head)]
     left = {0, 1}
 
     def fmt_line(cells: list[str]) -> str:
+        if len(cells) > 3 and cells[2] == "ERROR":
+            return "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]), cells[2].rjust(widths[2]), cells[3]])
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [fmt_line(head), fmt_line(["-" * w for w in widths])]
@@ -526,7 +708,7 @@ def sweep_note(rows: list[Row]) -> Optional[str]:
     impls = [r.impl for r in rows if r.case == "large" and ("many_small", r.impl) in by and ("large", r.impl) in by]
     if not impls:
         return None
-    parts = [f"{i} {by[('many_small', i)].GBps / by[('large', i)].GBps:.2f}" for i in impls]
+    parts = [f"{i} {by[('many_small', i)].GBps / by[('large', i)].GBps:.2g}" for i in impls]
     return ("sweep: many_small vs large at about the same total size, GB/s ratio (1.00: tensor count costs nothing): "
             + ", ".join(parts))
 
@@ -566,13 +748,25 @@ def write_plot(path: Path, rows: list[Row], meta: dict) -> Optional[str]:
             ax.annotate(f"{r.ms:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                         fontsize=6, rotation=90, xytext=(0, 2), textcoords="offset points")
     bw = meta["bandwidth"]
-    ax.axhline(bw["roofline_GBps"], color="black", linestyle="--", linewidth=1)
-    ax.text(len(cases) - 0.5, bw["roofline_GBps"], f"measured {bw['roofline']} bandwidth {bw['roofline_GBps']:.0f} GB/s",
-            ha="right", va="bottom", fontsize=8)
+    case_bw = {r.case: r.roofline_GBps for r in ok if r.roofline_GBps}
+    if meta["device"] == "cpu" and case_bw:  # note [per-case CPU roofline]
+        for ci, c in enumerate(cases):
+            ax.hlines(case_bw[c], ci - 0.45, ci + 0.45, color="black", linestyle="--", linewidth=1)
+            ax.text(ci, case_bw[c], f"in-place {case_bw[c]:.0f} GB/s", ha="center", va="bottom", fontsize=7)
+    else:
+        ax.axhline(bw["roofline_GBps"], color="black", linestyle="--", linewidth=1)
+        ax.text(len(cases) - 0.5, bw["roofline_GBps"], f"measured {bw['roofline']} bandwidth {bw['roofline_GBps']:.0f} GB/s",
+                ha="right", va="bottom", fontsize=8)
     ax.set_xticks(range(len(cases)), cases)
     ax.set_ylabel("GB/s (bytes the op must move / median time)")
-    ax.set_ylim(0, max(bw["roofline_GBps"], max(r.GBps for r in ok)) * 1.15)
-    ax.set_title(f"{meta['op']} {meta['dtype']} on {meta['device_name']} ({meta['threads']} threads)\n"
+    top = max([bw["roofline_GBps"], *case_bw.values(), *(r.GBps for r in ok)])
+    if top / min(r.GBps for r in ok) > 30:  # a linear axis would hide the slow bars
+        ax.set_yscale("log")
+        ax.set_ylim(min(r.GBps for r in ok) / 2, top * 2.5)
+    else:
+        ax.set_ylim(0, top * 1.15)
+    threads = f" ({meta['threads']} threads)" if meta["device"] == "cpu" else ""
+    ax.set_title(f"{meta['op']} {meta['dtype']} on {meta['device_name']}{threads}\n"
                  f"torch {meta['torch']}, {meta['git_sha'][:10]}; bar labels: ms", fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -601,7 +795,7 @@ def build_parser(ops: dict[str, Op]) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when torch.cuda.is_available(), else cpu")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
-                   help="where <op>_<device kind>.json and .png go (default: benchmarks/results)")
+                   help="where <op>_<device kind>[_<dtype>].json and .png go (default: benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="short warm-up and time budget: a smoke run")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
@@ -697,8 +891,13 @@ def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> 
     print(f"timing: {CUDA_TIMING[mode] if device_type == 'cuda' else CPU_TIMING[mode]} ({mode})")
     print("measuring memory bandwidth ...", flush=True)
     bw = measure_bandwidth(device, mode)
-    print(f"bandwidth: in-place {bw['inplace_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
-          f"(read + written); roofline = {bw['roofline']} {bw['roofline_GBps']:.1f} GB/s")
+    peak = lambda k: "" if bw[f"{k}_peak_GBps"] is None else f" (fastest call {bw[f'{k}_peak_GBps']:.1f})"  # noqa: E731
+    print(f"bandwidth (median, bytes read + written): in-place {bw['inplace_GBps']:.1f} GB/s{peak('inplace')}, "
+          f"copy {bw['copy_GBps']:.1f} GB/s{peak('copy')}; roofline = {bw['roofline']} {bw['roofline_GBps']:.1f} GB/s "
+          f"({bw['roofline_from']})")
+    if bw["cpu_busy_elsewhere"] is not None:
+        print(f"    other processes used {100 * bw['cpu_busy_elsewhere']:.0f}% of the machine's CPU time meanwhile"
+              + ("  <-- shared machine: these timings are noisy" if bw["cpu_busy_elsewhere"] > 0.10 else ""))
 
     common_meta = {
         "device": device_type,
@@ -737,6 +936,10 @@ def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> 
         note = sweep_note(rows)
         if note:
             print(note)
+        above = [f"{r.case}/{r.impl}" for r in rows if r.frac_of_bw is not None and r.frac_of_bw > 1.05]
+        if above:
+            print(f"above the roofline: {', '.join(above)} (a bandwidth measurement that met a busy spell, "
+                  "or data that stayed in cache)")
         for impl, why in skipped.items():
             print(f"skipped {impl}: {why}")
         meta = {
@@ -746,12 +949,16 @@ def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> 
             "settings": op.settings(opts) if op.settings else {},
             "baseline": op.baseline,
             "cases": {c: {"description": op.cases[c].description, "ntensors": op.cases[c].ntensors,
-                          "numel": op.cases[c].numel} for c in cases},
+                          "numel": op.cases[c].numel,
+                          "roofline_GBps": next((r.roofline_GBps for r in rows if r.case == c), None),
+                          "cpu_busy_elsewhere": next((r.cpu_busy_elsewhere for r in rows if r.case == c), None)}
+                      for c in cases},
             "skipped": skipped,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - t_op, 1),
         }
-        stem = opts.out / f"{name}_{meta['device_kind']}"
+        # Fixed names, so that the next run on this kind of device overwrites a committed result.
+        stem = opts.out / (f"{name}_{meta['device_kind']}" + ("" if opts.dtype == "fp32" else f"_{opts.dtype}"))
         Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]},
                                                    indent=1, default=str) + "\n")
         print(f"wrote {stem}.json", end="")

@@ -93,7 +93,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- what a subclass provides ------------------------------------------------
 
-    def _call_flags(self, group: dict[str, Any], state: dict[str, Tensor], fresh: bool) -> tuple:
+    def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         """Flags that must be the same for every tensor of one op call (`fresh`: the param's first step)."""
         raise NotImplementedError
 
@@ -101,8 +101,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The state of a param's first step (empty dict: keeps none)."""
         raise NotImplementedError
 
-    def _state_tensors(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
-        """The param's entries of the op's lists other than params and grads."""
+    def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        """(op list, state key) of the op's lists other than params and grads, for this group's params."""
         raise NotImplementedError
 
     def _call_kwargs(self, flags: tuple, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,21 +130,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         # still make one call.
         buckets: dict[tuple, _Bucket] = {}
         new_state: dict[Tensor, dict[str, Tensor]] = {}
+        state_of = self.state.get
         for group in self.param_groups:
+            # Per group, not per param: this loop is the Python cost of a step
+            # over thousands of small tensors.
             seen = set()
+            keys = self._state_keys(group)
+            flags = {False: self._call_flags(group, False), True: self._call_flags(group, True)}
+            backend = group["backend"]
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(self._sparse_message())
-                state = self.state.get(p)
+                state = state_of(p)
                 fresh = not state
                 if fresh:
                     state = self._new_state(p, group)
                     if state:
                         new_state[p] = state
-                key = (p.device, p.dtype, group["backend"]) + self._call_flags(group, state, fresh)
+                key = (p.device, p.dtype, backend) + flags[fresh]
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(self._lists)
@@ -153,12 +159,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bucket.groups.append(group)
                     bucket.group_sizes.append(0)
                 bucket.group_sizes[-1] += 1
-                real = torch.view_as_real if p.is_complex() else (lambda t: t)
                 lists = bucket.lists
-                lists["params"].append(real(p))
-                lists["grads"].append(real(grad))
-                for name, t in self._state_tensors(state, group).items():
-                    lists[name].append(real(t) if t.is_complex() else t)
+                if p.is_complex():  # as torch: the update of a complex param is that of its real view
+                    lists["params"].append(torch.view_as_real(p))
+                    lists["grads"].append(torch.view_as_real(grad))
+                    for name, k in keys:
+                        t = state[k]
+                        lists[name].append(torch.view_as_real(t) if t.is_complex() else t)
+                else:
+                    lists["params"].append(p)
+                    lists["grads"].append(grad)
+                    for name, k in keys:
+                        lists[name].append(state[k])
 
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
         if self.max_grad_norm is not None and calls:

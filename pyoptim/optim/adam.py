@@ -77,7 +77,7 @@ class Adam(FusedOptimizer):
     def _sparse_message(self) -> str:
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def _call_flags(self, group: dict[str, Any], state: dict[str, Tensor], fresh: bool) -> tuple:
+    def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         return bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"])
 
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
@@ -90,11 +90,9 @@ class Adam(FusedOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _state_tensors(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
-        out = {"exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"], "state_steps": state["step"]}
-        if group["amsgrad"]:
-            out["max_exp_avg_sqs"] = state["max_exp_avg_sq"]
-        return out
+    def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        keys = (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq"), ("state_steps", "step"))
+        return keys + ((("max_exp_avg_sqs", "max_exp_avg_sq"),) if group["amsgrad"] else ())
 
     def _call_kwargs(self, flags: tuple, groups: list[dict[str, Any]]) -> dict[str, Any]:
         amsgrad, maximize, decoupled = flags

@@ -60,7 +60,7 @@ class SGD(FusedOptimizer):
     def _sparse_message(self) -> str:
         return "SGD does not support sparse gradients"
 
-    def _call_flags(self, group: dict[str, Any], state: dict[str, Tensor], fresh: bool) -> tuple:
+    def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         has_momentum = group["momentum"] != 0
         first_step = has_momentum and fresh
         return has_momentum, first_step, bool(group["nesterov"]), bool(group["maximize"])
@@ -72,8 +72,8 @@ class SGD(FusedOptimizer):
             return {}
         return {"momentum_buffer": torch.empty_like(p, memory_format=torch.preserve_format)}
 
-    def _state_tensors(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
-        return {"momentum_buffers": state["momentum_buffer"]} if group["momentum"] != 0 else {}
+    def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        return (("momentum_buffers", "momentum_buffer"),) if group["momentum"] != 0 else ()
 
     def _call_kwargs(self, flags: tuple, groups: list[dict[str, Any]]) -> dict[str, Any]:
         has_momentum, first_step, nesterov, maximize = flags

@@ -18,6 +18,16 @@ Isa detect_isa() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     isa = Isa::AVX512;
   }
+#if !defined(PYOPTIM_HAVE_AVX512)
+  if (isa == Isa::AVX512) {
+    isa = Isa::AVX2;
+  }
+#endif
+#if !defined(PYOPTIM_HAVE_AVX2)
+  if (isa == Isa::AVX2) {
+    isa = Isa::DEFAULT;
+  }
+#endif
   if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
     const std::string want(env);
     if (want == "default") {

@@ -18,27 +18,27 @@ const char* cpu_isa_name();
 
 }  // namespace pyoptim::cpu
 
-#if defined(__x86_64__)
-#define PYOPTIM_DECLARE_ISA_KERNELS(decl) \
-  namespace DEFAULT {                     \
-  decl;                                   \
-  }                                       \
-  namespace AVX2 {                        \
-  decl;                                   \
-  }                                       \
-  namespace AVX512 {                      \
-  decl;                                   \
-  }
-#define PYOPTIM_ISA_DISPATCH(fn, ...)                                     \
-  switch (::pyoptim::cpu::cpu_isa()) {                                    \
-    case ::pyoptim::cpu::Isa::AVX512: return AVX512::fn(__VA_ARGS__);     \
-    case ::pyoptim::cpu::Isa::AVX2: return AVX2::fn(__VA_ARGS__);         \
-    default: return DEFAULT::fn(__VA_ARGS__);                             \
-  }
+// setup.py defines PYOPTIM_HAVE_<ISA> for each instruction set it built.
+#if defined(PYOPTIM_HAVE_AVX2)
+#define PYOPTIM_IF_AVX2(x) x
 #else
-#define PYOPTIM_DECLARE_ISA_KERNELS(decl) \
-  namespace DEFAULT {                     \
-  decl;                                   \
-  }
-#define PYOPTIM_ISA_DISPATCH(fn, ...) return DEFAULT::fn(__VA_ARGS__);
+#define PYOPTIM_IF_AVX2(x)
 #endif
+#if defined(PYOPTIM_HAVE_AVX512)
+#define PYOPTIM_IF_AVX512(x) x
+#else
+#define PYOPTIM_IF_AVX512(x)
+#endif
+
+#define PYOPTIM_DECLARE_ISA_KERNELS(decl)      \
+  namespace DEFAULT {                          \
+  decl;                                        \
+  }                                            \
+  PYOPTIM_IF_AVX2(namespace AVX2 { decl; })    \
+  PYOPTIM_IF_AVX512(namespace AVX512 { decl; })
+#define PYOPTIM_ISA_DISPATCH(fn, ...)                                                 \
+  switch (::pyoptim::cpu::cpu_isa()) {                                                \
+    PYOPTIM_IF_AVX512(case ::pyoptim::cpu::Isa::AVX512 : return AVX512::fn(__VA_ARGS__);) \
+    PYOPTIM_IF_AVX2(case ::pyoptim::cpu::Isa::AVX2 : return AVX2::fn(__VA_ARGS__);)       \
+    default: return DEFAULT::fn(__VA_ARGS__);                                         \
+  }

@@ -1,4 +1,5 @@
 #include "multi_tensor_host.h"
+#include "message.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -25,7 +26,7 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                         std::initializer_list<NamedList> like) {
   const int64_t n = static_cast<int64_t>(params.tensors.size());
   for (const NamedList& l : like) {
-    TORCH_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
+    PYOPTIM_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
                 l.tensors.size(), " entries but ", params.name, " has ", n);
   }
   if (n == 0) {
@@ -34,30 +35,30 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
   const at::Tensor& p0 = params.tensors[0];
   for (const auto i : c10::irange(n)) {
     const at::Tensor& p = params.tensors[i];
-    TORCH_CHECK(p.defined(), op, ": ", params.name, "[", i, "] is undefined");
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": ", params.name, "[", i, "] is not a strided tensor (layout ",
+    PYOPTIM_CHECK(p.defined(), op, ": ", params.name, "[", i, "] is undefined");
+    PYOPTIM_CHECK(p.layout() == at::kStrided, op, ": ", params.name, "[", i, "] is not a strided tensor (layout ",
                 p.layout(), ")");
-    TORCH_CHECK(p.device().type() == device_type, op, ": ", params.name, "[", i, "] is on ", p.device(),
+    PYOPTIM_CHECK(p.device().type() == device_type, op, ": ", params.name, "[", i, "] is on ", p.device(),
                 ", expected a ", device_type, " tensor");
-    TORCH_CHECK(p.device() == p0.device(), op, ": ", params.name, "[", i, "] is on ", p.device(), " but ",
+    PYOPTIM_CHECK(p.device() == p0.device(), op, ": ", params.name, "[", i, "] is on ", p.device(), " but ",
                 params.name, "[0] is on ", p0.device(), "; one call takes one device");
-    TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": ", params.name, "[", i, "] has dtype ",
+    PYOPTIM_CHECK(is_supported_dtype(p.scalar_type()), op, ": ", params.name, "[", i, "] has dtype ",
                 p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
-    TORCH_CHECK(p.scalar_type() == p0.scalar_type(), op, ": ", params.name, "[", i, "] has dtype ",
+    PYOPTIM_CHECK(p.scalar_type() == p0.scalar_type(), op, ": ", params.name, "[", i, "] has dtype ",
                 p.scalar_type(), " but ", params.name, "[0] has ", p0.scalar_type(), "; one call takes one dtype");
     for (const NamedList& l : like) {
       if (l.tensors.empty()) {
         continue;
       }
       const at::Tensor& t = l.tensors[i];
-      TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
-      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", l.name, "[", i, "] is sparse (layout ", t.layout(),
+      PYOPTIM_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
+      PYOPTIM_CHECK(t.layout() == at::kStrided, op, ": ", l.name, "[", i, "] is sparse (layout ", t.layout(),
                   "); sparse gradients are not supported");
-      TORCH_CHECK(t.device() == p.device(), op, ": ", l.name, "[", i, "] is on ", t.device(), " but ",
+      PYOPTIM_CHECK(t.device() == p.device(), op, ": ", l.name, "[", i, "] is on ", t.device(), " but ",
                   params.name, "[", i, "] is on ", p.device());
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(),
+      PYOPTIM_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(),
                   " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
-      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
+      PYOPTIM_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
                   params.name, "[", i, "] has shape ", p.sizes());
     }
   }
@@ -67,15 +68,15 @@ void check_group_lists(const char* op, c10::IntArrayRef group_sizes,
                        std::initializer_list<std::pair<const char*, c10::ArrayRef<double>>> hyper, int64_t n) {
   const int64_t groups = static_cast<int64_t>(group_sizes.size());
   for (const auto& [name, values] : hyper) {
-    TORCH_CHECK(static_cast<int64_t>(values.size()) == groups, op, ": ", name, " has ", values.size(),
+    PYOPTIM_CHECK(static_cast<int64_t>(values.size()) == groups, op, ": ", name, " has ", values.size(),
                 " values for ", groups, " groups; one value per group");
   }
   int64_t total = 0;
   for (const auto k : c10::irange(groups)) {
-    TORCH_CHECK(group_sizes[k] >= 0, op, ": group_sizes[", k, "] is negative");
+    PYOPTIM_CHECK(group_sizes[k] >= 0, op, ": group_sizes[", k, "] is negative");
     total += group_sizes[k];
   }
-  TORCH_CHECK(total == n, op, ": group_sizes add up to ", total, " but there are ", n, " params");
+  PYOPTIM_CHECK(total == n, op, ": group_sizes add up to ", total, " but there are ", n, " params");
 }
 
 void check_aux_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Device& device,
@@ -83,9 +84,9 @@ void check_aux_tensor(const char* op, const char* name, const std::optional<at::
   if (!t.has_value()) {
     return;
   }
-  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but params are on ", device);
-  TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t->scalar_type());
-  TORCH_CHECK(t->numel() == numel, op, ": ", name, " must have ", numel, " element(s), got ", t->numel());
+  PYOPTIM_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but params are on ", device);
+  PYOPTIM_CHECK(t->scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t->scalar_type());
+  PYOPTIM_CHECK(t->numel() == numel, op, ": ", name, " must have ", numel, " element(s), got ", t->numel());
 }
 
 void MultiTensorWork::finish() {

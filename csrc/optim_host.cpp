@@ -1,4 +1,5 @@
 #include "optim_host.h"
+#include "message.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -16,7 +17,7 @@ void check_step_aux(const char* op, const StepAux& aux, at::TensorList params, i
   check_aux_tensor(op, "grad_scale", aux.grad_scale, device, 1, at::kFloat);
   check_aux_tensor(op, "found_inf", aux.found_inf, device, 1, at::kFloat);
   check_aux_tensor(op, "grad_norm", aux.grad_norm, device, 1, at::kFloat);
-  TORCH_CHECK(!aux.grad_norm.has_value() || aux.max_grad_norm > 0.0, op, ": max_grad_norm must be positive, got ",
+  PYOPTIM_CHECK(!aux.grad_norm.has_value() || aux.max_grad_norm > 0.0, op, ": max_grad_norm must be positive, got ",
               aux.max_grad_norm);
 }
 
@@ -41,12 +42,12 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
                      {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs},
                       {"max_exp_avg_sqs", a.max_exp_avg_sqs}});
   const int64_t n = static_cast<int64_t>(a.params.size());
-  TORCH_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n &&
+  PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n &&
                   static_cast<int64_t>(a.exp_avg_sqs.size()) == n &&
                   static_cast<int64_t>(a.state_steps.size()) == n,
               op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",
               a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ", a.state_steps.size());
-  TORCH_CHECK(!a.amsgrad || static_cast<int64_t>(a.max_exp_avg_sqs.size()) == n, op,
+  PYOPTIM_CHECK(!a.amsgrad || static_cast<int64_t>(a.max_exp_avg_sqs.size()) == n, op,
               ": amsgrad needs one max_exp_avg_sqs entry per param, got ", a.max_exp_avg_sqs.size(), " for ", n,
               " params");
   check_group_lists(op, a.group_sizes,
@@ -54,20 +55,20 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
                      {"eps", a.eps}},
                     n);
   for (const auto k : c10::irange(a.group_sizes.size())) {
-    TORCH_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
-    TORCH_CHECK(a.eps[k] >= 0.0, op, ": Invalid epsilon value: ", a.eps[k], " (group ", k, ")");
-    TORCH_CHECK(a.beta1[k] >= 0.0 && a.beta1[k] < 1.0, op, ": Invalid beta parameter at index 0: ", a.beta1[k],
+    PYOPTIM_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    PYOPTIM_CHECK(a.eps[k] >= 0.0, op, ": Invalid epsilon value: ", a.eps[k], " (group ", k, ")");
+    PYOPTIM_CHECK(a.beta1[k] >= 0.0 && a.beta1[k] < 1.0, op, ": Invalid beta parameter at index 0: ", a.beta1[k],
                 " (group ", k, ")");
-    TORCH_CHECK(a.beta2[k] >= 0.0 && a.beta2[k] < 1.0, op, ": Invalid beta parameter at index 1: ", a.beta2[k],
+    PYOPTIM_CHECK(a.beta2[k] >= 0.0 && a.beta2[k] < 1.0, op, ": Invalid beta parameter at index 1: ", a.beta2[k],
                 " (group ", k, ")");
-    TORCH_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
+    PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
                 ")");
   }
   for (const auto i : c10::irange(n)) {
     const at::Tensor& s = a.state_steps[i];
-    TORCH_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
+    PYOPTIM_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
                 "] must be a float32 tensor of one element");
-    TORCH_CHECK(s.device() == a.params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
+    PYOPTIM_CHECK(s.device() == a.params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
                 " but params[", i, "] is on ", a.params[i].device());
   }
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
@@ -78,7 +79,7 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
   check_tensor_lists(op, device_type, {"params", a.params},
                      {{"grads", a.grads}, {"momentum_buffers", a.momentum_buffers}});
   const int64_t n = static_cast<int64_t>(a.params.size());
-  TORCH_CHECK(static_cast<int64_t>(a.grads.size()) == n, op, ": params and grads must have the same length, got ", n,
+  PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n, op, ": params and grads must have the same length, got ", n,
               " and ", a.grads.size());
   check_group_lists(op, a.group_sizes,
                     {{"lr", a.lr}, {"momentum", a.momentum}, {"dampening", a.dampening},
@@ -86,13 +87,13 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
                     n);
   const bool has_momentum = !a.momentum_buffers.empty();
   for (const auto k : c10::irange(a.group_sizes.size())) {
-    TORCH_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
-    TORCH_CHECK(a.momentum[k] >= 0.0, op, ": Invalid momentum value: ", a.momentum[k], " (group ", k, ")");
-    TORCH_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
+    PYOPTIM_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    PYOPTIM_CHECK(a.momentum[k] >= 0.0, op, ": Invalid momentum value: ", a.momentum[k], " (group ", k, ")");
+    PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
                 ")");
-    TORCH_CHECK(has_momentum || a.momentum[k] == 0.0, op, ": group ", k, " has momentum ", a.momentum[k],
+    PYOPTIM_CHECK(has_momentum || a.momentum[k] == 0.0, op, ": group ", k, " has momentum ", a.momentum[k],
                 " but no momentum_buffers were given");
-    TORCH_CHECK(!a.nesterov || (a.momentum[k] > 0.0 && a.dampening[k] == 0.0), op,
+    PYOPTIM_CHECK(!a.nesterov || (a.momentum[k] > 0.0 && a.dampening[k] == 0.0), op,
                 ": Nesterov momentum requires a momentum and zero dampening (group ", k, ")");
   }
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));

@@ -11,6 +11,7 @@
 #include <pyoptim/norm.h>
 
 #include "../multi_tensor_host.h"
+#include "../message.h"
 #include "clip_cpu.h"
 #include "cpu_isa.h"
 
@@ -60,7 +61,7 @@ std::tuple<double, std::vector<double>> reduce_partials(const LaunchGroup& plan,
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   const char* op = "multi_tensor_norm";
   check_tensor_lists(op, c10::DeviceType::CPU, {"tensors", tensors}, {});
-  TORCH_CHECK(norm_type > 0.0, op, ": norm_type must be positive, got ", norm_type);
+  PYOPTIM_CHECK(norm_type > 0.0, op, ": norm_type must be positive, got ", norm_type);
   const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   const int64_t n = static_cast<int64_t>(tensors.size());
   if (n == 0) {
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
 void clip_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
   const char* op = "clip_scale_";
   check_tensor_lists(op, c10::DeviceType::CPU, {"tensors", tensors}, {});
-  TORCH_CHECK(max_norm >= 0.0, op, ": max_norm must be non-negative, got ", max_norm);
+  PYOPTIM_CHECK(max_norm >= 0.0, op, ": max_norm must be non-negative, got ", max_norm);
   if (tensors.empty()) {
     return;
   }

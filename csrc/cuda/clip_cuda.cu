@@ -18,6 +18,7 @@
 #include <pyoptim/norm.h>
 
 #include "../multi_tensor_host.h"
+#include "../message.h"
 #include "multi_tensor_apply.cuh"
 
 namespace pyoptim::cuda {
@@ -148,8 +149,8 @@ struct ScaleFunctor {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
   const char* op = "multi_tensor_norm";
   check_tensor_lists(op, c10::DeviceType::CUDA, {"tensors", tensors}, {});
-  TORCH_CHECK(norm_type > 0.0, op, ": norm_type must be positive, got ", norm_type);
-  TORCH_CHECK(!tensors.empty(), op, ": needs at least one tensor");
+  PYOPTIM_CHECK(norm_type > 0.0, op, ": norm_type must be positive, got ", norm_type);
+  PYOPTIM_CHECK(!tensors.empty(), op, ": needs at least one tensor");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = static_cast<int64_t>(tensors.size());
@@ -186,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
 void clip_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
   const char* op = "clip_scale_";
   check_tensor_lists(op, c10::DeviceType::CUDA, {"tensors", tensors}, {});
-  TORCH_CHECK(max_norm >= 0.0, op, ": max_norm must be non-negative, got ", max_norm);
+  PYOPTIM_CHECK(max_norm >= 0.0, op, ": max_norm must be non-negative, got ", max_norm);
   if (tensors.empty()) {
     return;
   }

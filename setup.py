@@ -102,7 +102,9 @@ def _extension():
     defines = ["-DPYOPTIM_WITH_CUDA"] if with_cuda else []
     # Build information for ops.cpp only (nvcc would split the commas).
     arch_list = ",".join(map(str, _cuda_archs())) if with_cuda else ""
-    cxx = opt + defines + [f"-DPYOPTIM_HAVE_{isa}=1" for isa in ISAS] + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
+    # -fopenmp: at::parallel_for is inline, and runs its body on one thread
+    # unless the calling code is compiled with OpenMP (as torch's CPU build is).
+    cxx = opt + defines + [f"-DPYOPTIM_HAVE_{isa}=1" for isa in ISAS] + ["-fopenmp", f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
                            "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/cpu_isa.cpp",
                "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp"]
@@ -113,6 +115,7 @@ def _extension():
                  for d in ("include/pyoptim", "", "cpu", "cuda")
                  for f in os.listdir(os.path.join(ROOT, "csrc", d)) if f.endswith((".h", ".cuh"))],
         py_limited_api=False,
+        extra_link_args=["-fopenmp"],
     )
     if not with_cuda:
         print("pyoptim: building the CPU kernels only (no CUDA torch or no nvcc)", file=sys.stderr)

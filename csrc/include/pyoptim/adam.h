@@ -39,7 +39,7 @@ struct AdamScalars {
   S decay;           // AdamW: 1 - lr * wd
   S weight_decay;    // Adam: wd
   S m_weight;        // 1 - beta1 (lerp weight)
-  S m_weight_comp;   // beta1 = 1 - weight
+  S m_weight_comp;   // 1 - weight, in S
   S beta2;
   S one_minus_beta2;
   S neg_step_size;   // -lr / bc1
@@ -58,15 +58,17 @@ PYOPTIM_HOST_DEVICE inline AdamScalars<S> adam_scalars(
   s.grad_mul = static_cast<S>(grad_mul);
   s.decay = static_cast<S>(1.0 - lr * h.weight_decay);
   s.weight_decay = static_cast<S>(h.weight_decay);
+  // torch.lerp gets the weight as a scalar rounded to S, and picks its
+  // formula and computes 1 - weight from that rounded value.
   s.m_weight = static_cast<S>(1.0 - h.beta1);
-  s.m_weight_comp = static_cast<S>(h.beta1);
+  s.m_weight_comp = S(1) - s.m_weight;
   s.beta2 = static_cast<S>(h.beta2);
   s.one_minus_beta2 = static_cast<S>(1.0 - h.beta2);
   s.neg_step_size = static_cast<S>(-(lr / bc1));
   s.bc2_sqrt = static_cast<S>(::sqrt(bc2));
   s.eps = static_cast<S>(h.eps);
   s.has_weight_decay = h.weight_decay != 0.0;
-  s.lerp_low = (1.0 - h.beta1) < 0.5;
+  s.lerp_low = s.m_weight < S(0.5);
   return s;
 }
 

@@ -1,5 +1,6 @@
 // Gradient clipping by the global norm, as torch.nn.utils.clip_grad_norm_
-// computes its factor (float32 tensor arithmetic there, float here):
+// computes its factor (float32 tensor arithmetic there, float here; its
+// `max_norm / tensor` is reciprocal(tensor) * max_norm):
 //   coef = min(max_norm / (total_norm + 1e-6), 1)
 // NaN stays NaN (torch.clamp propagates it): the grads then become NaN too.
 #pragma once
@@ -10,7 +11,7 @@ namespace pyoptim {
 inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
 
 PYOPTIM_HOST_DEVICE inline float clip_coef(float total_norm, float max_norm) {
-  const float coef = max_norm / (total_norm + 1e-6f);
+  const float coef = (1.0f / (total_norm + 1e-6f)) * max_norm;
   return (coef < 1.0f || coef != coef) ? coef : 1.0f;
 }
 

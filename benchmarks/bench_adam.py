@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PARAM_CASES, Case, Op, Provider, main  # noqa: E402
+from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
 
 LR, WEIGHT_DECAY = 1e-3, 1e-2
 
@@ -71,21 +71,10 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import torch
 
     import pyoptim
-    from pyoptim import _backends
 
     hp = dict(lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=opts.amsgrad)
-    out: list[Provider] = []
-    available = _backends.available("adam_step_", device.type)
-    candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference", "triton")
-    for b in candidates:
-        why = None if b in available else f"pyoptim backend {b!r} is not available here (backend_info: {available})"
-        out.append(Provider(
-            f"pyoptim-{b}", "pyoptim",
-            _step_of(lambda ps, b=b: pyoptim.optim.AdamW(ps, **hp, backend=b)),
-            unavailable=why,
-            # Triton on CPU is its interpreter: a numerics tool, timed only on request.
-            default=not (b == "triton" and device.type == "cpu"),
-        ))
+    out = pyoptim_providers("adam_step_", device,
+                            lambda b: _step_of(lambda ps: pyoptim.optim.AdamW(ps, **hp, backend=b)))
     for name, kw in (("forloop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
         out.append(Provider(f"torch-{name}", "torch", _step_of(lambda ps, kw=kw: torch.optim.AdamW(ps, **hp, **kw))))
 

@@ -182,6 +182,27 @@ class Op:
     settings: Optional[Callable[[argparse.Namespace], dict]] = None
 
 
+def pyoptim_providers(op: str, device, setup_for: Callable[[str], Callable[[Any], Callable[[], Any]]]) -> list[Provider]:
+    """One provider per pyoptim backend of `op` on `device`, named pyoptim-<backend>; `setup_for(backend)` builds it.
+
+    Triton on the CPU is its interpreter: a numerics tool, timed only when
+    --impls names it.
+    """
+    from pyoptim import _backends
+
+    available = _backends.available(op, device.type)
+    candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference", "triton")
+    return [
+        Provider(
+            f"pyoptim-{b}", "pyoptim", setup_for(b),
+            unavailable=None if b in available else
+            f"pyoptim backend {b!r} is not available here (backend_info: {available})",
+            default=not (b == "triton" and device.type == "cpu"),
+        )
+        for b in candidates
+    ]
+
+
 def discover_ops() -> dict[str, Op]:
     """Every `OP` defined by a benchmarks/bench_<name>.py, by op name."""
     ops: dict[str, Op] = {}

@@ -1,0 +1,76 @@
+"""Clip + AdamW step: pyoptim's AdamW(max_grad_norm=...) against torch's clip_grad_norm_ then AdamW.
+
+Ours reads the grads once for the norm and applies the clip factor inside the
+step kernel (grads untouched): 32 bytes per fp32 parameter, the floor of this
+work, which is what GB/s is computed from for every implementation. torch's
+two calls move 40 (a norm pass, a scale pass, the step).
+
+Run on its own: python benchmarks/bench_clip_adamw.py [run.py's options].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_adam import LR, WEIGHT_DECAY, _params, _step_of, make_inputs  # noqa: E402
+from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+
+MAX_NORM = 1e-3
+
+
+def bytes_moved(case: Case, dtype, opts: argparse.Namespace) -> int:
+    """8 tensors' worth per element: g read for the norm, then the step's 7."""
+    import torch
+
+    return case.numel * torch.empty((), dtype=dtype).element_size() * 8
+
+
+def _torch_clip_step(make_optimizer, foreach):
+    import torch
+
+    def setup(inputs):
+        params = _params(inputs)
+        opt = make_optimizer(params)
+
+        def call():
+            torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=foreach)
+            opt.step()
+        return call
+    return setup
+
+
+def providers(device, opts: argparse.Namespace) -> list[Provider]:
+    """pyoptim's fused clip for each backend; torch's clip_grad_norm_ + AdamW for-loop, foreach and fused."""
+    import torch
+
+    import pyoptim
+
+    hp = dict(lr=LR, weight_decay=WEIGHT_DECAY)
+    out = pyoptim_providers(
+        "adam_step_", device,
+        lambda b: _step_of(lambda ps: pyoptim.optim.AdamW(ps, **hp, max_grad_norm=MAX_NORM, backend=b)))
+    for name, kw, foreach in (("forloop", dict(foreach=False), False), ("foreach", dict(foreach=True), True),
+                              ("fused", dict(fused=True), True)):
+        out.append(Provider(f"torch-{name}", "torch",
+                            _torch_clip_step(lambda ps, kw=kw: torch.optim.AdamW(ps, **hp, **kw), foreach)))
+    return out
+
+
+OP = Op(
+    name="clip_adamw",
+    description=f"clip to max_norm={MAX_NORM} + AdamW step: fused (pyoptim) against clip_grad_norm_ then step",
+    cases=PARAM_CASES,
+    default_cases=("large", "many_small", "transformer"),
+    make_inputs=make_inputs,
+    bytes_moved=bytes_moved,
+    providers=providers,
+    baseline="torch-fused",
+    settings=lambda opts: {"optimizer": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_NORM},
+)
+
+if __name__ == "__main__":
+    sys.exit(main(only=["clip_adamw"]))

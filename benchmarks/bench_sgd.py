@@ -1,0 +1,57 @@
+"""SGD with momentum: pyoptim's backends against torch's for-loop, foreach and fused SGD.
+
+One timed call is one optimizer.step() with every .grad already set. Bytes an
+fp32 step must move: 20 per parameter (p, g, momentum_buffer read; p,
+momentum_buffer written), in general 5 times the element size.
+
+Run on its own: python benchmarks/bench_sgd.py [run.py's options].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_adam import _step_of, make_inputs  # noqa: E402
+from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+
+LR, MOMENTUM, WEIGHT_DECAY = 1e-2, 0.9, 1e-4
+
+
+def bytes_moved(case: Case, dtype, opts: argparse.Namespace) -> int:
+    """5 tensors' worth per element: p, g, buf read; p, buf written."""
+    import torch
+
+    return case.numel * torch.empty((), dtype=dtype).element_size() * 5
+
+
+def providers(device, opts: argparse.Namespace) -> list[Provider]:
+    """pyoptim's backends for the device and torch's three SGDs."""
+    import torch
+
+    import pyoptim
+
+    hp = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    out = pyoptim_providers("sgd_step_", device, lambda b: _step_of(lambda ps: pyoptim.optim.SGD(ps, **hp, backend=b)))
+    for name, kw in (("forloop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+        out.append(Provider(f"torch-{name}", "torch", _step_of(lambda ps, kw=kw: torch.optim.SGD(ps, **hp, **kw))))
+    return out
+
+
+OP = Op(
+    name="sgd",
+    description=f"SGD step (lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}), one optimizer.step()",
+    cases=PARAM_CASES,
+    default_cases=("large", "many_small", "transformer"),
+    make_inputs=make_inputs,
+    bytes_moved=bytes_moved,
+    providers=providers,
+    baseline="torch-fused",
+    settings=lambda opts: {"optimizer": "SGD", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+)
+
+if __name__ == "__main__":
+    sys.exit(main(only=["sgd"]))

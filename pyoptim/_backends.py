@@ -101,6 +101,13 @@ def triton_interpret() -> bool:
 
 def available(op: str, device_type: str) -> list[str]:
     """Backends that can run `op` on tensors of `device_type` here, fastest first."""
+    # note [per-step cost]: every optimizer step asks; what is built does not
+    # change within a process, so the answer is cached (per interpreter mode).
+    return list(_available(op, device_type, triton_interpret()))
+
+
+@functools.cache
+def _available(op: str, device_type: str, interpret: bool) -> tuple[str, ...]:
     impls = _IMPLS[op]
     out = []
     for b in _PREFERENCE.get(device_type, ("reference",)):
@@ -113,9 +120,9 @@ def available(op: str, device_type: str) -> list[str]:
         if b == "triton" and not _has_triton_impl(impls[b]):
             continue
         out.append(b)
-    if device_type == "cpu" and triton_interpret() and "triton" in impls and _has_triton_impl(impls["triton"]):
+    if device_type == "cpu" and interpret and "triton" in impls and _has_triton_impl(impls["triton"]):
         out.append("triton")  # the interpreter: for testing numerics, never the default
-    return out
+    return tuple(out)
 
 
 def select(op: str, device: torch.device | str, requested: str | None = None) -> str:

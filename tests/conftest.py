@@ -54,7 +54,7 @@ def sgd_impl(request) -> tuple[str, str]:
 
 
 @pytest.fixture(params=impls("multi_tensor_norm"), ids=impl_id)
-def norm_impl(request) -> tuple[str, str]:
+def clip_impl(request) -> tuple[str, str]:
     """(device type, backend) of one multi_tensor_norm (and clip_scale_) implementation."""
     return request.param
 

@@ -35,12 +35,12 @@ def _twins(params):
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
 @pytest.mark.parametrize("max_norm", [0.5, 1e4], ids=["clipped", "below_max"])
-def test_clip_grad_norm_matches_torch(norm_impl, norm_type, max_norm):
-    device = device_of(norm_impl)
+def test_clip_grad_norm_matches_torch(clip_impl, norm_type, max_norm):
+    device = device_of(clip_impl)
     # 0-d and one-element grads, a vector width +- 1, a 2-D grad.
     ours = params_with_grads([(), (1,), (15,), (17,), (33,), (4, 5)], device)
     theirs = _twins(ours)
-    total = clip_grad_norm_(ours, max_norm, norm_type, backend=norm_impl[1])
+    total = clip_grad_norm_(ours, max_norm, norm_type, backend=clip_impl[1])
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=False)
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
     assert total.dtype == torch.float32 and total.dim() == 0 and total.device.type == device.type
@@ -48,15 +48,15 @@ def test_clip_grad_norm_matches_torch(norm_impl, norm_type, max_norm):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_clip_grad_norm_odd_layouts(norm_impl):
-    device = device_of(norm_impl)
+def test_clip_grad_norm_odd_layouts(clip_impl):
+    device = device_of(clip_impl)
     ours = [torch.zeros(5, 7, device=device, requires_grad=True), torch.zeros(6, 4, device=device, requires_grad=True)]
     ours[0].grad = torch.randn(7, 5, device=device).t()         # dense, transposed
     ours[1].grad = torch.randn(6, 12, device=device)[:, ::3]    # not dense
     theirs = _twins(ours)
     for p, q in zip(ours, theirs):
         q.grad = p.grad.clone()
-    total = clip_grad_norm_(ours, 0.3, backend=norm_impl[1])
+    total = clip_grad_norm_(ours, 0.3, backend=clip_impl[1])
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.3)
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
     for p, q in zip(ours, theirs):
@@ -64,21 +64,21 @@ def test_clip_grad_norm_odd_layouts(norm_impl):
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=str)
-def test_empty_and_missing_grads(norm_impl, norm_type):
-    device = device_of(norm_impl)
+def test_empty_and_missing_grads(clip_impl, norm_type):
+    device = device_of(clip_impl)
     ps = params_with_grads([(0,), (3,), (0, 4)], device)
     ps.append(torch.zeros(2, device=device, requires_grad=True))  # no grad: skipped
     # torch's inf-norm raises on an empty grad; ours is the max of the rest.
-    total = clip_grad_norm_(ps, 1e4, norm_type, backend=norm_impl[1])
+    total = clip_grad_norm_(ps, 1e4, norm_type, backend=clip_impl[1])
     torch.testing.assert_close(total, torch.linalg.vector_norm(ps[1].grad, norm_type))
     assert clip_grad_norm_([torch.zeros(2, requires_grad=True)], 1.0) == 0  # no grads at all
 
 
-def test_mixed_dtypes(norm_impl):
-    device = device_of(norm_impl)
+def test_mixed_dtypes(clip_impl):
+    device = device_of(clip_impl)
     ps = params_with_grads([(10,)], device) + params_with_grads([(7,)], device, torch.float64)
     theirs = _twins(ps)
-    total = clip_grad_norm_(ps, 0.5, backend=norm_impl[1])
+    total = clip_grad_norm_(ps, 0.5, backend=clip_impl[1])
     expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
     torch.testing.assert_close(total.double(), expected.double(), rtol=1e-6, atol=0)
     for p, q in zip(ps, theirs):
@@ -86,12 +86,12 @@ def test_mixed_dtypes(norm_impl):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_grads_do_not_overflow(norm_impl, dtype):
-    device = device_of(norm_impl)
+def test_low_precision_grads_do_not_overflow(clip_impl, dtype):
+    device = device_of(clip_impl)
     # Each element fits fp16, their norm (about 1.9e6) does not.
     ps = params_with_grads([(1000,)], device, dtype, make=lambda s: torch.full(s, 60000.0, dtype=dtype, device=device))
     value = float(ps[0].grad[0])  # 60000 rounded to the dtype
-    total = clip_grad_norm_(ps, 1.0, backend=norm_impl[1])
+    total = clip_grad_norm_(ps, 1.0, backend=clip_impl[1])
     exact = value * math.sqrt(1000)
     assert abs(float(total) - exact) <= 1e-5 * exact
     # The clipped grads: value / exact, rounded to the dtype.
@@ -99,38 +99,38 @@ def test_low_precision_grads_do_not_overflow(norm_impl, dtype):
                                rtol=1e-2, atol=0)
 
 
-def test_large_tensor_accuracy(norm_impl):
+def test_large_tensor_accuracy(clip_impl):
     """Within 1e-5 of float64 at any size (torch's CPU fp32 norm of 2^28 ones returns 11585 for 16384)."""
-    device = device_of(norm_impl)
+    device = device_of(clip_impl)
     # 2^27 elements; the Triton interpreter runs every program in Python, so it gets 2^22.
-    n = 2**22 if norm_impl[1] == "triton" and device.type == "cpu" else 2**27
+    n = 2**22 if clip_impl[1] == "triton" and device.type == "cpu" else 2**27
     for make in (torch.ones, torch.randn):
         x = make(n, device=device) if make is torch.ones else torch.randn(n, device=device) * 3 + 1
-        total, per = pyoptim.functional.multi_tensor_norm([x], 2.0, backend=norm_impl[1])
+        total, per = pyoptim.functional.multi_tensor_norm([x], 2.0, backend=clip_impl[1])
         exact = float(torch.linalg.vector_norm(x.double()))
         assert abs(float(total) - exact) <= 1e-5 * exact, (float(total), exact)
         assert abs(float(per[0]) - exact) <= 1e-5 * exact
         del x
 
 
-def test_error_if_nonfinite(norm_impl):
-    device = device_of(norm_impl)
+def test_error_if_nonfinite(clip_impl):
+    device = device_of(clip_impl)
     ps = params_with_grads([(4,), (3,)], device)
     ps[1].grad[1] = float("nan")
     before = [p.grad.clone() for p in ps]
     with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
-        clip_grad_norm_(ps, 1.0, error_if_nonfinite=True, backend=norm_impl[1])
+        clip_grad_norm_(ps, 1.0, error_if_nonfinite=True, backend=clip_impl[1])
     for p, g in zip(ps, before):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
-    total = clip_grad_norm_(ps, 1.0, backend=norm_impl[1])  # as torch: scaled by the NaN norm
+    total = clip_grad_norm_(ps, 1.0, backend=clip_impl[1])  # as torch: scaled by the NaN norm
     assert total.isnan() and ps[0].grad.isnan().all()
 
 
-def test_per_tensor_norms(norm_impl):
-    device = device_of(norm_impl)
+def test_per_tensor_norms(clip_impl):
+    device = device_of(clip_impl)
     ts = [torch.randn(s, device=device) for s in [(300,), (), (0,), (70000,)]]
     for p in NORM_TYPES:
-        total, per = pyoptim.functional.multi_tensor_norm(ts, p, backend=norm_impl[1])
+        total, per = pyoptim.functional.multi_tensor_norm(ts, p, backend=clip_impl[1])
         ref_total, ref_per = pyoptim.reference.multi_tensor_norm_ref(ts, p)
         torch.testing.assert_close(per, ref_per, rtol=1e-5, atol=0)
         torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=0)

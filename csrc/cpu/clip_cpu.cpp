@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include <pyoptim/clip.h>
-#include <pyoptim/norm.h>
+#include <pyoptim/vector_norm.h>
 
 #include "../multi_tensor_host.h"
 #include "../message.h"

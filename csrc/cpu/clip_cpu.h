@@ -9,7 +9,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <pyoptim/multi_tensor.h>
-#include <pyoptim/norm.h>
+#include <pyoptim/vector_norm.h>
 
 #include "cpu_isa.h"
 

@@ -5,7 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <pyoptim/norm.h>
+#include <pyoptim/vector_norm.h>
 
 #include "clip_cpu.h"
 #include "multi_tensor_cpu.h"

@@ -33,7 +33,7 @@ DEBUG = os.environ.get("PYOPTIM_DEBUG", "0") == "1"
 # CPU kernel sources built once per instruction set, each into namespace
 # pyoptim::cpu::<ISA>; csrc/cpu/*.cpp picks one at run time. The -m flags
 # apply to these files alone, so the library loads on any x86-64 CPU.
-ISA_SOURCES = ["csrc/cpu/adam_cpu_kernel.cpp"]
+ISA_SOURCES = ["csrc/cpu/adam_cpu_kernel.cpp", "csrc/cpu/norm_cpu_kernel.cpp"]
 ISAS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -94,9 +94,14 @@ def _extension():
     defines = ["-DPYOPTIM_WITH_CUDA"] if with_cuda else []
     # Build information for ops.cpp only (nvcc would split the commas).
     arch_list = ",".join(map(str, _cuda_archs())) if with_cuda else ""
-    cxx = opt + defines + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
+    # -ffp-contract=off, as torch's own build: no a * b + c fused into an fma
+    # behind the code's back, so the vector loops and the scalar tails round
+    # alike (LayerNorm's g - c1 with g = dy * w is exactly 0 for N = 1 only
+    # when dy * w is rounded once, as written).
+    cxx = opt + defines + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-ffp-contract=off", "-Wall",
                            "-Wno-unused-function", "-Wno-maybe-uninitialized"]
-    sources = ["csrc/ops.cpp", "csrc/adam_host.cpp", "csrc/cpu/adam_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/adam_host.cpp", "csrc/norm_host.cpp", "csrc/cpu/cpu_isa.cpp", "csrc/cpu/adam_cpu.cpp",
+               "csrc/cpu/norm_cpu.cpp"]
     kwargs = dict(
         name="pyoptim._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],

@@ -33,6 +33,16 @@ _IMPLS: dict[str, dict[str, str]] = {
         "triton": "pyoptim.kernels.adam:adam_step_triton",
         "reference": "pyoptim.reference:adam_step_ref",
     },
+    **{
+        f"{norm}_{half}": {
+            "cuda": f"torch.ops.pyoptim.{norm}_{half}",
+            "cpu": f"torch.ops.pyoptim.{norm}_{half}",
+            "triton": f"pyoptim.kernels.layer_norm:{norm}_{half}_triton",
+            "reference": f"pyoptim.reference:{norm}_{half}_ref",
+        }
+        for norm in ("layer_norm", "rms_norm")
+        for half in ("fwd", "bwd")
+    },
 }
 
 

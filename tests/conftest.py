@@ -47,6 +47,12 @@ def adam_impl(request) -> tuple[str, str]:
     return request.param
 
 
+@pytest.fixture(params=impls("layer_norm_fwd"), ids=impl_id)
+def norm_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one implementation of the norm ops (layer_norm_*, rms_norm_*)."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,72 +1,19 @@
 // adam_step_ on CPU tensors: the launcher, and its TORCH_LIBRARY_IMPL.
-#include <cstdlib>
-#include <cstring>
-#include <string>
-
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include "../adam_host.h"
 #include "adam_cpu.h"
+#include "cpu_isa.h"
 
 namespace pyoptim::cpu {
 
 namespace {
 
-enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
-
-// The widest instruction set both this CPU and ATEN_CPU_CAPABILITY (torch's
-// own override, honoured the same way) allow.
-Isa detect_isa() {
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  Isa isa = Isa::DEFAULT;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    isa = Isa::AVX2;
-  }
-  if (isa == Isa::AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    isa = Isa::AVX512;
-  }
-  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
-    const std::string want(env);
-    if (want == "default") {
-      isa = Isa::DEFAULT;
-    } else if (want == "avx2" && isa == Isa::AVX512) {
-      isa = Isa::AVX2;
-    }
-  }
-  return isa;
-#else
-  return Isa::DEFAULT;
-#endif
-}
-
-Isa cpu_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
-
-void run_kernel(const AdamCpuLaunch& launch) {
-  switch (cpu_isa()) {
-#if defined(__x86_64__)
-    case Isa::AVX512: return AVX512::adam_kernel(launch);
-    case Isa::AVX2: return AVX2::adam_kernel(launch);
-#endif
-    default: return DEFAULT::adam_kernel(launch);
-  }
-}
+void run_kernel(const AdamCpuLaunch& launch) { PYOPTIM_CPU_DISPATCH(adam_kernel, launch) }
 
 }  // namespace
-
-const char* cpu_isa_name() {
-  switch (cpu_isa()) {
-    case Isa::AVX512: return "AVX512";
-    case Isa::AVX2: return "AVX2";
-    default: return "DEFAULT";
-  }
-}
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,

@@ -1,0 +1,53 @@
+// The CPU norm launch: what the launcher (norm_cpu.cpp, built once) hands to
+// the kernels (norm_cpu_kernel.cpp, built once per instruction set).
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace pyoptim::cpu {
+
+// Elements per forward task: rows are grouped so a task moves at least
+// ~128 KB of fp32, enough to amortize its start.
+constexpr int64_t kNormCpuGrain = 32768;
+
+// Pointers are to dense, row-major M x N data (the launcher makes them so).
+// S below is the math type: double for Double input, else float.
+struct NormCpuLaunch {
+  c10::ScalarType dtype;   // x, y, dy, dx
+  c10::ScalarType wdtype;  // w, b, dw, db: dtype, or Float for Half/BFloat16 input
+  bool rms;
+  int64_t M, N;
+  double eps;              // forward only
+  const void* x;
+  const void* w;           // [N] or null
+  const void* b;           // [N] or null (always null for RMSNorm)
+  const void* dy;          // backward only
+  void* out;               // forward: y; backward: dx
+  void* mean;              // [M] S; null for RMSNorm (forward writes, backward reads)
+  void* rstd;              // [M] S
+  void* dw;                // backward: [N] or null (not wanted)
+  void* db;                // backward: [N] or null
+  // Backward: note [deterministic weight grads]. Rows are cut into `blocks`
+  // contiguous ranges; block k sums its rows' dy * xhat and dy into
+  // partial[k][0][:] and partial[k][1][:] ([blocks, 2, N] S), then a second
+  // pass adds the blocks' partials in block order: the result depends on the
+  // thread count only, never on scheduling, and no atomics are involved.
+  void* partial;
+  int64_t blocks;
+};
+
+#define PYOPTIM_DECLARE_NORM_CPU_KERNELS(ISA)    \
+  namespace ISA {                                \
+  void norm_fwd_kernel(const NormCpuLaunch& launch); \
+  void norm_bwd_kernel(const NormCpuLaunch& launch); \
+  }
+PYOPTIM_DECLARE_NORM_CPU_KERNELS(DEFAULT)
+#if defined(__x86_64__)
+PYOPTIM_DECLARE_NORM_CPU_KERNELS(AVX2)
+PYOPTIM_DECLARE_NORM_CPU_KERNELS(AVX512)
+#endif
+#undef PYOPTIM_DECLARE_NORM_CPU_KERNELS
+
+}  // namespace pyoptim::cpu

@@ -120,7 +120,7 @@ def _extension():
         nvcc.append("-Xptxas=-v")
     print(f"pyoptim: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     return cpp_extension.CUDAExtension(
-        sources=sources + ["csrc/cuda/adam_cuda.cu"],
+        sources=sources + ["csrc/cuda/adam_cuda.cu", "csrc/cuda/norm_cuda.cu"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         **kwargs,
     )

@@ -13,8 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pyoptim import _backends
-from pyoptim._validation import (check_adam_args, check_norm_bwd_args, check_norm_fwd_args, norm_stat_dtype,
-                                 rms_norm_eps)
+from pyoptim._validation import check_adam_args, check_norm_bwd_args, check_norm_fwd_args, norm_stat_dtype
 
 __all__ = ["adam_step_", "layer_norm", "rms_norm"]
 
@@ -130,6 +129,13 @@ class _NormFunction(torch.autograd.Function):
         return None, None, dx, None, dw, db, None
 
 
+@torch.compiler.assume_constant_result
+def _select(op: str, device_type: str, backend: Optional[str]) -> str:
+    # Under torch.compile the choice is made once, at trace time: dynamo does
+    # not trace into _backends (its caches and build queries).
+    return _backends.select(op, device_type, backend)
+
+
 def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
     return [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
 
@@ -139,7 +145,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Option
                backend: Optional[str] = None) -> torch.Tensor:
     """F.layer_norm: (x - mean) / sqrt(var + eps) * weight + bias over the trailing dims `normalized_shape`."""
     shape = _as_shape(normalized_shape)
-    name = _backends.select("layer_norm_fwd", input.device, backend)
+    name = _select("layer_norm_fwd", input.device.type, backend)
     if name in _COMPILED:
         return torch.ops.pyoptim.layer_norm_fwd(input, shape, weight, bias, eps)[0]
     return _NormFunction.apply(False, name, input, shape, weight, bias, eps)
@@ -149,7 +155,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional
              eps: Optional[float] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """F.rms_norm: x / sqrt(mean(x^2) + eps) * weight over the trailing dims `normalized_shape`."""
     shape = _as_shape(normalized_shape)
-    name = _backends.select("rms_norm_fwd", input.device, backend)
+    name = _select("rms_norm_fwd", input.device.type, backend)
     if name in _COMPILED:
         return torch.ops.pyoptim.rms_norm_fwd(input, shape, weight, eps)[0]
     return _NormFunction.apply(True, name, input, shape, weight, None, eps)

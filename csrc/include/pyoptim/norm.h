@@ -27,12 +27,13 @@ namespace pyoptim {
 
 // Running mean and sum of squared deviations (Welford), for rows streamed in
 // pieces: the CUDA multi-pass path merges one per thread, then per warp.
-// `count` is kept in S: exact in float up to 2^24 elements per row.
+// `count` is kept in S: exact in float up to 2^24 elements per row. A plain
+// aggregate (start from {0, 0, 0}), so it can live in CUDA shared memory.
 template <typename S>
 struct WelfordState {
-  S mean = S(0);
-  S m2 = S(0);
-  S count = S(0);
+  S mean;
+  S m2;
+  S count;
 };
 
 template <typename S>

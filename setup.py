@@ -94,11 +94,9 @@ def _extension():
     defines = ["-DPYOPTIM_WITH_CUDA"] if with_cuda else []
     # Build information for ops.cpp only (nvcc would split the commas).
     arch_list = ",".join(map(str, _cuda_archs())) if with_cuda else ""
-    # -ffp-contract=off, as torch's own build: no a * b + c fused into an fma
-    # behind the code's back, so the vector loops and the scalar tails round
-    # alike (LayerNorm's g - c1 with g = dy * w is exactly 0 for N = 1 only
-    # when dy * w is rounded once, as written).
-    cxx = opt + defines + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-ffp-contract=off", "-Wall",
+    # -fopenmp: at::parallel_for is inline, and runs its body on one thread
+    # unless this code is compiled with OpenMP (torch's CPU build uses it).
+    cxx = opt + defines + [f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-fopenmp", "-Wall",
                            "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     sources = ["csrc/ops.cpp", "csrc/adam_host.cpp", "csrc/norm_host.cpp", "csrc/cpu/cpu_isa.cpp", "csrc/cpu/adam_cpu.cpp",
                "csrc/cpu/norm_cpu.cpp"]
@@ -109,6 +107,7 @@ def _extension():
                  for d in ("include/pyoptim", "", "cpu", "cuda")
                  for f in os.listdir(os.path.join(ROOT, "csrc", d)) if f.endswith((".h", ".cuh"))],
         py_limited_api=False,
+        extra_link_args=["-fopenmp"],
     )
     if not with_cuda:
         print("pyoptim: building the CPU kernels only (no CUDA torch or no nvcc)", file=sys.stderr)

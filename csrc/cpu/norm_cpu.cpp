@@ -55,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms
     L.dtype = input.scalar_type();
     L.wdtype = weight_dtype(input, w, b);
     L.rms = rms;
+    L.stream_out = out.nbytes() >= static_cast<size_t>(kNormCpuStreamBytes);
     L.M = d.M;
     L.N = d.N;
     L.eps = eps;
@@ -99,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
     L.dtype = input.scalar_type();
     L.wdtype = wdt;
     L.rms = rms;
+    L.stream_out = dx.nbytes() >= static_cast<size_t>(kNormCpuStreamBytes);
     L.M = d.M;
     L.N = d.N;
     L.x = x.const_data_ptr();

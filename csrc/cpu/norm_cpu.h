@@ -12,12 +12,18 @@ namespace pyoptim::cpu {
 // ~128 KB of fp32, enough to amortize its start.
 constexpr int64_t kNormCpuGrain = 32768;
 
+// Outputs (y, dx) of at least this many bytes are written with streaming
+// stores (note [streaming stores] in norm_cpu_kernel.cpp): past the size of
+// the caches, where keeping them cached would only evict the inputs.
+constexpr int64_t kNormCpuStreamBytes = int64_t(8) << 20;
+
 // Pointers are to dense, row-major M x N data (the launcher makes them so).
 // S below is the math type: double for Double input, else float.
 struct NormCpuLaunch {
   c10::ScalarType dtype;   // x, y, dy, dx
   c10::ScalarType wdtype;  // w, b, dw, db: dtype, or Float for Half/BFloat16 input
   bool rms;
+  bool stream_out;         // write y / dx with streaming stores
   int64_t M, N;
   double eps;              // forward only
   const void* x;

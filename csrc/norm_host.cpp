@@ -41,6 +41,17 @@ void check_param(const char* op, const char* name, const std::optional<at::Tenso
 
 }  // namespace
 
+at::ScalarType norm_weight_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  if (weight.has_value() && weight->defined()) {
+    return weight->scalar_type();
+  }
+  if (bias.has_value() && bias->defined()) {
+    return bias->scalar_type();
+  }
+  return input.scalar_type();
+}
+
 at::ScalarType norm_stat_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

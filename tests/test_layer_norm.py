@@ -98,7 +98,7 @@ def _grid():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("m,n", list(_grid()), ids=lambda v: str(v))
 def test_matches_torch(norm_impl, rms, dtype, m, n):
-    if _interpreted(norm_impl) and m * n > 3 * 65536:
+    if _interpreted(norm_impl) and m == 257 and n == 65536:
         # The interpreter runs each program in Python: 257 long rows take
         # minutes. (3, 65536) still covers the multi-pass path, and (257, 4096)
         # the grid-strided backward with many rows per program.
@@ -178,7 +178,7 @@ def test_3d_input_and_2d_normalized_shape(norm_impl, rms):
     _assert_matches_torch(norm_impl, rms, x, (6, 7), w, b)  # N = 42 over two dims
     x3 = torch.randn(4, 3, 33, device=device)
     w, b = _affine((33,), torch.float32, device, rms)
-    _assert_matches_torch(norm_impl, rms, x3, (33,), w, b)  # three leading... two leading dims
+    _assert_matches_torch(norm_impl, rms, x3, (33,), w, b)  # two leading dims, N = 33
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
@@ -490,8 +490,8 @@ def test_replace_norms_on_a_bare_norm_and_keeps_dtype():
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_matches_cpu_backend_bitwise_stats(backend, dtype):
-    # The statistics the GPU saves, next to the CPU kernel's, for the same rows.
+def test_cuda_statistics_match_reference(backend, dtype):
+    # The output and statistics the GPU saves, against the reference's, for the same rows.
     if backend not in _backends.available("layer_norm_fwd", "cuda"):
         pytest.skip(f"{backend} is not built here")
     x = torch.randn(300, 2000, dtype=dtype) * 3 + 1

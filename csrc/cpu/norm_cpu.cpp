@@ -27,17 +27,6 @@ const void* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
 }
 
-at::ScalarType weight_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias) {
-  if (weight.has_value() && weight->defined()) {
-    return weight->scalar_type();
-  }
-  if (bias.has_value() && bias->defined()) {
-    return bias->scalar_type();
-  }
-  return input.scalar_type();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms, const at::Tensor& input,
                                                         at::IntArrayRef normalized_shape,
                                                         const std::optional<at::Tensor>& weight,
@@ -53,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms
   if (d.M > 0 && d.N > 0) {
     NormCpuLaunch L{};
     L.dtype = input.scalar_type();
-    L.wdtype = weight_dtype(input, w, b);
+    L.wdtype = norm_weight_dtype(input, w, b);
     L.rms = rms;
     L.stream_out = out.nbytes() >= static_cast<size_t>(kNormCpuStreamBytes);
     L.M = d.M;
@@ -83,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
   want_dw = want_dw && has_w;
   want_db = want_db && has_b;
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  const at::ScalarType wdt = weight_dtype(input, weight, bias);
+  const at::ScalarType wdt = norm_weight_dtype(input, weight, bias);
   // dx is computed whenever any output is wanted: the weight/bias grads come
   // from the same pass (a dx-less pass would save only its writes).
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
@@ -128,44 +117,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& input,
-                                                                  at::IntArrayRef normalized_shape,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const std::optional<at::Tensor>& bias,
-                                                                  double eps) {
-  return norm_fwd("layer_norm_fwd", false, input, normalized_shape, weight, bias, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef normalized_shape, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    std::array<bool, 3> output_mask) {
-  return norm_bwd("layer_norm_bwd", false, grad_out, input, normalized_shape, mean, rstd, weight, bias,
-                  output_mask[0], output_mask[1], output_mask[2]);
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                                                    const std::optional<at::Tensor>& weight,
-                                                    std::optional<double> eps) {
-  auto [out, mean, rstd] = norm_fwd("rms_norm_fwd", true, input, normalized_shape, weight, std::nullopt,
-                                    rms_norm_eps(eps, input.scalar_type()));
-  return {out, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                    at::IntArrayRef normalized_shape, const at::Tensor& rstd,
-                                                    const std::optional<at::Tensor>& weight,
-                                                    std::array<bool, 2> output_mask) {
-  auto [dx, dw, db] = norm_bwd("rms_norm_bwd", true, grad_out, input, normalized_shape, rstd, rstd, weight,
-                               std::nullopt, output_mask[0], output_mask[1], false);
-  return {dx, dw};
-}
+using NormOpsCPU = NormOps<norm_fwd, norm_bwd>;
 
 }  // namespace pyoptim::cpu
 
 TORCH_LIBRARY_IMPL(pyoptim, CPU, m) {
-  m.impl("layer_norm_fwd", &pyoptim::cpu::layer_norm_fwd_cpu);
-  m.impl("layer_norm_bwd", &pyoptim::cpu::layer_norm_bwd_cpu);
-  m.impl("rms_norm_fwd", &pyoptim::cpu::rms_norm_fwd_cpu);
-  m.impl("rms_norm_bwd", &pyoptim::cpu::rms_norm_bwd_cpu);
+  using Ops = pyoptim::cpu::NormOpsCPU;
+  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
+  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
 }

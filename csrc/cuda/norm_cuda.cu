@@ -440,7 +440,11 @@ int sm_count() {
   return counts[device];
 }
 
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether p (or null) is aligned to `bytes`: the x/y/dy/dx vectors are 16
+// bytes; a float weight's K elements beside 16-bit input are 32.
+bool aligned(const void* p, int64_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
 
 template <typename T, typename TW, bool RMS>
 void launch_fwd(const NormFwdArgs& a, cudaStream_t stream) {
@@ -517,11 +521,6 @@ void dispatch(at::ScalarType dtype, at::ScalarType wdtype, bool rms, const char*
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-at::ScalarType weight_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias) {
-  return has(weight) ? weight->scalar_type() : has(bias) ? bias->scalar_type() : input.scalar_type();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms, const at::Tensor& input,
                                                         at::IntArrayRef normalized_shape,
                                                         const std::optional<at::Tensor>& weight,
@@ -542,9 +541,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms
                 b.defined() ? b.const_data_ptr() : nullptr, out.data_ptr(), rms ? nullptr : mean.data_ptr(),
                 rstd.data_ptr(), d.M, d.N, eps, false};
   const int64_t k = 16 / static_cast<int64_t>(input.element_size());
-  a.vec = d.N % k == 0 && aligned16(a.x) && aligned16(a.y) && aligned16(a.w) && aligned16(a.b);
+  const int64_t wbytes = k * static_cast<int64_t>(c10::elementSize(norm_weight_dtype(input, weight, bias)));
+  a.vec = d.N % k == 0 && aligned(a.x, 16) && aligned(a.y, 16) && aligned(a.w, wbytes) && aligned(a.b, wbytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(input.scalar_type(), weight_dtype(input, weight, bias), rms, op, [&](auto t, auto tw, auto r) {
+  dispatch(input.scalar_type(), norm_weight_dtype(input, weight, bias), rms, op, [&](auto t, auto tw, auto r) {
     launch_fwd<decltype(t), decltype(tw), decltype(r)::value>(a, stream);
   });
   return {out, mean, rstd};
@@ -561,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
   const c10::cuda::CUDAGuard guard(input.device());
   want_dw = want_dw && has(weight);
   want_db = want_db && has(bias);
-  const at::ScalarType wdt = weight_dtype(input, weight, bias);
+  const at::ScalarType wdt = norm_weight_dtype(input, weight, bias);
   const auto empty = [&] { return at::empty({0}, input.options()); };
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dw = want_dw ? at::empty(normalized_shape, input.options().dtype(wdt)) : empty();
@@ -578,7 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
                 rms ? nullptr : mean_c.const_data_ptr(), rstd_c.const_data_ptr(), dx.data_ptr(), nullptr,
                 d.M, d.N, false};
   const int64_t k = 16 / static_cast<int64_t>(input.element_size());
-  a.vec = d.N % k == 0 && aligned16(a.x) && aligned16(a.dy) && aligned16(a.dx) && aligned16(a.w);
+  const int64_t wbytes = k * static_cast<int64_t>(c10::elementSize(wdt));
+  a.vec = d.N % k == 0 && aligned(a.x, 16) && aligned(a.dy, 16) && aligned(a.dx, 16) && aligned(a.w, wbytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool partials = want_dw || want_db;
   dispatch(input.scalar_type(), wdt, rms, op, [&](auto t, auto tw, auto r) {
@@ -599,44 +600,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
-                                                                   at::IntArrayRef normalized_shape,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias,
-                                                                   double eps) {
-  return norm_fwd("layer_norm_fwd", false, input, normalized_shape, weight, bias, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef normalized_shape, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    std::array<bool, 3> output_mask) {
-  return norm_bwd("layer_norm_bwd", false, grad_out, input, normalized_shape, mean, rstd, weight, bias,
-                  output_mask[0], output_mask[1], output_mask[2]);
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& input, at::IntArrayRef normalized_shape,
-                                                     const std::optional<at::Tensor>& weight,
-                                                     std::optional<double> eps) {
-  auto [out, mean, rstd] = norm_fwd("rms_norm_fwd", true, input, normalized_shape, weight, std::nullopt,
-                                    rms_norm_eps(eps, input.scalar_type()));
-  return {out, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                     at::IntArrayRef normalized_shape, const at::Tensor& rstd,
-                                                     const std::optional<at::Tensor>& weight,
-                                                     std::array<bool, 2> output_mask) {
-  auto [dx, dw, db] = norm_bwd("rms_norm_bwd", true, grad_out, input, normalized_shape, rstd, rstd, weight,
-                               std::nullopt, output_mask[0], output_mask[1], false);
-  return {dx, dw};
-}
+using NormOpsCUDA = NormOps<norm_fwd, norm_bwd>;
 
 }  // namespace pyoptim::cuda
 
 TORCH_LIBRARY_IMPL(pyoptim, CUDA, m) {
-  m.impl("layer_norm_fwd", &pyoptim::cuda::layer_norm_fwd_cuda);
-  m.impl("layer_norm_bwd", &pyoptim::cuda::layer_norm_bwd_cuda);
-  m.impl("rms_norm_fwd", &pyoptim::cuda::rms_norm_fwd_cuda);
-  m.impl("rms_norm_bwd", &pyoptim::cuda::rms_norm_bwd_cuda);
+  using Ops = pyoptim::cuda::NormOpsCUDA;
+  m.impl("layer_norm_fwd", &Ops::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &Ops::layer_norm_bwd);
+  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
 }

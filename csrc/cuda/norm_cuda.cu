@@ -414,16 +414,25 @@ __global__ void __launch_bounds__(256) reduce_partials_kernel(const S* __restric
 }
 
 // The launch configuration for rows of n elements of T: the smallest whose
-// registers hold a row, else streaming.
+// registers hold a row, else streaming. `items512` is the 512-thread
+// configuration's vectors per thread (kBwdItems512 in the backward).
 enum class Config { kWarp1, kBlock128, kBlock512, kStream };
 
 template <typename T>
-Config pick_config(int64_t n) {
+Config pick_config(int64_t n, int items512 = kItems) {
   constexpr int64_t K = vec_size<T>();
   if (n <= kWarp * kItems * K) return Config::kWarp1;
   if (n <= 128 * kItems * K) return Config::kBlock128;
-  if (n <= 512 * kItems * K) return Config::kBlock512;
+  if (n <= 512 * items512 * K) return Config::kBlock512;
   return Config::kStream;
+}
+
+// The backward holds five arrays per vector slot (xhat, g, w, and the dw/db
+// sums); at 512 threads (128 registers each) four 16-byte vectors of a 16-bit
+// type spill ~1 KB per thread (ptxas -v), two do not.
+template <typename T>
+constexpr int bwd_items512() {
+  return vec_size<T>() > 4 ? 2 : kItems;
 }
 
 // The current device's SM count, looked up once per device (not
@@ -474,8 +483,8 @@ int64_t launch_bwd(NormBwdArgs a, const at::Tensor& input, bool partials, at::Te
     const int64_t P = grid * ROWS;
     if (partials) {
       // Streaming accumulates into the partials in place: they start at 0.
-      partial = ITEMS == 0 ? at::zeros({P, 2, a.N}, input.options().dtype(at::kFloat))
-                           : at::empty({P, 2, a.N}, input.options().dtype(at::kFloat));
+      const auto opts = input.options().dtype(norm_stat_dtype(input.scalar_type()));
+      partial = ITEMS == 0 ? at::zeros({P, 2, a.N}, opts) : at::empty({P, 2, a.N}, opts);
       a.partial = partial.data_ptr();
     }
     norm_bwd_kernel<T, TW, RMS, THREADS, ITEMS, ROWS>
@@ -484,7 +493,7 @@ int64_t launch_bwd(NormBwdArgs a, const at::Tensor& input, bool partials, at::Te
     return P;
   };
   using I = std::integral_constant<int, 0>;
-  switch (pick_config<T>(a.N)) {
+  switch (pick_config<T>(a.N, bwd_items512<T>())) {
     case Config::kWarp1:
       return run(std::integral_constant<int, kWarp>(), std::integral_constant<int, kItems>(),
                  std::integral_constant<int, kWarpRows>());
@@ -492,30 +501,27 @@ int64_t launch_bwd(NormBwdArgs a, const at::Tensor& input, bool partials, at::Te
       return run(std::integral_constant<int, 128>(), std::integral_constant<int, kItems>(),
                  std::integral_constant<int, 1>());
     case Config::kBlock512:
-      return run(std::integral_constant<int, 512>(), std::integral_constant<int, kItems>(),
+      return run(std::integral_constant<int, 512>(), std::integral_constant<int, bwd_items512<T>()>(),
                  std::integral_constant<int, 1>());
     default:
       return run(std::integral_constant<int, kStreamThreads>(), I(), std::integral_constant<int, 1>());
   }
 }
 
-// Calls f(T(), TW(), RMS) for the input's and weight's dtypes.
+// Calls f(T(), TW(), RMS) for the input's and weight's dtypes: TW is T, or
+// float beside half/bfloat16 input.
 template <typename F>
-void dispatch(at::ScalarType dtype, at::ScalarType wdtype, bool rms, const char* op, F f) {
+void dispatch(at::ScalarType dtype, at::ScalarType wdtype, bool rms, F f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "norm_cuda", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, op, ": float64 is not supported by the cuda backend; use backend=\"triton\" or "
-                  "\"reference\"");
-    } else {
-      auto with_tw = [&](auto tw) {
-        rms ? f(scalar_t(), tw, std::true_type()) : f(scalar_t(), tw, std::false_type());
-      };
-      if (!std::is_same_v<scalar_t, float> && wdtype == at::kFloat) {
-        with_tw(float());
-      } else {
-        with_tw(scalar_t());
+    auto with_tw = [&](auto tw) {
+      rms ? f(scalar_t(), tw, std::true_type()) : f(scalar_t(), tw, std::false_type());
+    };
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (wdtype == at::kFloat) {
+        return with_tw(float());
       }
     }
+    with_tw(scalar_t());
   });
 }
 
@@ -544,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms
   const int64_t wbytes = k * static_cast<int64_t>(c10::elementSize(norm_weight_dtype(input, weight, bias)));
   a.vec = d.N % k == 0 && aligned(a.x, 16) && aligned(a.y, 16) && aligned(a.w, wbytes) && aligned(a.b, wbytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(input.scalar_type(), norm_weight_dtype(input, weight, bias), rms, op, [&](auto t, auto tw, auto r) {
+  dispatch(input.scalar_type(), norm_weight_dtype(input, weight, bias), rms, [&](auto t, auto tw, auto r) {
     launch_fwd<decltype(t), decltype(tw), decltype(r)::value>(a, stream);
   });
   return {out, mean, rstd};
@@ -582,15 +588,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
   a.vec = d.N % k == 0 && aligned(a.x, 16) && aligned(a.dy, 16) && aligned(a.dx, 16) && aligned(a.w, wbytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool partials = want_dw || want_db;
-  dispatch(input.scalar_type(), wdt, rms, op, [&](auto t, auto tw, auto r) {
+  dispatch(input.scalar_type(), wdt, rms, [&](auto t, auto tw, auto r) {
     using T = decltype(t);
     using TW = decltype(tw);
     at::Tensor partial;
     const int64_t P = launch_bwd<T, TW, decltype(r)::value>(a, input, partials, partial, stream);
     if (partials) {
       const dim3 grid(static_cast<unsigned int>((d.N + kWarp - 1) / kWarp), 2);
-      reduce_partials_kernel<float, TW><<<grid, dim3(kWarp, 8), 0, stream>>>(
-          partial.const_data_ptr<float>(), P, d.N, want_dw ? static_cast<TW*>(dw.data_ptr()) : nullptr,
+      using S = at::opmath_type<T>;
+      reduce_partials_kernel<S, TW><<<grid, dim3(kWarp, 8), 0, stream>>>(
+          partial.const_data_ptr<S>(), P, d.N, want_dw ? static_cast<TW*>(dw.data_ptr()) : nullptr,
           want_db ? static_cast<TW*>(db.data_ptr()) : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

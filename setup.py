@@ -33,7 +33,8 @@ DEBUG = os.environ.get("PYOPTIM_DEBUG", "0") == "1"
 # CPU kernel sources built once per instruction set, each into namespace
 # pyoptim::cpu::<ISA>; csrc/cpu/*.cpp picks one at run time. The -m flags
 # apply to these files alone, so the library loads on any x86-64 CPU.
-ISA_SOURCES = ["csrc/cpu/adam_cpu_kernel.cpp", "csrc/cpu/sgd_cpu_kernel.cpp", "csrc/cpu/clip_cpu_kernel.cpp"]
+ISA_SOURCES = ["csrc/cpu/adam_cpu_kernel.cpp", "csrc/cpu/sgd_cpu_kernel.cpp", "csrc/cpu/clip_cpu_kernel.cpp",
+               "csrc/cpu/norm_cpu_kernel.cpp"]
 ISAS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -107,7 +108,8 @@ def _extension():
     cxx = opt + defines + [f"-DPYOPTIM_HAVE_{isa}=1" for isa in ISAS] + ["-fopenmp", f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
                            "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/cpu_isa.cpp",
-               "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp"]
+               "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp",
+               "csrc/norm_host.cpp", "csrc/cpu/norm_cpu.cpp"]
     kwargs = dict(
         name="pyoptim._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
@@ -127,7 +129,7 @@ def _extension():
         nvcc.append("-Xptxas=-v")
     print(f"pyoptim: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     return cpp_extension.CUDAExtension(
-        sources=sources + ["csrc/cuda/adam_cuda.cu", "csrc/cuda/sgd_cuda.cu", "csrc/cuda/clip_cuda.cu"],
+        sources=sources + ["csrc/cuda/adam_cuda.cu", "csrc/cuda/sgd_cuda.cu", "csrc/cuda/clip_cuda.cu", "csrc/cuda/norm_cuda.cu"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         **kwargs,
     )

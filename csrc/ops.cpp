@@ -80,4 +80,28 @@ TORCH_LIBRARY(pyoptim, m) {
   // as torch.nn.utils.clip_grad_norm_ does, reading total_norm (float32, 0-d,
   // on the tensors' device) on the device: no host sync.
   m.def("clip_scale_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
+
+  // LayerNorm over the trailing dims `normalized_shape` of `input`. Mirrors
+  // aten::native_layer_norm: returns (out, mean, rstd), out in input's dtype
+  // and contiguous, mean and rstd of shape input.shape[:-len(normalized_shape)]
+  // + [1] * len(normalized_shape), in float32 (float64 for float64 input).
+  // weight and bias may be float32 for float16/bfloat16 input.
+  m.def(
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Mirrors aten::native_layer_norm_backward: (grad_input, grad_weight,
+  // grad_bias); an output masked off by output_mask, or whose weight/bias is
+  // None, is an empty tensor (shape [0]) instead of an undefined one. The
+  // weight and bias gradients are reduced deterministically (no atomics).
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // RMSNorm; mirrors aten::_fused_rms_norm: returns (out, rstd). eps=None is
+  // torch.finfo(input.dtype).eps, as in F.rms_norm.
+  m.def("rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)");
+  // Mirrors aten::_fused_rms_norm_backward: (grad_input, grad_weight), with
+  // layer_norm_bwd's conventions.
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, Tensor? weight, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 }

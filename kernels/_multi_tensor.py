@@ -91,6 +91,24 @@ def fma(a, b, c):
 
 
 @triton.jit
+def exact_div(a, b):
+    # note [exact fp32]: a correctly rounded fp32 division (a / b is approximate on GPUs)
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def exact_sqrt(x):
+    # note [exact fp32]: a correctly rounded fp32 square root
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
 def bf16_rne(x):
     # fp32 -> bf16 rounding to nearest even, in integer ops (note [bf16 rounding]).
     bits = x.to(tl.uint32, bitcast=True)

@@ -4,7 +4,7 @@ Host side: the checks of pyoptim._validation, then the tensor and chunk
 tables of kernels/_multi_tensor.py (one row per tensor: its address and
 numel), so one launch serves any number of tensors (two when some are not
 16-byte aligned). Device side: the per-element math of
-csrc/include/pyoptim/norm.h and clip.h.
+csrc/include/pyoptim/vector_norm.h and clip.h.
 
 The norm is deterministic and never syncs the host (note [no host sync]):
 each program accumulates its chunk's terms in the math type (float32 for
@@ -47,7 +47,7 @@ _NORM_ITERS = 16
 _NORM_WARPS = 4
 _REDUCE_BLOCK = 1024  # partials per iteration of the per-tensor and total reductions
 
-# norm.h's NormKind
+# vector_norm.h's NormKind
 _L1, _L2, _LINF, _LP = 0, 1, 2, 3
 
 
@@ -66,7 +66,7 @@ def _norm_kind(p: float) -> int:
 
 @triton.jit
 def _norm_reduce(acc, KIND: tl.constexpr):
-    # norm.h's norm_combine over a block: a sum, or for Linf a max that keeps
+    # vector_norm.h's norm_combine over a block: a sum, or for Linf a max that keeps
     # NaN (tl.max ignores NaN, so the NaN lanes are summed in: 0, or NaN).
     if KIND == 2:  # Linf
         return tl.max(acc, axis=0) + tl.sum(tl.where(acc != acc, acc, 0.0), axis=0)
@@ -76,7 +76,7 @@ def _norm_reduce(acc, KIND: tl.constexpr):
 
 @triton.jit
 def _norm_finish(acc, P, KIND: tl.constexpr):
-    # norm.h's norm_finish, in float64.
+    # vector_norm.h's norm_finish, in float64.
     if KIND == 1:  # L2
         return tl.sqrt(acc)
     elif KIND == 3:  # Lp: acc^(1/p), 0 kept apart (log(0) is -inf)
@@ -88,7 +88,7 @@ def _norm_finish(acc, P, KIND: tl.constexpr):
 @triton.jit
 def _norm_chunk(X, start, numel, P, ACC: tl.constexpr, KIND: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    # The accumulation of norm.h's norm_term over one chunk, in ACC. Masked
+    # The accumulation of vector_norm.h's norm_term over one chunk, in ACC. Masked
     # lanes (past a tensor's end) load 0, whose term is 0.
     acc = tl.zeros([BLOCK], ACC)
     if KIND == 3:
@@ -121,7 +121,7 @@ def _norm_chunks_kernel(
     P,  # [1] float64: the norm's order, read for KIND Lp
     DTYPE: tl.constexpr,  # storage type of the tensors
     COMPUTE: tl.constexpr,  # accumulation type of a chunk: float32, or float64 for float64 storage
-    KIND: tl.constexpr,  # norm.h's NormKind: 0 L1, 1 L2, 2 Linf, 3 Lp
+    KIND: tl.constexpr,  # vector_norm.h's NormKind: 0 L1, 1 L2, 2 Linf, 3 Lp
     ALIGNED: tl.constexpr,  # every address in this launch is 16-byte aligned
     BLOCK: tl.constexpr,  # elements per iteration
     ITERS: tl.constexpr,  # iterations per chunk (one program)

@@ -1,6 +1,7 @@
-"""pyoptim: fused kernels for the optimizer step, as drop-ins for torch.optim.
+"""pyoptim: fused kernels for the optimizer step and the norm layers, as drop-ins for torch.optim and torch.nn.
 
-`torch.optim.AdamW` becomes `pyoptim.optim.AdamW`; `pyoptim.backend_info()`
+`torch.optim.AdamW` becomes `pyoptim.optim.AdamW`, `torch.nn.LayerNorm`
+becomes `pyoptim.nn.LayerNorm`; `pyoptim.backend_info()`
 (or `python -m pyoptim info`) says what was built and what serves each op.
 """
 

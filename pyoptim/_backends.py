@@ -38,6 +38,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         ("sgd_step_", "sgd"),
         ("multi_tensor_norm", "clip"),
         ("clip_scale_", "clip"),
+        ("layer_norm_fwd", "layer_norm"),
+        ("layer_norm_bwd", "layer_norm"),
+        ("rms_norm_fwd", "layer_norm"),
+        ("rms_norm_bwd", "layer_norm"),
     ]
 }
 

@@ -160,3 +160,98 @@ def check_clip_scale_args(tensors, total_norm, max_norm, device_type=None) -> No
     _check(max_norm >= 0.0, op, "max_norm must be non-negative, got ", max_norm)
     if len(tensors):
         check_aux_tensor(op, "total_norm", total_norm, tensors[0].device, 1, torch.float32)
+
+
+# -- the norm ops (csrc/norm_host.cpp) -----------------------------------------
+
+_NORM_DTYPES = _DTYPES
+
+
+def _torch_check(cond: bool, *msg: object) -> None:
+    # torch's own messages carry no op prefix.
+    if not cond:
+        raise RuntimeError("".join(str(m) for m in msg))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    # c10's names, as the C++ checks print them.
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def norm_stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved statistics' dtype: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm_eps(eps: Optional[float], dtype: torch.dtype) -> float:
+    """RMSNorm's eps: as given, else torch.finfo(dtype).eps (F.rms_norm's default)."""
+    return float(torch.finfo(dtype).eps) if eps is None else float(eps)
+
+
+def _check_norm_param(op: str, name: str, t: Optional[torch.Tensor], input: torch.Tensor,
+                      normalized_shape: list[int]) -> None:
+    if t is None:
+        return
+    _torch_check(list(t.shape) == normalized_shape, "Expected ", name,
+                 " to be of same shape as normalized_shape, but got ", name, " of shape ", list(t.shape),
+                 " and normalized_shape = ", normalized_shape)
+    _check(t.device == input.device, op, name, " is on ", t.device, " but input is on ", input.device)
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    _check(t.dtype == input.dtype or (low and t.dtype == torch.float32), op, name, " has dtype ",
+                _dtype_name(t.dtype), " but input has dtype ", _dtype_name(input.dtype), "; expected ",
+                _dtype_name(input.dtype), " or Float" if low else "")
+
+
+def check_norm_fwd_args(op: str, rms: bool, input: torch.Tensor, normalized_shape: Sequence[int],
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        device_type: Optional[str] = None) -> tuple[int, int, list[int]]:
+    """Raise RuntimeError, as csrc/norm_host.cpp does; return (rows M, row length N, statistics' shape)."""
+    shape = [int(s) for s in normalized_shape]
+    nd = len(shape)
+    _torch_check(nd >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+                 "element, but got normalized_shape = ", shape)
+    _check_norm_param(op, "weight", weight, input, shape)
+    _check_norm_param(op, "bias", bias, input, shape)
+    axis = input.dim() - nd
+    _torch_check(axis >= 0 and list(input.shape[axis:]) == shape, "Given normalized_shape=", shape,
+                 ", expected input with shape [*", "" if rms else ", ", ", ".join(map(str, shape)),
+                 "], but got input of size", list(input.shape))
+    if device_type is not None:
+        _check(input.device.type == device_type, op, "input is on ", input.device, ", expected a ",
+                    device_type, " tensor")
+    _check(input.layout == torch.strided, op, "input is not a strided tensor")
+    _check(input.dtype in _NORM_DTYPES, op, "input has dtype ", _dtype_name(input.dtype),
+                "; supported are float32, float64, float16 and bfloat16")
+    if weight is not None and bias is not None:
+        _check(weight.dtype == bias.dtype, op, "weight has dtype ", _dtype_name(weight.dtype),
+                    " but bias has dtype ", _dtype_name(bias.dtype))
+    n = 1
+    for s in shape:
+        n *= s
+    m = 1
+    for s in input.shape[:axis]:
+        m *= s
+    return m, n, list(input.shape[:axis]) + [1] * nd
+
+
+def check_norm_bwd_args(op: str, rms: bool, grad_out: torch.Tensor, input: torch.Tensor,
+                        normalized_shape: Sequence[int], mean: Optional[torch.Tensor], rstd: torch.Tensor,
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        device_type: Optional[str] = None) -> tuple[int, int, list[int]]:
+    """The forward checks, plus grad_out against input and the saved statistics."""
+    m, n, stat_shape = check_norm_fwd_args(op, rms, input, normalized_shape, weight, bias, device_type)
+    _check(grad_out.shape == input.shape, op, "grad_out has shape ", list(grad_out.shape),
+                " but input has shape ", list(input.shape))
+    _check(grad_out.dtype == input.dtype, op, "grad_out has dtype ", _dtype_name(grad_out.dtype),
+                " but input has dtype ", _dtype_name(input.dtype))
+    _check(grad_out.device == input.device, op, "grad_out is on ", grad_out.device, " but input is on ",
+                input.device)
+    sd = norm_stat_dtype(input.dtype)
+    for name, t in (("mean", None if rms else mean), ("rstd", rstd)):
+        if t is None:
+            continue
+        _check(t.numel() == m, op, name, " has ", t.numel(), " elements, expected one per row (", m, ")")
+        _check(t.dtype == sd, op, name, " has dtype ", _dtype_name(t.dtype), ", expected ", _dtype_name(sd))
+        _check(t.device == input.device, op, name, " is on ", t.device, " but input is on ", input.device)
+    return m, n, stat_shape

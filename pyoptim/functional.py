@@ -1,20 +1,23 @@
-"""The ops as functions, with backend selection, and their fake kernels.
+"""The ops as functions, with backend selection, their fake kernels and autograd.
 
 Each function here is the public entry of one op (torch.ops.pyoptim.<name>);
-the optimizers and clipping utilities call these. Which backend serves a call
+the optimizers and clipping utilities call these. `layer_norm` and `rms_norm`
+are the differentiable entries of the norm ops (pyoptim.nn.functional
+re-exports them; pyoptim.nn's modules call them). Which backend serves a call
 is pyoptim._backends' decision.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from pyoptim import _backends
-from pyoptim._validation import check_adam_args, check_clip_scale_args, check_norm_args, check_sgd_args
+from pyoptim._validation import (check_adam_args, check_clip_scale_args, check_norm_args, check_norm_bwd_args,
+                                 check_norm_fwd_args, check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "multi_tensor_norm", "clip_scale_"]
+__all__ = ["adam_step_", "sgd_step_", "multi_tensor_norm", "clip_scale_", "layer_norm", "rms_norm"]
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
@@ -139,3 +142,152 @@ if _backends.EXTENSION_LOADED:
     @torch.library.register_fake("pyoptim::clip_scale_")
     def _clip_scale_fake(tensors, total_norm, max_norm):
         check_clip_scale_args(tensors, total_norm, max_norm)
+
+
+# -- LayerNorm / RMSNorm ---------------------------------------------------------
+#
+# The C++ backends (cpu, cuda) are dispatcher ops with autograd and fake
+# kernels registered below, so torch.compile traces them whole. The Python
+# backends (triton, reference) run under _NormFunction. Both take their
+# backward from _norm_backward, through _norm_fwd/_norm_bwd, which give the
+# two ops of each norm one calling convention: LayerNorm's.
+
+_ShapeLike = Union[int, Sequence[int], torch.Size]
+_COMPILED = ("cpu", "cuda")
+
+
+def _norm_fwd(rms: bool, impl, input, normalized_shape, weight, bias, eps):
+    """(out, mean or None, rstd) from a forward implementation of either norm."""
+    if rms:
+        out, rstd = impl(input, normalized_shape, weight, eps)
+        return out, None, rstd
+    return impl(input, normalized_shape, weight, bias, eps)
+
+
+def _norm_bwd(rms: bool, impl, grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+    """(grad_input, grad_weight, grad_bias) from a backward implementation of either norm."""
+    if rms:
+        dx, dw = impl(grad_out, input, normalized_shape, rstd, weight, list(output_mask[:2]))
+        return dx, dw, None
+    return impl(grad_out, input, normalized_shape, mean, rstd, weight, bias, list(output_mask))
+
+
+def _norm_backward(rms: bool, impl, ctx, grad_out, needs_input, needs_weight, needs_bias):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = [needs_input, weight is not None and needs_weight, bias is not None and needs_bias]
+    dx, dw, db = _norm_bwd(rms, impl, grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, mask)
+    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+
+
+class _NormFunction(torch.autograd.Function):
+    """Autograd for the Python backends (triton, reference) of either norm."""
+
+    @staticmethod
+    def forward(ctx, rms, backend, input, normalized_shape, weight, bias, eps):
+        fwd = _backends.get("rms_norm_fwd" if rms else "layer_norm_fwd", backend)
+        out, mean, rstd = _norm_fwd(rms, fwd, input, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.rms, ctx.backend, ctx.normalized_shape = rms, backend, normalized_shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        bwd = _backends.get("rms_norm_bwd" if ctx.rms else "layer_norm_bwd", ctx.backend)
+        need = ctx.needs_input_grad
+        dx, dw, db = _norm_backward(ctx.rms, bwd, ctx, grad_out, need[2], need[4], need[5])
+        return None, None, dx, None, dw, db, None
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, device_type: str, backend: Optional[str]) -> str:
+    # Under torch.compile the choice is made once, at trace time: dynamo does
+    # not trace into _backends (its caches and build queries).
+    return _backends.select(op, device_type, backend)
+
+
+def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
+    return [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
+
+
+def layer_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """F.layer_norm: (x - mean) / sqrt(var + eps) * weight + bias over the trailing dims `normalized_shape`."""
+    shape = _as_shape(normalized_shape)
+    name = _select("layer_norm_fwd", input.device.type, backend)
+    if name in _COMPILED:
+        return torch.ops.pyoptim.layer_norm_fwd(input, shape, weight, bias, eps)[0]
+    return _NormFunction.apply(False, name, input, shape, weight, bias, eps)
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional[torch.Tensor] = None,
+             eps: Optional[float] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """F.rms_norm: x / sqrt(mean(x^2) + eps) * weight over the trailing dims `normalized_shape`."""
+    shape = _as_shape(normalized_shape)
+    name = _select("rms_norm_fwd", input.device.type, backend)
+    if name in _COMPILED:
+        return torch.ops.pyoptim.rms_norm_fwd(input, shape, weight, eps)[0]
+    return _NormFunction.apply(True, name, input, shape, weight, None, eps)
+
+
+if _backends.EXTENSION_LOADED:
+
+    @torch.library.register_fake("pyoptim::layer_norm_fwd")
+    def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
+        _, _, stat_shape = check_norm_fwd_args("layer_norm_fwd", False, input, normalized_shape, weight, bias)
+        sd = norm_stat_dtype(input.dtype)
+        return (input.new_empty(input.shape), input.new_empty(stat_shape, dtype=sd),
+                input.new_empty(stat_shape, dtype=sd))
+
+    @torch.library.register_fake("pyoptim::rms_norm_fwd")
+    def _rms_norm_fwd_fake(input, normalized_shape, weight, eps):
+        _, _, stat_shape = check_norm_fwd_args("rms_norm_fwd", True, input, normalized_shape, weight, None)
+        return input.new_empty(input.shape), input.new_empty(stat_shape, dtype=norm_stat_dtype(input.dtype))
+
+    def _norm_bwd_fake(op, rms, grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+        check_norm_bwd_args(op, rms, grad_out, input, normalized_shape, mean, rstd, weight, bias)
+        wdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+        empty = input.new_empty(0)
+        dx = input.new_empty(input.shape) if output_mask[0] else empty
+        dw = input.new_empty(list(normalized_shape), dtype=wdtype) if output_mask[1] and weight is not None else empty
+        db = (input.new_empty(list(normalized_shape), dtype=wdtype)
+              if len(output_mask) > 2 and output_mask[2] and bias is not None else input.new_empty(0))
+        return dx, dw, db
+
+    @torch.library.register_fake("pyoptim::layer_norm_bwd")
+    def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+        return _norm_bwd_fake("layer_norm_bwd", False, grad_out, input, normalized_shape, mean, rstd, weight,
+                              bias, output_mask)
+
+    @torch.library.register_fake("pyoptim::rms_norm_bwd")
+    def _rms_norm_bwd_fake(grad_out, input, normalized_shape, rstd, weight, output_mask):
+        return _norm_bwd_fake("rms_norm_bwd", True, grad_out, input, normalized_shape, None, rstd, weight, None,
+                              output_mask)[:2]
+
+    def _layer_norm_setup(ctx, inputs, output):
+        input, normalized_shape, weight, bias, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.normalized_shape = normalized_shape
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        need = ctx.needs_input_grad
+        dx, dw, db = _norm_backward(False, torch.ops.pyoptim.layer_norm_bwd, ctx, grad_out, need[0], need[2],
+                                    need[3])
+        return dx, None, dw, db, None
+
+    def _rms_norm_setup(ctx, inputs, output):
+        input, normalized_shape, weight, _ = inputs
+        _, rstd = output
+        ctx.save_for_backward(input, weight, None, None, rstd)
+        ctx.normalized_shape = normalized_shape
+        ctx.mark_non_differentiable(rstd)
+
+    def _rms_norm_backward(ctx, grad_out, _grad_rstd):
+        need = ctx.needs_input_grad
+        dx, dw, _ = _norm_backward(True, torch.ops.pyoptim.rms_norm_bwd, ctx, grad_out, need[0], need[2], False)
+        return dx, None, dw, None
+
+    torch.library.register_autograd("pyoptim::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
+    torch.library.register_autograd("pyoptim::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup)

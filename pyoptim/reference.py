@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from pyoptim._validation import check_adam_args, check_clip_scale_args, check_norm_args, check_sgd_args
+from pyoptim._validation import (check_adam_args, check_clip_scale_args, check_norm_args, check_norm_bwd_args,
+                                 check_norm_fwd_args, check_sgd_args, norm_stat_dtype, rms_norm_eps)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -164,3 +165,83 @@ def clip_scale_ref(tensors: Sequence[torch.Tensor], total_norm: torch.Tensor, ma
     coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
     for t in tensors:
         t.mul_(coef.to(t.device))
+
+
+# The contract of torch.ops.pyoptim.layer_norm_fwd/_bwd and rms_norm_fwd/_bwd
+# (csrc/ops.cpp), from the math of csrc/include/pyoptim/layer_norm.h:
+#   mean = sum(x) / N (0 for RMSNorm), var = sum((x - mean)^2) / N
+#   rstd = 1 / sqrt(var + eps), xhat = (x - mean) * rstd, y = xhat * w + b
+#   g = dy * w, c1 = sum(g) / N (0 for RMSNorm), c2 = sum(g * xhat) / N
+#   dx = rstd * (g - c1 - xhat * c2), dw = sum_rows(dy * xhat), db = sum_rows(dy)
+
+
+def _norm_fwd(op: str, rms: bool, input: torch.Tensor, normalized_shape: Sequence[int],
+              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float):
+    _, _, stat_shape = check_norm_fwd_args(op, rms, input, normalized_shape, weight, bias)
+    ct = _opmath(input.dtype)
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    x = input.to(ct)
+    mean = torch.zeros(stat_shape, dtype=ct, device=input.device) if rms else x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    rstd = 1.0 / torch.sqrt(var.clamp_min(0) + eps)
+    y = (x - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(ct)
+    if bias is not None:
+        y = y + bias.to(ct)
+    sd = norm_stat_dtype(input.dtype)
+    return y.to(input.dtype).contiguous(), mean.to(sd).reshape(stat_shape), rstd.to(sd).reshape(stat_shape)
+
+
+def _norm_bwd(op: str, rms: bool, grad_out: torch.Tensor, input: torch.Tensor, normalized_shape: Sequence[int],
+              mean: Optional[torch.Tensor], rstd: torch.Tensor, weight: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], output_mask: Sequence[bool]):
+    _, n, stat_shape = check_norm_bwd_args(op, rms, grad_out, input, normalized_shape, mean, rstd, weight, bias)
+    ct = _opmath(input.dtype)
+    nd = len(normalized_shape)
+    dims = tuple(range(input.dim() - nd, input.dim()))
+    rows = tuple(range(input.dim() - nd))
+    x, dy = input.to(ct), grad_out.to(ct)
+    mu = 0.0 if rms else mean.to(ct).reshape(stat_shape)
+    r = rstd.to(ct).reshape(stat_shape)
+    xhat = (x - mu) * r
+    g = dy * weight.to(ct) if weight is not None else dy
+    c2 = (g * xhat).sum(dims, keepdim=True) / n
+    dx = r * (g - xhat * c2) if rms else r * (g - g.sum(dims, keepdim=True) / n - xhat * c2)
+    empty = input.new_empty(0)
+    wdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+    dw = (dy * xhat).sum(rows).to(wdtype) if output_mask[1] and weight is not None else empty
+    db = dy.sum(rows).to(wdtype) if len(output_mask) > 2 and output_mask[2] and bias is not None else empty
+    return (dx.to(input.dtype).contiguous() if output_mask[0] else empty), dw, db
+
+
+def layer_norm_fwd_ref(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd) of LayerNorm (the contract of torch.ops.pyoptim.layer_norm_fwd)."""
+    return _norm_fwd("layer_norm_fwd", False, input, normalized_shape, weight, bias, eps)
+
+
+def layer_norm_bwd_ref(grad_out: torch.Tensor, input: torch.Tensor, normalized_shape: Sequence[int],
+                       mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], output_mask: Sequence[bool]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias) of LayerNorm (the contract of torch.ops.pyoptim.layer_norm_bwd)."""
+    return _norm_bwd("layer_norm_bwd", False, grad_out, input, normalized_shape, mean, rstd, weight, bias,
+                     output_mask)
+
+
+def rms_norm_fwd_ref(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
+                     eps: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, rstd) of RMSNorm (the contract of torch.ops.pyoptim.rms_norm_fwd)."""
+    out, _, rstd = _norm_fwd("rms_norm_fwd", True, input, normalized_shape, weight, None,
+                             rms_norm_eps(eps, input.dtype))
+    return out, rstd
+
+
+def rms_norm_bwd_ref(grad_out: torch.Tensor, input: torch.Tensor, normalized_shape: Sequence[int],
+                     rstd: torch.Tensor, weight: Optional[torch.Tensor], output_mask: Sequence[bool]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight) of RMSNorm (the contract of torch.ops.pyoptim.rms_norm_bwd)."""
+    dx, dw, _ = _norm_bwd("rms_norm_bwd", True, grad_out, input, normalized_shape, None, rstd, weight, None,
+                          output_mask)
+    return dx, dw

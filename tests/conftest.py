@@ -63,6 +63,12 @@ def device_of(impl: tuple[str, str]) -> torch.device:
     return torch.device("cuda" if impl[0] == "cuda" else "cpu")
 
 
+@pytest.fixture(params=impls("layer_norm_fwd"), ids=impl_id)
+def norm_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one implementation of the norm ops (layer_norm_*, rms_norm_*)."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

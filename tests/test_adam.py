@@ -642,3 +642,34 @@ def test_torch_compile_fullgraph():
     for xs, ys in zip(args, expected):
         for x, y in zip(xs, ys):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["reset_state", "replace_tensor", "drop_grad", "new_group"])
+def test_changes_between_steps_match_torch(adam_impl, change):
+    # note [step plan]: steps after the first reuse the recorded buckets; any
+    # change to the params, their grads or their state must still be seen.
+    device = _device(adam_impl)
+    init = [torch.randn(s, device=device) for s in [(5,), (3, 4), (7,)]]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    oa = pyoptim.optim.AdamW(a[:2], lr=1e-2, backend=adam_impl[1])
+    ob = torch.optim.AdamW(b[:2], lr=1e-2, foreach=False)
+    for it in range(6):
+        if it == 3:
+            if change == "reset_state":
+                del oa.state[a[0]]
+                del ob.state[b[0]]
+            elif change == "replace_tensor":
+                oa.state[a[1]]["exp_avg"] = torch.ones_like(a[1])
+                ob.state[b[1]]["exp_avg"] = torch.ones_like(b[1])
+            elif change == "new_group":
+                oa.add_param_group({"params": [a[2]], "lr": 3e-2})
+                ob.add_param_group({"params": [b[2]], "lr": 3e-2})
+        for i, (x, y) in enumerate(zip(a, b)):
+            g = torch.randn_like(x)
+            skip = change == "drop_grad" and it == 4 and i == 0
+            x.grad, y.grad = (None, None) if skip else (g.clone(), g.clone())
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])

@@ -8,7 +8,7 @@ param groups, state_dict, hooks and zero_grad.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import operator
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -124,53 +124,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
 
-        # Gather every param with a grad into buckets of one device, dtype and
-        # set of call-wide flags; within a bucket tensors stay ordered by param
-        # group and each group's hyperparameters ride along, so many groups
-        # still make one call.
-        buckets: dict[tuple, _Bucket] = {}
+        buckets = self._gather_cached()
         new_state: dict[Tensor, dict[str, Tensor]] = {}
-        state_of = self.state.get
-        for group in self.param_groups:
-            # Per group, not per param: this loop is the Python cost of a step
-            # over thousands of small tensors.
-            seen = set()
-            keys = self._state_keys(group)
-            flags = {False: self._call_flags(group, False), True: self._call_flags(group, True)}
-            backend = group["backend"]
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(self._sparse_message())
-                state = state_of(p)
-                fresh = not state
-                if fresh:
-                    state = self._new_state(p, group)
-                    if state:
-                        new_state[p] = state
-                key = (p.device, p.dtype, backend) + flags[fresh]
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = _Bucket(self._lists)
-                if key not in seen:
-                    seen.add(key)
-                    bucket.groups.append(group)
-                    bucket.group_sizes.append(0)
-                bucket.group_sizes[-1] += 1
-                lists = bucket.lists
-                if p.is_complex():  # as torch: the update of a complex param is that of its real view
-                    lists["params"].append(torch.view_as_real(p))
-                    lists["grads"].append(torch.view_as_real(grad))
-                    for name, k in keys:
-                        t = state[k]
-                        lists[name].append(torch.view_as_real(t) if t.is_complex() else t)
-                else:
-                    lists["params"].append(p)
-                    lists["grads"].append(grad)
-                    for name, k in keys:
-                        lists[name].append(state[k])
+        if buckets is None:
+            buckets, new_state = self._gather()
 
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
         if self.max_grad_norm is not None and calls:
@@ -185,6 +142,106 @@ class FusedOptimizer(torch.optim.Optimizer):
             getattr(functional, op)(*args, **kwargs, backend=backend)
         self.state.update(new_state)
         return loss
+
+    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]]]:
+        """Every param with a grad, in buckets of one device, dtype and set of call-wide flags; and new state.
+
+        Within a bucket tensors stay ordered by param group and each group's
+        hyperparameters ride along, so many groups still make one call.
+        Records the plan _gather_cached() reuses when the step qualifies.
+        """
+        buckets: dict[tuple, _Bucket] = {}
+        new_state: dict[Tensor, dict[str, Tensor]] = {}
+        plan: Optional[list] = []  # (key, bucket, params, state dicts) of a step that can be replayed
+        state_of = self.state.get
+        for group in self.param_groups:
+            # Per group, not per param: this loop is the Python cost of a step
+            # over thousands of small tensors.
+            seen = set()
+            keys = self._state_keys(group)
+            flags = {False: self._call_flags(group, False), True: self._call_flags(group, True)}
+            backend = group["backend"]
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    plan = None  # a param without a grad: the next step may differ
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(self._sparse_message())
+                state = state_of(p)
+                fresh = not state
+                if fresh:
+                    state = self._new_state(p, group)
+                    if state:
+                        new_state[p] = state
+                key = (p.device, p.dtype, backend) + flags[fresh]
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = _Bucket(self._lists)
+                    if plan is not None:
+                        plan.append((key, bucket, [], [], keys))
+                if key not in seen:
+                    seen.add(key)
+                    bucket.groups.append(group)
+                    bucket.group_sizes.append(0)
+                bucket.group_sizes[-1] += 1
+                lists = bucket.lists
+                if p.is_complex():  # as torch: the update of a complex param is that of its real view
+                    plan = None
+                    lists["params"].append(torch.view_as_real(p))
+                    lists["grads"].append(torch.view_as_real(grad))
+                    for name, k in keys:
+                        t = state[k]
+                        lists[name].append(torch.view_as_real(t) if t.is_complex() else t)
+                else:
+                    lists["params"].append(p)
+                    lists["grads"].append(grad)
+                    for name, k in keys:
+                        lists[name].append(state[k])
+                    if plan is not None:
+                        entry = next(e for e in plan if e[0] == key) if plan[-1][0] != key else plan[-1]
+                        entry[2].append(p)
+                        entry[3].append(state)
+        # note [step plan]: a step that created no state, saw every param with
+        # a grad and no complex one is recorded; the next steps reuse its
+        # buckets and read only the grads and (by key) the state tensors anew.
+        self._plan = None
+        if plan is not None and not new_state:
+            self._plan = (self._plan_signature(), tuple(self.state.values()),
+                          [(key, b.groups, b.group_sizes, params, states, keys)
+                           for key, b, params, states, keys in plan])
+        return buckets, new_state
+
+    def _plan_signature(self) -> tuple:
+        """What a recorded plan depends on besides the state: the groups, their params, backend and flags."""
+        return (id(self.state), len(self.state), tuple(
+            (id(g), id(g["params"]), len(g["params"]), g["backend"], self._call_flags(g, False))
+            for g in self.param_groups))
+
+    def _gather_cached(self) -> Optional[dict[tuple, _Bucket]]:
+        """The buckets of the recorded plan with this step's grads, or None when the plan does not apply."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            return None
+        signature, state_values, entries = plan
+        if signature != self._plan_signature() or not all(map(operator.is_, self.state.values(), state_values)):
+            return None  # groups changed, or a param's state dict was replaced
+        buckets: dict[tuple, _Bucket] = {}
+        for key, groups, group_sizes, params, states, keys in entries:
+            grads = [p.grad for p in params]
+            for g in grads:
+                if g is None:
+                    return None
+                if g.is_sparse:
+                    raise RuntimeError(self._sparse_message())
+            b = _Bucket(self._lists)
+            b.groups, b.group_sizes = groups, group_sizes
+            b.lists["params"] = params
+            b.lists["grads"] = grads
+            for name, k in keys:
+                b.lists[name] = [st[k] for st in states]
+            buckets[key] = b
+        return buckets
 
     def _call(self, key: tuple, b: _Bucket, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
         device, _, backend = key[:3]

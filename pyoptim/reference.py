@@ -33,6 +33,18 @@ def _grad_multiplier(grad_scale: Optional[torch.Tensor], grad_norm: Optional[tor
     return -mul.item() if maximize else mul.item()
 
 
+def _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm, maximize):
+    """(grad multiplier, group of each tensor, lr of each group) of a step op, or None when it changes nothing."""
+    if len(params) == 0:
+        return None
+    if found_inf is not None and found_inf.item() != 0.0:
+        return None  # a step with inf/nan grads changes nothing
+    grad_mul = _grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize)
+    group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
+    lrs = lr_tensor.tolist() if lr_tensor is not None else list(lr)
+    return grad_mul, group_of, lrs
+
+
 def adam_step_ref(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -61,13 +73,11 @@ def adam_step_ref(
                     beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, amsgrad=amsgrad,
                     lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
                     max_grad_norm=max_grad_norm)
-    if len(params) == 0:
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
         return
-    if found_inf is not None and found_inf.item() != 0.0:
-        return  # a step with inf/nan grads changes nothing
-    grad_mul = _grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize)
-    group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
-    lrs = lr_tensor.tolist() if lr_tensor is not None else list(lr)
+    grad_mul, group_of, lrs = prelude
     for i, p in enumerate(params):
         k = group_of[i]
         lr_k, b1, b2, wd, eps_k = lrs[k], beta1[k], beta2[k], weight_decay[k], eps[k]
@@ -121,13 +131,11 @@ def sgd_step_ref(
     check_sgd_args(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov, lr_tensor=lr_tensor,
                    grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
-    if len(params) == 0:
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
         return
-    if found_inf is not None and found_inf.item() != 0.0:
-        return
-    grad_mul = _grad_multiplier(grad_scale, grad_norm, max_grad_norm, maximize)
-    group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
-    lrs = lr_tensor.tolist() if lr_tensor is not None else list(lr)
+    grad_mul, group_of, lrs = prelude
     for i, p in enumerate(params):
         k = group_of[i]
         ct = _opmath(p.dtype)

@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu_check.sh                    # all phases
 #   PHASES="build test" bash benchmarks/gpu_check.sh
+#   PYOPTIM_GIT_SHA=$(git rev-parse HEAD) ...       # where the copy has no .git
+#   TEST_FILTER=..., BENCH_ARGS="--ops adam --quick", *_TIMEOUT=seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,11 +20,12 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | 
 LOG="$LOGDIR/gpu_check_${GPU:-unknown}.log"
 exec > >(tee "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
+export PYOPTIM_GIT_SHA=${PYOPTIM_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 status=0
 t_start=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - t_start )) s]"; }
 
-echo "== gpu_check $(date -u +%FT%TZ) sha=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "== gpu_check $(date -u +%FT%TZ) sha=$PYOPTIM_GIT_SHA"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv || true
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 $PY -c "import triton; print('triton', triton.__version__)" || true
@@ -50,7 +53,7 @@ fi
 
 if [[ " $PHASES " == *" bench "* ]]; then
   echo "== benchmark $(elapsed)"
-  timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" ${BENCH_ARGS:---impls pyoptim-cuda,pyoptim-triton,torch-forloop,torch-foreach,torch-fused} || status=1
+  timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" ${BENCH_ARGS:---impls pyoptim-cuda,pyoptim-triton,torch*,liger,apex*,deepspeed*} || status=1
   if [[ -n "${OUT:-}" ]]; then
     cp "$RESULTS"/*cuda*.json "$RESULTS"/*cuda*.png "$OUT"/ 2>/dev/null || true
   fi

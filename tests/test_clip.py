@@ -170,3 +170,32 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_norm_over_hundreds_of_tensors_and_nan(clip_impl):
+    device = device_of(clip_impl)
+    # 700 tensors: more than one CUDA launch holds (320), several chunks each for some.
+    ts = [torch.randn(int(s), device=device) for s in torch.randint(0, 3000, (700,))]
+    for p in (2.0, math.inf, 1.0):
+        total, per = pyoptim.functional.multi_tensor_norm(ts, p, backend=clip_impl[1])
+        ref_total, ref_per = pyoptim.reference.multi_tensor_norm_ref(ts, p)
+        torch.testing.assert_close(per, ref_per, rtol=1e-5, atol=0)
+        torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=0)
+    ts[350][0] = float("nan")  # NaN propagates, through the max of the inf-norm too
+    for p in (2.0, math.inf):
+        total, per = pyoptim.functional.multi_tensor_norm(ts, p, backend=clip_impl[1])
+        assert total.isnan() and per[350].isnan() and not per[349].isnan()
+
+
+def test_clip_scale_factor_one_leaves_grads_bitwise(clip_impl):
+    device = device_of(clip_impl)
+    ts = [torch.randn(100, device=device), torch.randn(3, 3, device=device)]
+    before = [t.clone() for t in ts]
+    # max_norm far above the norm: the factor is exactly 1 (and the pass may be skipped).
+    pyoptim.functional.clip_scale_(ts, torch.tensor(5.0, device=device), 1e6, backend=clip_impl[1])
+    for t, b in zip(ts, before):
+        torch.testing.assert_close(t, b, rtol=0, atol=0)
+    pyoptim.functional.clip_scale_(ts, torch.tensor(20.0, device=device), 2.0, backend=clip_impl[1])
+    coef = 2.0 / (20.0 + 1e-6)
+    for t, b in zip(ts, before):
+        torch.testing.assert_close(t, b * coef, rtol=1e-6, atol=0)

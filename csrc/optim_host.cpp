@@ -32,8 +32,13 @@ bool cpu_found_inf(const StepAux& aux) {
   return aux.found_inf.has_value() && aux.found_inf->item<float>() != 0.0f;
 }
 
-double cpu_lr(const StepAux& aux, c10::ArrayRef<double> lr, int64_t k) {
-  return aux.lr_tensor.has_value() ? aux.lr_tensor->select(0, k).item<double>() : lr[k];
+std::vector<double> cpu_group_lrs(const StepAux& aux, c10::ArrayRef<double> lr) {
+  if (!aux.lr_tensor.has_value()) {
+    return lr.vec();
+  }
+  const at::Tensor values = aux.lr_tensor->contiguous();
+  const double* v = values.const_data_ptr<double>();
+  return std::vector<double>(v, v + values.numel());
 }
 
 void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {

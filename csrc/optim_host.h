@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
@@ -31,8 +32,8 @@ double cpu_grad_multiplier(const StepAux& aux, bool maximize);
 // True when found_inf (a CPU tensor) says to skip the step.
 bool cpu_found_inf(const StepAux& aux);
 
-// lr of group k: lr_tensor[k] when given (a CPU tensor here), else lr[k].
-double cpu_lr(const StepAux& aux, c10::ArrayRef<double> lr, int64_t k);
+// One lr per group: lr_tensor's values when given (a CPU tensor here), else lr.
+std::vector<double> cpu_group_lrs(const StepAux& aux, c10::ArrayRef<double> lr);
 
 struct AdamArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;

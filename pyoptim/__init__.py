@@ -5,7 +5,7 @@ becomes `pyoptim.nn.LayerNorm`; `pyoptim.backend_info()`
 (or `python -m pyoptim info`) says what was built and what serves each op.
 """
 
-from pyoptim import _backends
+from pyoptim import _backends  # noqa: F401  (loads the extension first, warns once if missing)
 from pyoptim._backends import backend_info
 from pyoptim import functional, nn, optim, reference
 from pyoptim.optim import SGD, Adam, AdamW

@@ -15,13 +15,15 @@ import torch
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    # c10's names, as the C++ checks print them.
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def _check(cond: bool, op: str, *msg: object) -> None:
     if not cond:
         raise RuntimeError(f"{op}: " + "".join(str(m) for m in msg))
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor],
@@ -41,10 +43,10 @@ def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor]
                    device_type, " tensor")
         _check(p.device == p0.device, op, params_name, "[", i, "] is on ", p.device, " but ", params_name,
                "[0] is on ", p0.device, "; one call takes one device")
-        _check(p.dtype in _DTYPES, op, params_name, "[", i, "] has dtype ", p.dtype,
+        _check(p.dtype in _DTYPES, op, params_name, "[", i, "] has dtype ", _dtype_name(p.dtype),
                "; supported are float32, float64, float16 and bfloat16")
-        _check(p.dtype == p0.dtype, op, params_name, "[", i, "] has dtype ", p.dtype, " but ", params_name,
-               "[0] has ", p0.dtype, "; one call takes one dtype")
+        _check(p.dtype == p0.dtype, op, params_name, "[", i, "] has dtype ", _dtype_name(p.dtype), " but ", params_name,
+               "[0] has ", _dtype_name(p0.dtype), "; one call takes one dtype")
         for name, lst in like.items():
             if len(lst) == 0:
                 continue
@@ -54,8 +56,8 @@ def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor]
                    "); sparse gradients are not supported")
             _check(t.device == p.device, op, name, "[", i, "] is on ", t.device, " but ", params_name, "[", i,
                    "] is on ", p.device)
-            _check(t.dtype == p.dtype, op, name, "[", i, "] has dtype ", t.dtype, " but ", params_name, "[", i,
-                   "] has dtype ", p.dtype)
+            _check(t.dtype == p.dtype, op, name, "[", i, "] has dtype ", _dtype_name(t.dtype), " but ", params_name, "[", i,
+                   "] has dtype ", _dtype_name(p.dtype))
             _check(t.shape == p.shape, op, name, "[", i, "] has shape ", list(t.shape), " but ", params_name, "[",
                    i, "] has shape ", list(p.shape))
 
@@ -77,7 +79,7 @@ def check_aux_tensor(op: str, name: str, t: Optional[torch.Tensor], device: torc
     if t is None:
         return
     _check(t.device == device, op, name, " is on ", t.device, " but params are on ", device)
-    _check(t.dtype == dtype, op, name, " must be ", _dt(dtype), ", got ", t.dtype)
+    _check(t.dtype == dtype, op, name, " must be ", _dtype_name(dtype), ", got ", _dtype_name(t.dtype))
     _check(t.numel() == numel, op, name, " must have ", numel, " element(s), got ", t.numel())
 
 
@@ -171,12 +173,6 @@ def _torch_check(cond: bool, *msg: object) -> None:
     # torch's own messages carry no op prefix.
     if not cond:
         raise RuntimeError("".join(str(m) for m in msg))
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    # c10's names, as the C++ checks print them.
-    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def norm_stat_dtype(dtype: torch.dtype) -> torch.dtype:

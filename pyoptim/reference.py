@@ -7,7 +7,6 @@ storage (float64 for fp64), states stored in the param's dtype.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

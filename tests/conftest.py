@@ -69,6 +69,37 @@ def norm_impl(request) -> tuple[str, str]:
     return request.param
 
 
+def hand_over_state_dict(direction, ours_factory, torch_factory, init, steps_before=3, steps_after=3):
+    """Train with one optimizer, load its state_dict into the other (pyoptim <-> torch) and step both on.
+
+    Returns (params of the first, params of the second, first, second) after
+    the common steps, for the caller to compare.
+    """
+    import copy
+
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    if direction == "pyoptim_to_torch":
+        first, second = ours_factory(a), torch_factory(b)
+    else:
+        first, second = torch_factory(a), ours_factory(b)
+    grads = [[torch.randn_like(p) for p in init] for _ in range(steps_before + steps_after)]
+    for gs in grads[:steps_before]:
+        for p, g in zip(a, gs):
+            p.grad = g.clone()
+        first.step()
+    with torch.no_grad():
+        for p, q in zip(a, b):
+            q.copy_(p)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    for gs in grads[steps_before:]:
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        first.step()
+        second.step()
+    return a, b, first, second
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import HAS_CUDA, TOL, requires_cuda
+from tests.conftest import TOL, hand_over_state_dict, requires_cuda
 
 OPT_PAIRS = [(pyoptim.optim.Adam, torch.optim.Adam), (pyoptim.optim.AdamW, torch.optim.AdamW)]
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
@@ -122,10 +122,9 @@ def test_thousands_of_small_tensors(adam_impl):
 
 def test_non_contiguous(adam_impl):
     device = _device(adam_impl)
-    base = torch.randn(6, 10, device=device)
     params = [
         torch.randn(5, 7, device=device).t().requires_grad_(),  # dense, transposed strides
-        base[:, ::2].clone().requires_grad_() if False else torch.randn(6, 10, device=device)[:, ::3].requires_grad_(),  # gaps: not dense
+        torch.randn(6, 10, device=device)[:, ::3].requires_grad_(),  # gaps: not dense
         torch.randn(4, 4, device=device).requires_grad_(),
     ]
     assert not params[0].is_contiguous() and not params[1].is_contiguous()
@@ -231,30 +230,11 @@ def test_low_precision_at_least_as_accurate_as_torch(adam_impl, dtype):
 @pytest.mark.parametrize("direction", ["pyoptim_to_torch", "torch_to_pyoptim"])
 def test_state_dict_round_trip(adam_impl, direction):
     device = _device(adam_impl)
-    shapes = [(5,), (3, 4)]
-    init = make_params(shapes, torch.float32, device)
-    a = [p.detach().clone().requires_grad_() for p in init]
-    b = [p.detach().clone().requires_grad_() for p in init]
+    init = [torch.randn(5, device=device), torch.randn(3, 4, device=device)]
     kw = dict(lr=1e-2, amsgrad=True, weight_decay=0.05)
-    if direction == "pyoptim_to_torch":
-        first, second = pyoptim.optim.AdamW(a, backend=adam_impl[1], **kw), torch.optim.AdamW(b, foreach=False, **kw)
-    else:
-        first, second = torch.optim.AdamW(a, foreach=False, **kw), pyoptim.optim.AdamW(b, backend=adam_impl[1], **kw)
-    grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
-    for gs in grads[:3]:
-        for p, g in zip(a, gs):
-            p.grad = g.clone()
-        first.step()
-    # Move the training to the other optimizer and continue both.
-    with torch.no_grad():
-        for p, q in zip(a, b):
-            q.copy_(p)
-    second.load_state_dict(copy.deepcopy(first.state_dict()))
-    for gs in grads[3:]:
-        for p, q, g in zip(a, b, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        first.step()
-        second.step()
+    a, b, first, second = hand_over_state_dict(
+        direction, lambda ps: pyoptim.optim.AdamW(ps, backend=adam_impl[1], **kw),
+        lambda ps: torch.optim.AdamW(ps, foreach=False, **kw), init)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, **TOL[torch.float32])
         for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):

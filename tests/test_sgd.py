@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyoptim
-from tests.conftest import TOL, device_of
+from tests.conftest import TOL, device_of, hand_over_state_dict
 
 
 def run_both(impl, shapes, dtype, steps=10, grads_fn=None, **kwargs):
@@ -64,7 +64,6 @@ def test_boundary_shapes(sgd_impl, shapes):
 def test_non_contiguous(sgd_impl):
     device = device_of(sgd_impl)
     params = [torch.randn(5, 7, device=device).t(), torch.randn(6, 10, device=device)[:, ::3]]
-    a = [p.clone(memory_format=torch.preserve_format) for p in params]
     a = [torch.empty_strided(p.size(), p.stride(), device=device).copy_(p).requires_grad_() for p in params]
     b = [p.clone().requires_grad_() for p in params]
     oa = pyoptim.optim.SGD(a, lr=0.1, momentum=0.9, weight_decay=0.1, backend=sgd_impl[1])
@@ -107,27 +106,10 @@ def test_param_added_later_starts_its_own_buffer(sgd_impl):
 def test_state_dict_round_trip(sgd_impl, direction):
     device = device_of(sgd_impl)
     init = [torch.randn(5, device=device), torch.randn(3, 4, device=device)]
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
     kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
-    if direction == "pyoptim_to_torch":
-        first, second = pyoptim.optim.SGD(a, backend=sgd_impl[1], **kw), torch.optim.SGD(b, foreach=False, **kw)
-    else:
-        first, second = torch.optim.SGD(a, foreach=False, **kw), pyoptim.optim.SGD(b, backend=sgd_impl[1], **kw)
-    grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
-    for gs in grads[:3]:
-        for p, g in zip(a, gs):
-            p.grad = g.clone()
-        first.step()
-    with torch.no_grad():
-        for p, q in zip(a, b):
-            q.copy_(p)
-    second.load_state_dict(copy.deepcopy(first.state_dict()))
-    for gs in grads[3:]:
-        for p, q, g in zip(a, b, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        first.step()
-        second.step()
+    a, b, first, second = hand_over_state_dict(
+        direction, lambda ps: pyoptim.optim.SGD(ps, backend=sgd_impl[1], **kw),
+        lambda ps: torch.optim.SGD(ps, foreach=False, **kw), init)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, **TOL[torch.float32])
         torch.testing.assert_close(first.state[p]["momentum_buffer"], second.state[q]["momentum_buffer"],

@@ -40,6 +40,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   L.amsgrad = amsgrad;
   L.decoupled = decoupled_weight_decay;
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
+  const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
@@ -51,7 +52,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     }
     const int64_t k = work.group_of[i];
     L.hyper.push_back(AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]});
-    L.lr.push_back(cpu_lr(args.aux, lr, k));
+    L.lr.push_back(group_lr[k]);
     float* step = state_steps[i].data_ptr<float>();
     *step += 1.0f;
     L.step.push_back(static_cast<double>(*step));

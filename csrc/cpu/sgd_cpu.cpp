@@ -36,6 +36,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   L.nesterov = nesterov;
   L.first_step = is_first_step;
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
+  const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
@@ -45,7 +46,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     }
     const int64_t k = work.group_of[i];
     L.hyper.push_back(SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k]});
-    L.lr.push_back(cpu_lr(args.aux, lr, k));
+    L.lr.push_back(group_lr[k]);
   }
   L.numel = work.numel;
   L.plan = plan_launch_groups(work.numel, kSgdCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);

@@ -104,4 +104,54 @@ TORCH_LIBRARY(pyoptim, m) {
   m.def(
       "rms_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, Tensor? weight, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // BatchNorm over dim 1 (the C channels) of an (N, C, *) input, read in its
+  // own layout: NCHW-contiguous, or channels-last (C innermost, as
+  // channels_last / channels_last_3d, or a (N, L, C) tensor seen as (N, C, L));
+  // any other layout is made contiguous first. Outputs keep the input's
+  // layout. Statistics are per channel over count = numel / C elements, in
+  // float32 (float64 for float64 input); weight, bias and running statistics
+  // are the input's dtype or float32 (for float16/bfloat16 input).
+  //
+  // Mirrors aten::native_batch_norm, but functional (note [functional batch
+  // norm]: torch.library cannot give a mutating op an autograd formula):
+  // returns (out, save_mean, save_invstd, new_running_mean, new_running_var).
+  //   training: the batch's mean and biased variance normalize; when running
+  //     statistics are given, new_running_* are them moved by momentum
+  //     ((1 - momentum) * running + momentum * batch, the variance unbiased:
+  //     m2 / (count - 1)), in the running statistics' dtype; the caller copies
+  //     them back. Otherwise new_running_* are empty (shape [0]).
+  //   eval: the running statistics normalize; save_mean is running_mean and
+  //     save_invstd 1 / sqrt(running_var + eps), in the statistics' dtype, so
+  //     batch_norm_bwd needs neither eps nor the running statistics.
+  m.def(
+      "batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Mirrors aten::native_batch_norm_backward with batch_norm_fwd's saved
+  // statistics; training says whether they were the batch's (so the input's
+  // gradient carries the two per-channel reduction terms). Outputs masked off,
+  // or a weight gradient without a weight, are empty tensors (shape [0]);
+  // grad_weight and grad_bias are reduced deterministically (no atomics).
+  m.def(
+      "batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // The pieces SyncBatchNorm runs around its collectives (mirroring
+  // aten::batch_norm_stats, batch_norm_elemt, batch_norm_backward_reduce and
+  // batch_norm_backward_elemt, with batch_norm_fwd's layouts and dtypes):
+  //   batch_norm_stats: per-channel mean and m2 = sum((x - mean)^2) (Welford),
+  //     which merge exactly across ranks with uneven counts;
+  //   batch_norm_elemt: out = (x - mean) * invstd * weight + bias;
+  //   batch_norm_backward_reduce: per-channel sum_dy = sum(dy) and
+  //     sum_dy_xmu = sum(dy * (x - mean)), deterministically;
+  //   batch_norm_backward_elemt: grad_input =
+  //     (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight,
+  //     with mean_dy = sum_dy / count and mean_dy_xmu = sum_dy_xmu / count over
+  //     the global count (the caller divides: no count on the host).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor");
+  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
 }

@@ -22,42 +22,10 @@
 
 #include <pyoptim/macros.h>
 #include <pyoptim/math.h>
+#include <pyoptim/welford.h>
 
 namespace pyoptim {
 inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
-
-// Running mean and sum of squared deviations (Welford), for rows streamed in
-// pieces: the CUDA multi-pass path merges one per thread, then per warp.
-// `count` is kept in S: exact in float up to 2^24 elements per row. A plain
-// aggregate (start from {0, 0, 0}), so it can live in CUDA shared memory.
-template <typename S>
-struct WelfordState {
-  S mean;
-  S m2;
-  S count;
-};
-
-template <typename S>
-PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void welford_push(WelfordState<S>& w, S x) {
-  w.count += S(1);
-  const S delta = x - w.mean;
-  w.mean += delta / w.count;
-  w.m2 += delta * (x - w.mean);
-}
-
-// Chan et al.'s parallel merge: `a` absorbs `b`.
-template <typename S>
-PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void welford_merge(WelfordState<S>& a, const WelfordState<S>& b) {
-  if (b.count == S(0)) {
-    return;
-  }
-  const S count = a.count + b.count;
-  const S delta = b.mean - a.mean;
-  const S nb_over_n = b.count / count;
-  a.mean += delta * nb_over_n;
-  a.m2 += b.m2 + delta * delta * a.count * nb_over_n;
-  a.count = count;
-}
 
 // rstd from the row's variance (for RMSNorm: its mean square). The division
 // rounds correctly (torch's CPU kernels' 1 / sqrt; CUDA's rsqrtf would not).

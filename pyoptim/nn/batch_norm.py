@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from pyoptim import _backends
+from pyoptim._validation import check_batch_norm_fwd_args, norm_stat_dtype
 from pyoptim.functional import batch_norm, instance_norm
-from pyoptim._validation import norm_stat_dtype
 
 _Device = Optional[Union[torch.device, str, int]]
 
@@ -118,6 +118,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size,
                 backend):
+        # Every check before the first collective and the running statistics' update (the ops check again).
+        check_batch_norm_fwd_args("batch_norm_fwd", input, weight, bias, running_mean, running_var, True, True)
         c = input.shape[1]
         count = input.numel() // c
         sd = norm_stat_dtype(input.dtype)

@@ -20,7 +20,8 @@ No atomics: the bits depend only on the shape and the device's SM count.
 Statistics are Welford-style: each tile's mean and sum of squared deviations
 about that mean (two passes over the tile in registers), merged into the
 slice's by Chan et al.'s formula (welford_merge of csrc/include/pyoptim/
-welford.h), so a mean far larger than the spread costs no digits. The
+welford.h), all of x less a shift (note [shifted statistics]), so a mean far
+larger than the spread costs no digits. The
 backward's sums (sum_dy, sum_dy_xmu) accumulate tile-shaped and are summed
 once at the end of the slice.
 Elementwise passes (normalize, grad_input) tile the input as a [M, L] matrix
@@ -110,6 +111,19 @@ def _invstd(var, eps):
 
 
 @triton.jit
+def _shift(x0):
+    # note [shifted statistics]: a partials program accumulates the moments of
+    # x - shift, shift = the channel's first element (0 when it is inf or
+    # nan), so that tile sums stay of the size of the spread, not of the
+    # mean: with x = 1000 + randn in fp32, sums of raw x round to ulp(1000 *
+    # tile) and cost the mean several ulps. Every slice of a channel shifts by
+    # the same value, and the merge adds it back only at the end, so that the
+    # partial means' differences (Chan's delta, squared into m2) are not
+    # rounded to ulp(1000) either.
+    return tl.where(x0 - x0 == 0, x0, 0.0)
+
+
+@triton.jit
 def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     # welford.h's welford_merge: (mean_a, m2_a, n_a) absorbs (mean_b, m2_b,
     # n_b), counts int64 and n_b > 0. Returns the merged (mean, m2, count).
@@ -136,7 +150,7 @@ def _nchw_tile(t, c, N, C, S, s_tiles, BLOCK_N: tl.constexpr, BLOCK_S: tl.conste
 @triton.jit
 def _stats_nchw_kernel(
     X,  # [N, C, S] input, NCHW-contiguous
-    WS_MEAN,  # [C, K] COMPUTE: per slice, the mean of its elements
+    WS_MEAN,  # [C, K] COMPUTE: per slice, the mean of its elements less the channel's shift
     WS_M2,  # [C, K] COMPUTE: per slice, the sum of squared deviations about that mean
     WS_COUNT,  # [C, K] int64: per slice, its element count
     N,  # batch size
@@ -154,12 +168,13 @@ def _stats_nchw_kernel(
     c = pid // K
     k = pid - c * K
     t0 = k * tiles_per_slice
-    mean = tl.zeros([], dtype=COMPUTE)
+    shift = _shift(tl.load(X + c.to(tl.int64) * S).to(COMPUTE))  # note [shifted statistics]
+    mean = tl.zeros([], dtype=COMPUTE)  # of x - shift
     m2 = tl.zeros([], dtype=COMPUTE)
     count = tl.zeros([], dtype=tl.int64)
     for t in range(t0, tl.minimum(t0 + tiles_per_slice, tiles)):
         offs, mask, tile_count = _nchw_tile(t, c, N, C, S, s_tiles, BLOCK_N, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(COMPUTE) - shift, 0.0)
         tile_mean = exact_div(tl.sum(tl.sum(x, axis=1), axis=0), tile_count.to(COMPUTE))
         d = tl.where(mask, x - tile_mean, 0.0)
         tile_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
@@ -172,7 +187,7 @@ def _stats_nchw_kernel(
 @triton.jit
 def _stats_rows_kernel(
     X,  # [R, C] input, channels-last: R = N * S rows of C
-    WS_MEAN,  # [K, C] COMPUTE: per slice of rows, each channel's mean
+    WS_MEAN,  # [K, C] COMPUTE: per slice of rows, each channel's mean less its shift
     WS_M2,  # [K, C] COMPUTE: per slice of rows, each channel's sum of squared deviations about it
     WS_COUNT,  # [K, C] int64: per slice of rows, the element count (its rows)
     R,  # rows
@@ -189,13 +204,15 @@ def _stats_rows_kernel(
     cmask = cols < C
     r_start = k.to(tl.int64) * rows_per_slice
     r_end = tl.minimum(r_start + rows_per_slice, R)
-    mean = tl.zeros([BLOCK_C], dtype=COMPUTE)
+    shift = _shift(tl.load(X + cols, mask=cmask, other=0.0).to(COMPUTE))  # note [shifted statistics]
+    mean = tl.zeros([BLOCK_C], dtype=COMPUTE)  # of x - shift
     m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
     count = tl.zeros([], dtype=tl.int64)
     for r0 in range(r_start, r_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask = (rows < r_end)[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x = tl.where(mask, x - shift[None, :], 0.0)
         tile_count = tl.minimum(r_end - r0, BLOCK_R).to(tl.int64)
         tile_mean = exact_div(tl.sum(x, axis=0), tile_count.to(COMPUTE) + tl.zeros([BLOCK_C], dtype=COMPUTE))
         d = tl.where(mask, x - tile_mean[None, :], 0.0)
@@ -209,7 +226,8 @@ def _stats_rows_kernel(
 
 @triton.jit(do_not_specialize=["eps_bits", "momentum_bits"])
 def _stats_merge_kernel(
-    WS_MEAN,  # [C, K] or [K, C] (strides stride_c, stride_k) COMPUTE partial means, read unless EVAL
+    X,  # input, read unless EVAL: channel c's first element (its shift) at c * shift_stride
+    WS_MEAN,  # [C, K] or [K, C] (strides stride_c, stride_k) COMPUTE partial means less the shift, read unless EVAL
     WS_M2,  # the same, partial sums of squared deviations
     WS_COUNT,  # the same, int64 partial counts
     RUNNING_MEAN,  # [C] running statistics' dtype, read when EVAL or HAS_RUNNING
@@ -222,6 +240,7 @@ def _stats_merge_kernel(
     K,  # partials per channel
     stride_c,  # workspace strides (elements)
     stride_k,
+    shift_stride,  # S (NCHW) or 1 (rows of C)
     eps_bits,  # float64 eps, as int64 bits (see _f64)
     momentum_bits,  # float64 momentum, as int64 bits
     EVAL: tl.constexpr,  # statistics from the running ones, no partials
@@ -249,6 +268,7 @@ def _stats_merge_kernel(
             mean, m2, count = _chan_merge(mean, m2, count, tl.load(WS_MEAN + ws_k, mask=cmask, other=0.0),
                                           tl.load(WS_M2 + ws_k, mask=cmask, other=0.0),
                                           tl.load(WS_COUNT + ws_k, mask=cmask, other=2))
+        mean = _shift(tl.load(X + cols.to(tl.int64) * shift_stride, mask=cmask, other=0.0).to(COMPUTE)) + mean
         tl.store(MEAN + cols, mean, mask=cmask)
         n = count.to(COMPUTE)
         if INVSTD:
@@ -619,8 +639,9 @@ def _stats(x: torch.Tensor, dims: _Dims, out2: torch.Tensor, mean: torch.Tensor,
     kernel = _stats_rows_kernel if dims.rows else _stats_nchw_kernel
     kernel[plan.grid](x, ws_mean, ws_m2, ws_count, *plan.args, COMPUTE=compute, **plan.meta)
     _stats_merge_kernel[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
-        ws_mean, ws_m2, ws_count, running_mean, running_var, mean, out2, new_running_mean, new_running_var,
-        dims.C, plan.K, plan.stride_c, plan.stride_k, _bits(eps), _bits(momentum), EVAL=False,
+        x, ws_mean, ws_m2, ws_count, running_mean, running_var, mean, out2, new_running_mean, new_running_var,
+        dims.C, plan.K, plan.stride_c, plan.stride_k, 1 if dims.rows else dims.S, _bits(eps), _bits(momentum),
+        EVAL=False,
         HAS_RUNNING=running_mean is not None, INVSTD=invstd, COMPUTE=compute, BLOCK_C=_MERGE_BLOCK_C, num_warps=4)
 
 
@@ -692,7 +713,7 @@ def batch_norm_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], b
                    new_rv if moved else None, momentum, eps)
         else:
             _stats_merge_kernel[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
-                None, None, None, rm, rv, save_mean, save_invstd, None, None, dims.C, 0, 0, 0, _bits(eps),
+                None, None, None, None, rm, rv, save_mean, save_invstd, None, None, dims.C, 0, 0, 0, 0, _bits(eps),
                 _bits(momentum), EVAL=True, HAS_RUNNING=False, INVSTD=True, COMPUTE=_compute(input.dtype),
                 BLOCK_C=_MERGE_BLOCK_C, num_warps=4)
         if dims.count > 0:

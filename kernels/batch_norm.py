@@ -30,9 +30,9 @@ channel = column), per-channel terms gathered per tile.
 
 The math is csrc/include/pyoptim/batch_norm.h's, in the same names:
   forward, training: mean, m2 (Welford), var = m2 / count,
-    invstd = 1 / sqrt(max(var, 0) + eps) (norm_rstd), running' =
+    invstd = 1 / sqrt(max(var, 0) + eps) (nan kept), running' =
     (1 - momentum) * running + momentum * batch (variance unbiased: m2 / (count - 1))
-  forward, eval: mean = running_mean, invstd = 1 / sqrt(max(running_var, 0) + eps)
+  forward, eval: mean = running_mean, invstd = 1 / sqrt(max(running_var, 0) + eps) (nan kept)
   y = (x - mean) * scale + b, scale = invstd * w
   backward: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)),
     grad_weight = sum_dy_xmu * invstd, grad_bias = sum_dy;
@@ -106,8 +106,10 @@ def _store(P, v, mask):
 
 @triton.jit
 def _invstd(var, eps):
-    # batch_norm_invstd (norm_rstd): 1 / sqrt(max(var, 0) + eps), each step correctly rounded.
-    return exact_div(tl.full(var.shape, 1.0, var.dtype), exact_sqrt(tl.where(var > 0, var, 0.0) + eps))
+    # batch_norm_invstd: 1 / sqrt(max(var, 0) + eps), each step correctly
+    # rounded; a nan variance stays nan, as torch's batch norm keeps it (where
+    # norm_rstd's `var > 0 ? var : 0` would make it 1 / sqrt(eps)).
+    return exact_div(tl.full(var.shape, 1.0, var.dtype), exact_sqrt(tl.where(var < 0, 0.0, var) + eps))
 
 
 @triton.jit

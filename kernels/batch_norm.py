@@ -1,4 +1,4 @@
-"""BatchNorm in Triton: the six ops of csrc/ops.cpp, the design of csrc/cuda/batch_norm_cuda.cu.
+"""BatchNorm in Triton: the six ops of csrc/ops.cpp, the structure of csrc/cuda/batch_norm_cuda.cu.
 
 An (N, C, *) input is seen as (N, C, S) in one of two layouts (the planning
 of csrc/batch_norm_host.cpp): NCHW-contiguous, element (n, c, s) at
@@ -195,7 +195,7 @@ def _stats_rows_kernel(
     R,  # rows
     C,  # channels
     rows_per_slice,  # a multiple of BLOCK_R; the last slice may hold fewer
-    COMPUTE: tl.constexpr,
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_C: tl.constexpr,  # channels per tile, a power of 2
 ):
@@ -240,7 +240,7 @@ def _stats_merge_kernel(
     NEW_RUNNING_VAR,  # [C]
     C,  # channels
     K,  # partials per channel
-    stride_c,  # workspace strides (elements)
+    stride_c,  # the workspace's strides (elements): (K, 1) for [C, K], (1, C) for [K, C]
     stride_k,
     shift_stride,  # S (NCHW) or 1 (rows of C)
     eps_bits,  # float64 eps, as int64 bits (see _f64)
@@ -248,8 +248,8 @@ def _stats_merge_kernel(
     EVAL: tl.constexpr,  # statistics from the running ones, no partials
     HAS_RUNNING: tl.constexpr,  # training with running statistics to move
     INVSTD: tl.constexpr,  # OUT2 is invstd (batch_norm_fwd), else m2 (batch_norm_stats)
-    COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
+    BLOCK_C: tl.constexpr,  # channels per program, a power of 2
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -293,16 +293,16 @@ def _bwd_reduce_nchw_kernel(
     MEAN,  # [C] stat dtype
     WS_DY,  # [C, K] COMPUTE: per slice, sum(dy)
     WS_DY_XMU,  # [C, K] COMPUTE: per slice, sum(dy * (x - mean))
-    N,
-    C,
-    S,
+    N,  # batch size
+    C,  # channels
+    S,  # elements per plane
     K,  # slices per channel
     s_tiles,  # cdiv(S, BLOCK_S)
     tiles,  # tiles per channel
-    tiles_per_slice,
-    COMPUTE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    tiles_per_slice,  # the last slice may hold fewer
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
+    BLOCK_N: tl.constexpr,  # planes per tile
+    BLOCK_S: tl.constexpr,  # positions per tile, a power of 2
 ):
     pid = tl.program_id(0)
     c = pid // K
@@ -328,12 +328,12 @@ def _bwd_reduce_rows_kernel(
     MEAN,  # [C] stat dtype
     WS_DY,  # [K, C] COMPUTE: per slice of rows, sum(dy)
     WS_DY_XMU,  # [K, C] COMPUTE: per slice of rows, sum(dy * (x - mean))
-    R,
-    C,
-    rows_per_slice,
-    COMPUTE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    R,  # rows (N * S)
+    C,  # channels
+    rows_per_slice,  # a multiple of BLOCK_R; the last slice may hold fewer
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
+    BLOCK_R: tl.constexpr,  # rows per tile
+    BLOCK_C: tl.constexpr,  # channels per program, a power of 2
 ):
     pid = tl.program_id(0)
     c_blocks = tl.cdiv(C, BLOCK_C)
@@ -358,7 +358,7 @@ def _bwd_reduce_rows_kernel(
     tl.store(WS_DY_XMU + out, tl.sum(acc_dy_xmu, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])  # a count of 1 stays a tensor (count.to below)
 def _bwd_merge_kernel(
     WS_DY,  # [C, K] or [K, C] (strides stride_c, stride_k) COMPUTE partial sums of dy
     WS_DY_XMU,  # the same, of dy * (x - mean)
@@ -369,17 +369,17 @@ def _bwd_merge_kernel(
     GRAD_BIAS,  # [C] weight's dtype (input's without weight), written when WANT_DB: sum_dy
     MEAN_DY,  # [C] COMPUTE, written when MEANS: sum_dy / count
     MEAN_DY_XMU,  # [C] COMPUTE, written when MEANS: sum_dy_xmu / count
-    C,
+    C,  # channels
     K,  # partials per channel
-    stride_c,
+    stride_c,  # the workspace's strides (elements): (K, 1) for [C, K], (1, C) for [K, C]
     stride_k,
     count,  # elements per channel (N * S)
-    SUMS: tl.constexpr,
+    SUMS: tl.constexpr,  # batch_norm_backward_reduce: write SUM_DY, SUM_DY_XMU
     WANT_DW: tl.constexpr,
     WANT_DB: tl.constexpr,
-    MEANS: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    MEANS: tl.constexpr,  # batch_norm_bwd's training dx: write MEAN_DY, MEAN_DY_XMU
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
+    BLOCK_C: tl.constexpr,  # channels per program, a power of 2
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -434,12 +434,12 @@ def _elemt_kernel(
     M,  # rows
     L,  # row length
     C,  # channels (NCHW: channel = row % C; channels-last: L == C, channel = column)
-    CHANNELS_LAST: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,  # rows of C (channel = column), else planes of S (channel = row % C)
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_L: tl.constexpr,  # columns per tile, a power of 2
 ):
     offs, mask, ch, ch_mask = _elem_tile(M, L, C, CHANNELS_LAST, BLOCK_M, BLOCK_L)
     mean = tl.load(MEAN + ch, mask=ch_mask, other=0.0).to(COMPUTE)
@@ -463,15 +463,15 @@ def _bwd_elemt_kernel(
     W,  # [C] weight, read when HAS_W
     MEAN_DY,  # [C] stat dtype, read when TRAINING: sum_dy / count
     MEAN_DY_XMU,  # [C] stat dtype, read when TRAINING: sum_dy_xmu / count
-    M,
-    L,
-    C,
-    CHANNELS_LAST: tl.constexpr,
+    M,  # rows
+    L,  # row length
+    C,  # channels
+    CHANNELS_LAST: tl.constexpr,  # rows of C (channel = column), else planes of S (channel = row % C)
     HAS_W: tl.constexpr,
     TRAINING: tl.constexpr,  # the statistics were the batch's: dx carries the reduction terms
-    COMPUTE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    COMPUTE: tl.constexpr,  # math type: fp32, or fp64 for fp64 input
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_L: tl.constexpr,  # columns per tile, a power of 2
 ):
     offs, mask, ch, ch_mask = _elem_tile(M, L, C, CHANNELS_LAST, BLOCK_M, BLOCK_L)
     invstd = tl.load(INVSTD + ch, mask=ch_mask, other=0.0).to(COMPUTE)
@@ -643,8 +643,8 @@ def _stats(x: torch.Tensor, dims: _Dims, out2: torch.Tensor, mean: torch.Tensor,
     _stats_merge_kernel[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
         x, ws_mean, ws_m2, ws_count, running_mean, running_var, mean, out2, new_running_mean, new_running_var,
         dims.C, plan.K, plan.stride_c, plan.stride_k, 1 if dims.rows else dims.S, _bits(eps), _bits(momentum),
-        EVAL=False,
-        HAS_RUNNING=running_mean is not None, INVSTD=invstd, COMPUTE=compute, BLOCK_C=_MERGE_BLOCK_C, num_warps=4)
+        EVAL=False, HAS_RUNNING=running_mean is not None, INVSTD=invstd, COMPUTE=compute, BLOCK_C=_MERGE_BLOCK_C,
+        num_warps=4)
 
 
 def _bwd_sums(dy: torch.Tensor, x: torch.Tensor, dims: _Dims, mean: torch.Tensor, *,
@@ -687,7 +687,8 @@ def batch_norm_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], b
                           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
                           momentum: float, eps: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, save_mean, save_invstd, new_running_mean, new_running_var) of BatchNorm (torch.ops.pyoptim.batch_norm_fwd)."""
+    """(out, save_mean, save_invstd, new_running_mean, new_running_var) of BatchNorm
+    (the contract of torch.ops.pyoptim.batch_norm_fwd)."""
     x, dims = _layout(input)
     device = input.device
     sd = _stat_dtype(input.dtype)

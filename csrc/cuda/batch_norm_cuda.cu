@@ -773,8 +773,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     constexpr int K = decltype(k)::value;
     FwdChannelArgs ca{};
     ca.C = C;
+    Partials p{};  // lives until the channel kernel that reads it is queued
     if (training) {
-      const Partials p = launch_reduce<WelfordOp<T>, K>(WelfordOp<T>{l.x.const_data_ptr<T>()}, l, stream);
+      p = launch_reduce<WelfordOp<T>, K>(WelfordOp<T>{l.x.const_data_ptr<T>()}, l, stream);
       ca.mode = FwdMode::kTraining;
       ca.partial = p.ws.const_data_ptr();
       ca.splits = p.splits;

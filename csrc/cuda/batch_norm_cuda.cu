@@ -232,21 +232,6 @@ __device__ __forceinline__ void store_param(const ParamOut& q, int64_t c, S v) {
   }
 }
 
-// welford_merge, with an empty `a` taking `b` as it is: the general formula's
-// delta^2 * count_a term is then 0 * delta^2, which is NaN when delta^2
-// overflows (|mean| > ~1.8e19 in float) though the result is just b.
-template <typename S, typename C>
-__device__ __forceinline__ void merge_welford(WelfordState<S, C>& a, const WelfordState<S, C>& b) {
-  if (b.count == C(0)) {
-    return;
-  }
-  if (a.count == C(0)) {
-    a = b;
-    return;
-  }
-  welford_merge(a, b);
-}
-
 // The reductions' element source and accumulator. An Op has State (a plain
 // aggregate: it lives in shared memory), Elem (what one element contributes),
 // chan(c) (a per-channel constant), init(), load<K>(i, e) (the K elements at
@@ -268,7 +253,7 @@ struct WelfordOp {
     load_vec<K>(x + i, e);
   }
   __device__ __forceinline__ static void push(State& st, S, const Elem& e) { welford_push(st, e); }
-  __device__ __forceinline__ static void merge(State& a, const State& b) { merge_welford(a, b); }
+  __device__ __forceinline__ static void merge(State& a, const State& b) { welford_merge(a, b); }
 };
 
 // The backward's reductions: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
@@ -445,14 +430,14 @@ __global__ void __launch_bounds__(kThreads) fwd_channel_kernel(const FwdChannelA
   if (a.mode == FwdMode::kTraining || a.mode == FwdMode::kStats) {
     const State* p = static_cast<const State*>(a.partial) + c * a.stride_c;
     State w = p[0];
-    for (int64_t k = 1; k < a.splits; ++k) merge_welford(w, p[k * a.stride_k]);
+    for (int64_t k = 1; k < a.splits; ++k) welford_merge(w, p[k * a.stride_k]);
     if (a.mode == FwdMode::kStats) {
       static_cast<S*>(a.mean_out)[c] = w.mean;
       static_cast<S*>(a.var_out)[c] = w.m2;
       return;
     }
     mean = w.mean;
-    invstd = batch_norm_invstd(w.m2 / static_cast<S>(w.count), eps);
+    invstd = batch_norm_invstd(batch_norm_biased_var(w), eps);
     if (a.new_running_mean.p != nullptr) {
       const S momentum = static_cast<S>(a.momentum);
       store_param<T>(a.new_running_mean, c,

@@ -49,10 +49,18 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M batch_norm_fwd_elem(M x, M mean, M scale, M
   return (x - mean) * scale + b;
 }
 
-// invstd of a biased variance: the same correctly rounded 1 / sqrt as the norms.
+// The biased variance that normalizes in training: m2 / count.
+template <typename S, typename C>
+PYOPTIM_HOST_DEVICE PYOPTIM_INLINE S batch_norm_biased_var(const WelfordState<S, C>& w) {
+  return w.m2 / S(w.count);
+}
+
+// invstd of a variance, correctly rounded (1 / sqrt, not rsqrt). Unlike
+// norm_rstd, a NaN variance stays NaN, as in torch's BatchNorm kernels; a
+// negative one (rounding) is taken as 0.
 template <typename S>
 PYOPTIM_HOST_DEVICE PYOPTIM_INLINE S batch_norm_invstd(S var, S eps) {
-  return norm_rstd(var, eps);
+  return S(1) / MathOps<S>::sqrt((var < S(0) ? S(0) : var) + eps);
 }
 
 // One running statistic moved by momentum: (1 - momentum) * running + momentum * batch.

@@ -29,10 +29,16 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void welford_push(WelfordState<S, C>& w, S x)
   w.m2 += delta * (x - w.mean);
 }
 
-// Chan et al.'s parallel merge: `a` absorbs `b`.
+// Chan et al.'s parallel merge: `a` absorbs `b`. An empty `a` takes `b` as
+// it is: the general formula's delta^2 * count_a term would be 0 * delta^2,
+// NaN when delta^2 overflows (|mean| > ~1.8e19 in float) though the result is b.
 template <typename S, typename C>
 PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void welford_merge(WelfordState<S, C>& a, const WelfordState<S, C>& b) {
   if (b.count == C(0)) {
+    return;
+  }
+  if (a.count == C(0)) {
+    a = b;
     return;
   }
   const C count = a.count + b.count;

@@ -42,6 +42,12 @@ _IMPLS: dict[str, dict[str, str]] = {
         ("layer_norm_bwd", "layer_norm"),
         ("rms_norm_fwd", "layer_norm"),
         ("rms_norm_bwd", "layer_norm"),
+        ("batch_norm_fwd", "batch_norm"),
+        ("batch_norm_bwd", "batch_norm"),
+        ("batch_norm_stats", "batch_norm"),
+        ("batch_norm_elemt", "batch_norm"),
+        ("batch_norm_backward_reduce", "batch_norm"),
+        ("batch_norm_backward_elemt", "batch_norm"),
     ]
 }
 

@@ -251,3 +251,144 @@ def check_norm_bwd_args(op: str, rms: bool, grad_out: torch.Tensor, input: torch
         _check(t.dtype == sd, op, name, " has dtype ", _dtype_name(t.dtype), ", expected ", _dtype_name(sd))
         _check(t.device == input.device, op, name, " is on ", t.device, " but input is on ", input.device)
     return m, n, stat_shape
+
+
+# -- the BatchNorm ops (csrc/batch_norm_host.cpp) --------------------------------
+#
+# Each op runs, in this order (the C++ launchers the same):
+#   batch_norm_fwd:            fwd args (running statistics required in eval)
+#   batch_norm_bwd:            fwd args (input, weight), grad_out, save_mean, save_invstd
+#   batch_norm_stats:          fwd args (input)
+#   batch_norm_elemt:          fwd args (input, weight, bias), mean, invstd
+#   batch_norm_backward_reduce: fwd args (input), grad_out, mean
+#   batch_norm_backward_elemt: fwd args (input, weight), grad_out, mean, invstd, mean_dy, mean_dy_xmu
+
+
+def _check_batch_norm_channel_param(op: str, name: str, t: Optional[torch.Tensor], input: torch.Tensor) -> None:
+    """A per-channel parameter or running statistic: C elements, input's device, input's dtype or float32."""
+    if t is None:
+        return
+    c = input.shape[1]
+    # torch's own message (aten/src/ATen/native/Normalization.cpp).
+    _torch_check(t.numel() == c, name, " should contain ", c, " elements not ", t.numel())
+    _check(t.device == input.device, op, name, " is on ", t.device, " but input is on ", input.device)
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    _check(t.dtype == input.dtype or (low and t.dtype == torch.float32), op, name, " has dtype ",
+           _dtype_name(t.dtype), " but input has dtype ", _dtype_name(input.dtype), "; expected ",
+           _dtype_name(input.dtype), " or Float" if low else "")
+
+
+def check_batch_norm_fwd_args(op: str, input: torch.Tensor, weight: Optional[torch.Tensor],
+                              bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                              running_var: Optional[torch.Tensor], training: bool, require_running: bool,
+                              device_type: Optional[str] = None) -> tuple[int, int, int]:
+    """Raise RuntimeError as csrc/batch_norm_host.cpp's check_batch_norm_fwd_args does; return (N, C, S)."""
+    _check(input.dim() >= 2, op, "expected input of shape (N, C, *), with at least 2 dims, but got input of size",
+           list(input.shape))
+    if device_type is not None:
+        _check(input.device.type == device_type, op, "input is on ", input.device, ", expected a ", device_type,
+               " tensor")
+    _check(input.layout == torch.strided, op, "input is not a strided tensor")
+    _check(input.dtype in _NORM_DTYPES, op, "input has dtype ", _dtype_name(input.dtype),
+           "; supported are float32, float64, float16 and bfloat16")
+    # torch checks the running statistics before weight and bias; so do we, so the first message matches.
+    _check_batch_norm_channel_param(op, "running_mean", running_mean, input)
+    _check_batch_norm_channel_param(op, "running_var", running_var, input)
+    _check_batch_norm_channel_param(op, "weight", weight, input)
+    _check_batch_norm_channel_param(op, "bias", bias, input)
+    if require_running and not training:
+        # torch's own messages.
+        _torch_check(running_mean is not None, "running_mean must be defined in evaluation mode")
+        _torch_check(running_var is not None, "running_var must be defined in evaluation mode")
+    _check((running_mean is None) == (running_var is None), op, "running_mean and running_var must be given together")
+    s = 1
+    for d in input.shape[2:]:
+        s *= d
+    return input.shape[0], input.shape[1], s
+
+
+def check_batch_norm_stat(op: str, name: str, stat: torch.Tensor, input: torch.Tensor) -> None:
+    """A per-channel statistic (save_mean, invstd, mean_dy, ...): C elements of the stat dtype on input's device."""
+    c = input.shape[1] if input.dim() >= 2 else 0
+    _check(stat.numel() == c, op, name, " has ", stat.numel(), " elements, expected one per channel (", c, ")")
+    sd = norm_stat_dtype(input.dtype)
+    _check(stat.dtype == sd, op, name, " has dtype ", _dtype_name(stat.dtype), ", expected ", _dtype_name(sd))
+    _check(stat.device == input.device, op, name, " is on ", stat.device, " but input is on ", input.device)
+
+
+def check_batch_norm_grad_out(op: str, grad_out: torch.Tensor, input: torch.Tensor) -> None:
+    """grad_out against input: same shape, dtype and device."""
+    _check(grad_out.shape == input.shape, op, "grad_out has shape ", list(grad_out.shape), " but input has shape ",
+           list(input.shape))
+    _check(grad_out.dtype == input.dtype, op, "grad_out has dtype ", _dtype_name(grad_out.dtype),
+           " but input has dtype ", _dtype_name(input.dtype))
+    _check(grad_out.device == input.device, op, "grad_out is on ", grad_out.device, " but input is on ",
+           input.device)
+
+
+def check_batch_norm_bwd_args(grad_out: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
+                              save_mean: torch.Tensor, save_invstd: torch.Tensor, training: bool,
+                              device_type: Optional[str] = None) -> tuple[int, int, int]:
+    """Every check of batch_norm_bwd; return (N, C, S)."""
+    op = "batch_norm_bwd"
+    dims = check_batch_norm_fwd_args(op, input, weight, None, None, None, training, False, device_type)
+    check_batch_norm_grad_out(op, grad_out, input)
+    check_batch_norm_stat(op, "save_mean", save_mean, input)
+    check_batch_norm_stat(op, "save_invstd", save_invstd, input)
+    return dims
+
+
+def check_batch_norm_stats_args(input: torch.Tensor, device_type: Optional[str] = None) -> tuple[int, int, int]:
+    """Every check of batch_norm_stats; return (N, C, S)."""
+    return check_batch_norm_fwd_args("batch_norm_stats", input, None, None, None, None, True, False, device_type)
+
+
+def check_batch_norm_elemt_args(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                mean: torch.Tensor, invstd: torch.Tensor,
+                                device_type: Optional[str] = None) -> tuple[int, int, int]:
+    """Every check of batch_norm_elemt; return (N, C, S)."""
+    op = "batch_norm_elemt"
+    dims = check_batch_norm_fwd_args(op, input, weight, bias, None, None, True, False, device_type)
+    check_batch_norm_stat(op, "mean", mean, input)
+    check_batch_norm_stat(op, "invstd", invstd, input)
+    return dims
+
+
+def check_batch_norm_backward_reduce_args(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor,
+                                          device_type: Optional[str] = None) -> tuple[int, int, int]:
+    """Every check of batch_norm_backward_reduce; return (N, C, S)."""
+    op = "batch_norm_backward_reduce"
+    dims = check_batch_norm_fwd_args(op, input, None, None, None, None, True, False, device_type)
+    check_batch_norm_grad_out(op, grad_out, input)
+    check_batch_norm_stat(op, "mean", mean, input)
+    return dims
+
+
+def check_batch_norm_backward_elemt_args(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor,
+                                         invstd: torch.Tensor, weight: Optional[torch.Tensor],
+                                         mean_dy: torch.Tensor, mean_dy_xmu: torch.Tensor,
+                                         device_type: Optional[str] = None) -> tuple[int, int, int]:
+    """Every check of batch_norm_backward_elemt; return (N, C, S)."""
+    op = "batch_norm_backward_elemt"
+    dims = check_batch_norm_fwd_args(op, input, weight, None, None, None, True, False, device_type)
+    check_batch_norm_grad_out(op, grad_out, input)
+    check_batch_norm_stat(op, "mean", mean, input)
+    check_batch_norm_stat(op, "invstd", invstd, input)
+    check_batch_norm_stat(op, "mean_dy", mean_dy, input)
+    check_batch_norm_stat(op, "mean_dy_xmu", mean_dy_xmu, input)
+    return dims
+
+
+def batch_norm_is_channels_last(t: torch.Tensor) -> bool:
+    """True when `t` (at least 3-d) is dense with dim 1 innermost, as csrc/batch_norm_host.cpp reads it."""
+    return t.dim() >= 3 and t.permute(0, *range(2, t.dim()), 1).is_contiguous()
+
+
+def batch_norm_layout(input: torch.Tensor) -> torch.Tensor:
+    """The input in a layout the BatchNorm kernels read: itself (NCHW-contiguous or channels-last), else contiguous.
+
+    Outputs shaped like the input are torch.empty_like(that tensor).
+    """
+    if input.is_contiguous() or batch_norm_is_channels_last(input):
+        return input
+    return input.contiguous()

@@ -1,10 +1,10 @@
 """The ops as functions, with backend selection, their fake kernels and autograd.
 
 Each function here is the public entry of one op (torch.ops.pyoptim.<name>);
-the optimizers and clipping utilities call these. `layer_norm` and `rms_norm`
-are the differentiable entries of the norm ops (pyoptim.nn.functional
-re-exports them; pyoptim.nn's modules call them). Which backend serves a call
-is pyoptim._backends' decision.
+the optimizers and clipping utilities call these. `layer_norm`, `rms_norm`,
+`batch_norm` and `instance_norm` are the differentiable entries of the norm
+ops (pyoptim.nn.functional re-exports them; pyoptim.nn's modules call them).
+Which backend serves a call is pyoptim._backends' decision.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pyoptim import _backends
-from pyoptim._validation import (check_adam_args, check_clip_scale_args, check_norm_args, check_norm_bwd_args,
-                                 check_norm_fwd_args, check_sgd_args, norm_stat_dtype)
+from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
+                                 check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
+                                 check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
+                                 check_clip_scale_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
+                                 check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "multi_tensor_norm", "clip_scale_", "layer_norm", "rms_norm"]
+__all__ = ["adam_step_", "sgd_step_", "multi_tensor_norm", "clip_scale_", "layer_norm", "rms_norm", "batch_norm",
+           "instance_norm"]
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
@@ -291,3 +295,191 @@ if _backends.EXTENSION_LOADED:
 
     torch.library.register_autograd("pyoptim::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
     torch.library.register_autograd("pyoptim::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+# -- BatchNorm / InstanceNorm ------------------------------------------------------
+#
+# As the norms above: the C++ backends (cpu, cuda) run pyoptim::batch_norm_fwd,
+# whose autograd (registered below) calls pyoptim::batch_norm_bwd, so
+# torch.compile traces them whole; the Python backends (triton, reference)
+# run under _BatchNormFunction. batch_norm_fwd is functional (note [functional
+# batch norm] in csrc/ops.cpp): it returns the moved running statistics and
+# batch_norm copies them into the caller's buffers, as F.batch_norm updates
+# them in place.
+
+
+def _batch_norm_backward(bwd, grad_out, input, weight, save_mean, save_invstd, training, needs_input, needs_weight,
+                         needs_bias):
+    """(grad_input, grad_weight, grad_bias), None where not needed, from a batch_norm_bwd implementation."""
+    mask = [bool(needs_input), weight is not None and bool(needs_weight), bool(needs_bias)]
+    dx, dw, db = bwd(grad_out, input, weight, save_mean, save_invstd, training, mask)
+    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Autograd for the Python backends (triton, reference) of batch_norm_fwd; returns (out, new running stats)."""
+
+    @staticmethod
+    def forward(ctx, backend, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        fwd = _backends.get("batch_norm_fwd", backend)
+        out, save_mean, save_invstd, new_mean, new_var = fwd(input, weight, bias, running_mean, running_var, training,
+                                                             momentum, eps)
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        ctx.backend, ctx.training = backend, training
+        ctx.mark_non_differentiable(new_mean, new_var)
+        return out, new_mean, new_var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_new_mean, _grad_new_var):
+        input, weight, save_mean, save_invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _batch_norm_backward(_backends.get("batch_norm_bwd", ctx.backend), grad_out, input, weight,
+                                          save_mean, save_invstd, ctx.training, need[1], need[2], need[3])
+        return None, dx, dw, db, None, None, None, None, None
+
+
+def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool, momentum: float,
+                eps: float, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, new_running_mean, new_running_var) of batch_norm_fwd, differentiable in input, weight and bias."""
+    name = _select("batch_norm_fwd", input.device.type, backend)
+    if name in _COMPILED:
+        out, _, _, new_mean, new_var = torch.ops.pyoptim.batch_norm_fwd(input, weight, bias, running_mean,
+                                                                       running_var, training, momentum, eps)
+        return out, new_mean, new_var
+    return _BatchNormFunction.apply(name, input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def _verify_batch_size(size: Sequence[int]) -> None:
+    # F.batch_norm's own check (torch.nn.functional._verify_batch_size).
+    size_prods = size[0]
+    for s in size[2:]:
+        size_prods *= s
+    if size_prods == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+               weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, backend: Optional[str] = None) -> torch.Tensor:
+    """F.batch_norm: (x - mean) / sqrt(var + eps) * weight + bias per channel (dim 1); training moves running stats."""
+    if training:
+        _verify_batch_size(input.size())
+    # F.batch_norm's own checks and messages.
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    out, new_mean, new_var = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                         backend)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out
+
+
+def _verify_spatial_size(size: Sequence[int]) -> None:
+    # F.instance_norm's own check (torch.nn.functional._verify_spatial_size).
+    size_prods = 1
+    for s in size[2:]:
+        size_prods *= s
+    if size_prods == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+
+
+def instance_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+                  running_var: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, use_input_stats: bool = True, momentum: float = 0.1,
+                  eps: float = 1e-5, *, backend: Optional[str] = None) -> torch.Tensor:
+    """F.instance_norm: batch_norm of every (sample, channel) pair on its own; running stats averaged over samples."""
+    if use_input_stats:
+        _verify_spatial_size(input.size())
+    if not use_input_stats and (running_mean is None or running_var is None):
+        # torch's own message (aten's instance_norm).
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+    # As aten's instance_norm: the (N, C, *) input seen as one sample of N * C
+    # channels, with weight, bias and running statistics repeated N times; the
+    # running statistics come back as their mean over the N copies. The view
+    # needs a contiguous input, so a channels_last one is copied here, as torch
+    # copies it (the output is contiguous, as torch's).
+    b, c = input.shape[0], input.shape[1]
+    shape = [1, b * c] + list(input.shape[2:])
+    weight_, bias_, mean_, var_ = (t.repeat(b) if t is not None else None
+                                   for t in (weight, bias, running_mean, running_var))
+    out, new_mean, new_var = _batch_norm(input.contiguous().view(shape), mean_, var_, weight_, bias_,
+                                         use_input_stats, momentum, eps, backend)
+    if running_mean is not None:
+        if use_input_stats:
+            mean_, var_ = new_mean, new_var
+        with torch.no_grad():
+            running_mean.copy_(mean_.view(b, c).mean(0))
+            running_var.copy_(var_.view(b, c).mean(0))
+    return out.view(input.shape)
+
+
+if _backends.EXTENSION_LOADED:
+
+    def _bn_empty(input):
+        return input.new_empty(0)
+
+    @torch.library.register_fake("pyoptim::batch_norm_fwd")
+    def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
+        _, c, _ = check_batch_norm_fwd_args("batch_norm_fwd", input, weight, bias, running_mean, running_var,
+                                            training, True)
+        sd = norm_stat_dtype(input.dtype)
+        out = torch.empty_like(batch_norm_layout(input))
+        if training and running_mean is not None:
+            new_mean = running_mean.new_empty(running_mean.shape)
+            new_var = running_var.new_empty(running_var.shape)
+        else:
+            new_mean, new_var = _bn_empty(input), _bn_empty(input)
+        return out, input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd), new_mean, new_var
+
+    @torch.library.register_fake("pyoptim::batch_norm_bwd")
+    def _batch_norm_bwd_fake(grad_out, input, weight, save_mean, save_invstd, training, output_mask):
+        _, c, _ = check_batch_norm_bwd_args(grad_out, input, weight, save_mean, save_invstd, training)
+        wdtype = weight.dtype if weight is not None else input.dtype
+        dx = torch.empty_like(batch_norm_layout(input)) if output_mask[0] else _bn_empty(input)
+        dw = input.new_empty(c, dtype=wdtype) if output_mask[1] and weight is not None else _bn_empty(input)
+        db = input.new_empty(c, dtype=wdtype) if output_mask[2] else _bn_empty(input)
+        return dx, dw, db
+
+    @torch.library.register_fake("pyoptim::batch_norm_stats")
+    def _batch_norm_stats_fake(input):
+        _, c, _ = check_batch_norm_stats_args(input)
+        sd = norm_stat_dtype(input.dtype)
+        return input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd)
+
+    @torch.library.register_fake("pyoptim::batch_norm_elemt")
+    def _batch_norm_elemt_fake(input, weight, bias, mean, invstd):
+        check_batch_norm_elemt_args(input, weight, bias, mean, invstd)
+        return torch.empty_like(batch_norm_layout(input))
+
+    @torch.library.register_fake("pyoptim::batch_norm_backward_reduce")
+    def _batch_norm_backward_reduce_fake(grad_out, input, mean):
+        _, c, _ = check_batch_norm_backward_reduce_args(grad_out, input, mean)
+        sd = norm_stat_dtype(input.dtype)
+        return input.new_empty(c, dtype=sd), input.new_empty(c, dtype=sd)
+
+    @torch.library.register_fake("pyoptim::batch_norm_backward_elemt")
+    def _batch_norm_backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
+        check_batch_norm_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+        return torch.empty_like(batch_norm_layout(input))
+
+    def _batch_norm_setup(ctx, inputs, output):
+        input, weight, _, _, _, training, _, _ = inputs
+        _, save_mean, save_invstd, new_mean, new_var = output
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        ctx.training = training
+        ctx.mark_non_differentiable(save_mean, save_invstd, new_mean, new_var)
+
+    def _batch_norm_backward_fn(ctx, grad_out, _grad_mean, _grad_invstd, _grad_new_mean, _grad_new_var):
+        input, weight, save_mean, save_invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _batch_norm_backward(torch.ops.pyoptim.batch_norm_bwd, grad_out, input, weight, save_mean,
+                                          save_invstd, ctx.training, need[0], need[1], need[2])
+        return dx, dw, db, None, None, None, None, None
+
+    torch.library.register_autograd("pyoptim::batch_norm_fwd", _batch_norm_backward_fn,
+                                    setup_context=_batch_norm_setup)

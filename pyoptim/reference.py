@@ -11,8 +11,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from pyoptim._validation import (check_adam_args, check_clip_scale_args, check_norm_args, check_norm_bwd_args,
-                                 check_norm_fwd_args, check_sgd_args, norm_stat_dtype, rms_norm_eps)
+from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
+                                 check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
+                                 check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
+                                 check_clip_scale_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
+                                 check_sgd_args, norm_stat_dtype, rms_norm_eps)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -252,3 +255,163 @@ def rms_norm_bwd_ref(grad_out: torch.Tensor, input: torch.Tensor, normalized_sha
     dx, dw, _ = _norm_bwd("rms_norm_bwd", True, grad_out, input, normalized_shape, None, rstd, weight, None,
                           output_mask)
     return dx, dw
+
+
+# The contract of the BatchNorm ops (csrc/ops.cpp), from the math of
+# csrc/include/pyoptim/batch_norm.h, per channel c over count = N * S elements:
+#   mean = sum(x) / count, m2 = sum((x - mean)^2), invstd = 1 / sqrt(m2 / count + eps)
+#   y = (x - mean) * scale + b, scale = invstd * w
+#   running' = (1 - momentum) * running + momentum * batch (the variance: m2 / (count - 1))
+#   sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean))
+#   dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * scale (training; eval: dy * scale)
+# Outputs shaped like the input are empty_like(the input as the kernels read
+# it), so they keep its layout; per-channel results are 1-d [C].
+
+
+def _bn_dims(input: torch.Tensor) -> tuple[int, ...]:
+    """The dims a per-channel reduction runs over: all but dim 1."""
+    return (0,) + tuple(range(2, input.dim()))
+
+
+def _bn_channel(t: torch.Tensor, input: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """A per-channel tensor [C] in the math type, shaped to broadcast against (N, C, *) input."""
+    return t.to(ct).reshape([1, -1] + [1] * (input.dim() - 2))
+
+
+def _bn_like(value: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """`value` stored as the op's output shaped like `input`: input's dtype, the layout the kernels read it in."""
+    out = torch.empty_like(batch_norm_layout(input))
+    out.copy_(value)
+    return out
+
+
+def _bn_sums(input: torch.Tensor, count: int, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, m2) per channel, two-pass; zeros for a channel with no elements."""
+    c = input.shape[1]
+    if count == 0:
+        zeros = torch.zeros(c, dtype=ct, device=input.device)
+        return zeros, zeros.clone()
+    x = input.to(ct)
+    mean = x.mean(_bn_dims(input))
+    m2 = (x - _bn_channel(mean, input, ct)).square().sum(_bn_dims(input))
+    return mean, m2
+
+
+def _bn_elemt(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+              mean: torch.Tensor, invstd: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """y = (x - mean) * scale + b, scale = invstd * w, in the math type."""
+    scale = invstd.to(ct) * weight.to(ct) if weight is not None else invstd.to(ct)
+    y = (input.to(ct) - _bn_channel(mean, input, ct)) * _bn_channel(scale, input, ct)
+    if bias is not None:
+        y = y + _bn_channel(bias, input, ct)
+    return _bn_like(y, input)
+
+
+def batch_norm_fwd_ref(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                       momentum: float, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, save_mean, save_invstd, new_running_mean, new_running_var) (the contract of pyoptim::batch_norm_fwd)."""
+    n, c, s = check_batch_norm_fwd_args("batch_norm_fwd", input, weight, bias, running_mean, running_var, training,
+                                        True)
+    ct = _opmath(input.dtype)
+    count = n * s
+    empty = input.new_empty(0)
+    new_mean, new_var = empty, empty.clone()
+    if training:
+        mean, m2 = _bn_sums(input, count, ct)
+        if count == 0:
+            # torch leaves the running statistics untouched; the saved ones are 0.
+            invstd = torch.zeros(c, dtype=ct, device=input.device)
+            if running_mean is not None:
+                new_mean, new_var = running_mean.clone(), running_var.clone()
+        else:
+            invstd = 1.0 / torch.sqrt(m2 / count + eps)
+            if running_mean is not None:
+                # m2 / (count - 1) with count = 1 is 0 / 0 = nan, as torch's.
+                unbiased = m2 / torch.tensor(count - 1, dtype=ct, device=input.device)
+                new_mean = ((1 - momentum) * running_mean.to(ct) + momentum * mean).to(running_mean.dtype)
+                new_var = ((1 - momentum) * running_var.to(ct) + momentum * unbiased).to(running_var.dtype)
+    else:
+        mean = running_mean.to(ct)
+        invstd = 1.0 / torch.sqrt(running_var.to(ct) + eps)
+    mean, invstd = mean.reshape(c), invstd.reshape(c)
+    out = _bn_elemt(input, weight, bias, mean, invstd, ct)
+    sd = norm_stat_dtype(input.dtype)
+    return out, mean.to(sd), invstd.to(sd), new_mean, new_var
+
+
+def _bn_backward_sums(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor,
+                      ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_dy, sum_dy_xmu) per channel in the math type."""
+    dy = grad_out.to(ct)
+    xmu = input.to(ct) - _bn_channel(mean, input, ct)
+    return dy.sum(_bn_dims(input)), (dy * xmu).sum(_bn_dims(input))
+
+
+def _bn_backward_elemt(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                       weight: Optional[torch.Tensor], mean_dy: Optional[torch.Tensor],
+                       mean_dy_xmu: Optional[torch.Tensor], ct: torch.dtype) -> torch.Tensor:
+    """dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * w; without mean_dy: dy * invstd * w."""
+    r = invstd.to(ct)
+    scale = r * weight.to(ct) if weight is not None else r
+    g = grad_out.to(ct)
+    if mean_dy is not None:
+        proj = r * r * mean_dy_xmu.to(ct)
+        g = g - _bn_channel(mean_dy, input, ct) - (input.to(ct) - _bn_channel(mean, input, ct)) * _bn_channel(
+            proj, input, ct)
+    return _bn_like(g * _bn_channel(scale, input, ct), input)
+
+
+def batch_norm_bwd_ref(grad_out: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
+                       save_mean: torch.Tensor, save_invstd: torch.Tensor, training: bool,
+                       output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias) of BatchNorm (the contract of torch.ops.pyoptim.batch_norm_bwd)."""
+    n, c, s = check_batch_norm_bwd_args(grad_out, input, weight, save_mean, save_invstd, training)
+    ct = _opmath(input.dtype)
+    count = n * s
+    sum_dy, sum_dy_xmu = _bn_backward_sums(grad_out, input, save_mean, ct)
+    empty = input.new_empty(0)
+    dx = empty
+    if output_mask[0]:
+        if training and count > 0:
+            dx = _bn_backward_elemt(grad_out, input, save_mean, save_invstd, weight, sum_dy / count,
+                                    sum_dy_xmu / count, ct)
+        else:
+            dx = _bn_backward_elemt(grad_out, input, save_mean, save_invstd, weight, None, None, ct)
+    wdtype = weight.dtype if weight is not None else input.dtype
+    dw = (sum_dy_xmu * save_invstd.to(ct)).to(wdtype) if output_mask[1] and weight is not None else input.new_empty(0)
+    db = sum_dy.to(wdtype) if output_mask[2] else input.new_empty(0)
+    return dx, dw, db
+
+
+def batch_norm_stats_ref(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, m2) per channel (the contract of torch.ops.pyoptim.batch_norm_stats)."""
+    n, _, s = check_batch_norm_stats_args(input)
+    mean, m2 = _bn_sums(input, n * s, _opmath(input.dtype))
+    sd = norm_stat_dtype(input.dtype)
+    return mean.to(sd), m2.to(sd)
+
+
+def batch_norm_elemt_ref(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """(x - mean) * invstd * weight + bias (the contract of torch.ops.pyoptim.batch_norm_elemt)."""
+    check_batch_norm_elemt_args(input, weight, bias, mean, invstd)
+    return _bn_elemt(input, weight, bias, mean, invstd, _opmath(input.dtype))
+
+
+def batch_norm_backward_reduce_ref(grad_out: torch.Tensor, input: torch.Tensor,
+                                   mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_dy, sum_dy_xmu) per channel (the contract of torch.ops.pyoptim.batch_norm_backward_reduce)."""
+    check_batch_norm_backward_reduce_args(grad_out, input, mean)
+    sum_dy, sum_dy_xmu = _bn_backward_sums(grad_out, input, mean, _opmath(input.dtype))
+    sd = norm_stat_dtype(input.dtype)
+    return sum_dy.to(sd), sum_dy_xmu.to(sd)
+
+
+def batch_norm_backward_elemt_ref(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor,
+                                  invstd: torch.Tensor, weight: Optional[torch.Tensor], mean_dy: torch.Tensor,
+                                  mean_dy_xmu: torch.Tensor) -> torch.Tensor:
+    """grad_input of BatchNorm in training from global means (the contract of pyoptim::batch_norm_backward_elemt)."""
+    check_batch_norm_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+    return _bn_backward_elemt(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu, _opmath(input.dtype))

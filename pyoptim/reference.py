@@ -333,7 +333,7 @@ def batch_norm_fwd_ref(input: torch.Tensor, weight: Optional[torch.Tensor], bias
                 new_mean = ((1 - momentum) * running_mean.to(ct) + momentum * mean).to(running_mean.dtype)
                 new_var = ((1 - momentum) * running_var.to(ct) + momentum * unbiased).to(running_var.dtype)
     else:
-        mean = running_mean.to(ct)
+        mean = running_mean.to(ct, copy=True)  # an output never aliases an input (the schema says so)
         invstd = 1.0 / torch.sqrt(running_var.to(ct) + eps)
     mean, invstd = mean.reshape(c), invstd.reshape(c)
     out = _bn_elemt(input, weight, bias, mean, invstd, ct)

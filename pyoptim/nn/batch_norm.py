@@ -8,7 +8,7 @@ ops, chosen by `backend` (default: the fastest here).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ import torch.distributed as dist
 from pyoptim import _backends
 from pyoptim.functional import batch_norm, instance_norm
 from pyoptim._validation import norm_stat_dtype
+
+_Device = Optional[Union[torch.device, str, int]]
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
            "InstanceNorm3d"]
@@ -26,7 +28,7 @@ class _BatchNormForward:
 
     backend: Optional[str]
 
-    def _factor_and_mode(self, sync: bool) -> tuple[float, bool]:
+    def _factor_and_mode(self) -> tuple[float, bool]:
         """(exponential_average_factor, bn_training), counting the step in num_batches_tracked, as torch does."""
         # exponential_average_factor is self.momentum, or 1 / num_batches_tracked
         # for momentum=None (a cumulative average): torch's _BatchNorm.forward.
@@ -34,9 +36,7 @@ class _BatchNormForward:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                # torch reads the count on the host here too (float() / .item()).
-                n = self.num_batches_tracked.item() if sync else float(self.num_batches_tracked)
-                factor = 1.0 / n
+                factor = 1.0 / float(self.num_batches_tracked)  # a host read, as torch's
         # The batch's statistics normalize in training, and in eval when there are no running statistics.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         return factor, bn_training
@@ -50,7 +50,7 @@ class _BatchNormForward:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """torch.nn.BatchNorm*d's forward, by pyoptim's batch_norm."""
         self._check_input_dim(input)
-        factor, bn_training = self._factor_and_mode(sync=False)
+        factor, bn_training = self._factor_and_mode()
         running_mean, running_var = self._running_stats()
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
                           backend=self.backend)
@@ -60,8 +60,8 @@ class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = True, device: _Device = None, dtype: Optional[torch.dtype] = None,
+                 *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
 
@@ -70,8 +70,8 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = True, device: _Device = None, dtype: Optional[torch.dtype] = None,
+                 *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
 
@@ -80,8 +80,8 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = True, device: _Device = None, dtype: Optional[torch.dtype] = None,
+                 *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
 
@@ -180,8 +180,8 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm by pyoptim's ops, on any device a process group serves (gloo on CPU, nccl on GPU)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Optional[Any] = None, device=None, dtype=None, *,
-                 bias: bool = True, backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = True, process_group: Optional[Any] = None, device: _Device = None,
+                 dtype: Optional[torch.dtype] = None, *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
                          bias=bias)
         self.backend = backend
@@ -190,7 +190,7 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
         """torch.nn.SyncBatchNorm's forward by pyoptim's ops, without its GPU-only restriction."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor, bn_training = self._factor_and_mode(sync=True)
+        factor, bn_training = self._factor_and_mode()
         running_mean, running_var = self._running_stats()
         # Statistics are synchronized only in training, across a group of more than one rank.
         world_size = 1
@@ -249,8 +249,8 @@ class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
     """torch.nn.InstanceNorm1d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = False, device: _Device = None, dtype: Optional[torch.dtype] = None,
+                 *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
 
@@ -259,8 +259,8 @@ class InstanceNorm2d(_InstanceNormForward, torch.nn.InstanceNorm2d):
     """torch.nn.InstanceNorm2d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = False, device: _Device = None, dtype: Optional[torch.dtype] = None,
+                 *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
 
@@ -269,7 +269,7 @@ class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
     """torch.nn.InstanceNorm3d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 backend: Optional[str] = None) -> None:
+                 track_running_stats: bool = False, device: _Device = None, dtype: Optional[torch.dtype] = None,
+                 *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend

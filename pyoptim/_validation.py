@@ -1,7 +1,8 @@
 """Argument checks of the ops, for the backends written in Python.
 
 The C++ backends run the same checks (csrc/multi_tensor_host.cpp,
-csrc/optim_host.cpp), with the same messages; the fake (meta) kernels and the
+csrc/optim_host.cpp, csrc/norm_host.cpp, csrc/batch_norm_host.cpp), with the
+same messages; the fake (meta) kernels and the
 triton and reference backends run these. Every check runs before anything is
 written.
 """

@@ -330,8 +330,11 @@ def batch_norm_fwd_ref(input: torch.Tensor, weight: Optional[torch.Tensor], bias
             if running_mean is not None:
                 # m2 / (count - 1) with count = 1 is 0 / 0 = nan, as torch's.
                 unbiased = m2 / torch.tensor(count - 1, dtype=ct, device=input.device)
-                new_mean = ((1 - momentum) * running_mean.to(ct) + momentum * mean).to(running_mean.dtype)
-                new_var = ((1 - momentum) * running_var.to(ct) + momentum * unbiased).to(running_var.dtype)
+                # In the running statistics' own shape and dtype (any shape of C elements passes the checks).
+                new_mean = ((1 - momentum) * running_mean.to(ct).reshape(c) + momentum * mean).to(
+                    running_mean.dtype).reshape(running_mean.shape)
+                new_var = ((1 - momentum) * running_var.to(ct).reshape(c) + momentum * unbiased).to(
+                    running_var.dtype).reshape(running_var.shape)
     else:
         mean = running_mean.to(ct, copy=True)  # an output never aliases an input (the schema says so)
         invstd = 1.0 / torch.sqrt(running_var.to(ct) + eps)

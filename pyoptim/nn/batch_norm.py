@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from pyoptim import _backends
+from pyoptim._validation import check_batch_norm_fwd_args, norm_stat_dtype
 from pyoptim.functional import batch_norm, instance_norm
-from pyoptim._validation import norm_stat_dtype
 
 _Device = Optional[Union[torch.device, str, int]]
 
@@ -103,7 +103,7 @@ def _op(op: str, device: torch.device, backend: Optional[str]):
 def _all_gather_rows(row: torch.Tensor, process_group: Any, world_size: int) -> torch.Tensor:
     """[world_size, len(row)]: every rank's row, in rank order, by one collective."""
     if dist.get_backend(process_group) == "gloo":
-        # Gloo has no all_gather_into_tensor.
+        # Gloo had no all_gather_into_tensor before recent torch releases; the list form works with every version.
         rows = [torch.empty_like(row) for _ in range(world_size)]
         dist.all_gather(rows, row, process_group)
         return torch.stack(rows)
@@ -118,6 +118,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size,
                 backend):
+        # Every check before the first collective and the running statistics' update (the ops check again).
+        check_batch_norm_fwd_args("batch_norm_fwd", input, weight, bias, running_mean, running_var, True, True)
         c = input.shape[1]
         count = input.numel() // c
         sd = norm_stat_dtype(input.dtype)
@@ -147,7 +149,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.copy_(torch.where(n > 0, new_var, running_var.double()))
         mean, invstd = total_mean.to(sd), invstd.to(sd)
         out = _op("batch_norm_elemt", input.device, backend)(input, weight, bias, mean, invstd)
-        ctx.save_for_backward(input, weight, mean, invstd, n.to(sd))
+        ctx.save_for_backward(input, weight, mean, invstd, n)
         ctx.process_group, ctx.backend = process_group, backend
         ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
         return out
@@ -165,7 +167,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if need_input:
             packed = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(packed, dist.ReduceOp.SUM, ctx.process_group)
-            mean_dy, mean_dy_xmu = (packed / n.clamp_min(1)).split(c)
+            # The global count in float64: exact past float32's 2^24.
+            mean_dy, mean_dy_xmu = (packed.double() / n.clamp_min(1)).to(mean.dtype).split(c)
             grad_input = _op("batch_norm_backward_elemt", input.device, ctx.backend)(
                 grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
         # The local sums, as torch's SyncBatchNorm: DDP all-reduces parameter gradients.

@@ -787,6 +787,8 @@ def _expected(name, args):
     if name == "batch_norm_stats":
         (x,) = args
         sd, C = _stat_dtype(x.dtype), x.shape[1]
+        if C == 0:
+            return [torch.empty(0, dtype=sd, device=x.device)] * 2
         var, mean = torch.var_mean(f64(x), dims(x), correction=0)
         return [mean.to(sd), (var * (x.numel() // max(C, 1))).to(sd)]
     shape = lambda x: [1, -1] + [1] * (x.dim() - 2)  # noqa: E731

@@ -256,7 +256,10 @@ def test_weight_grads_are_deterministic(bn_impl):
 # -- numerics: far-off means, bf16/fp16 -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,layout", _shape_params([((8, 5, 16, 16), "nchw"), ((8, 5, 16, 16), "channels_last"), ((600, 7), "nchw")]))
+@pytest.mark.parametrize("shape,layout", _shape_params([
+    ((8, 5, 16, 16), "nchw"), ((8, 5, 16, 16), "channels_last"),
+    ((600, 7), "nchw"),  # (N, C): the count is the batch, the channels interleaved
+]))
 def test_mean_far_above_std(bn_impl, shape, layout):
     """Mean 500 x std: a one-pass E[x^2] - E[x]^2 variance keeps no digit in float32 (E[x^2] ~ 2.5e5, its
     rounding ~0.02 per term against a variance of 1) and can even go negative; Welford or two passes keep
@@ -276,7 +279,10 @@ def _rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("param_dtype", ["input", "float32"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape,layout", _shape_params([((8, 13, 7, 7), "nchw"), ((8, 13, 7, 7), "channels_last"), ((64, 130), "nchw")]))
+@pytest.mark.parametrize("shape,layout", _shape_params([
+    ((8, 13, 7, 7), "nchw"), ((8, 13, 7, 7), "channels_last"),
+    ((64, 130), "nchw"),  # C past a 128-wide tile
+]))
 def test_low_precision_vs_float64(bn_impl, shape, layout, training, param_dtype, dtype):
     """Each output's (and running statistic's) error against a float64 run is at most twice torch's own:
     float32 math, one rounding per output. Parameters and running statistics in the input's dtype or float32
@@ -552,7 +558,10 @@ def test_instance_norm_module_matches_torch(bn_impl, cls, shape, layout, kwargs)
         _step_both(ours, theirs, x, torch.randn_like(x), f"step {step} ({mode})")
 
 
-@pytest.mark.parametrize("shape,layout", _shape_params([((2, 3, 5), "nchw"), ((3, 4, 3, 3), "channels_last"), ((1, 3, 2, 3, 4), "nchw")]))
+@pytest.mark.parametrize("shape,layout", _shape_params([
+    ((2, 3, 5), "nchw"), ((3, 4, 3, 3), "channels_last"),
+    ((1, 3, 2, 3, 4), "nchw"),  # N = 1, 5-d
+]))
 @pytest.mark.parametrize("use_input_stats,running", [(True, False), (True, True), (False, True)],
                          ids=["input_stats", "input_stats_and_running", "running_stats"])
 def test_instance_norm_functional_matches_torch(bn_impl, shape, layout, use_input_stats, running):
@@ -631,7 +640,8 @@ def test_replace_norms_on_a_conv_net(bn_impl, channels_last):
     assert pyoptim.nn.replace_norms(ours, backend=bn_impl[1]) is ours
     assert type(ours.features[1]) is pyoptim.nn.BatchNorm2d and type(ours.features[4]) is pyoptim.nn.InstanceNorm2d
     assert type(ours.head[1]) is pyoptim.nn.BatchNorm1d and ours.head[1].momentum is None
-    assert ours.features[1].backend == bn_impl[1] and ours.features[4].affine and not ours.features[4].track_running_stats
+    assert ours.features[1].backend == bn_impl[1] == ours.features[4].backend
+    assert ours.features[4].affine and not ours.features[4].track_running_stats
     # The same Parameter and buffer objects: an optimizer built before the swap still updates them, and
     # anything holding the buffers (an EMA, DDP's buffer list) still sees the statistics move.
     assert ours.features[1].weight is weight and ours.features[1].running_mean is running_mean

@@ -100,8 +100,9 @@ def _params(c, dtype, device, affine="both", running=True):
 
 def _assert_matches_torch(impl, x, *, training=True, affine="both", running=True, momentum=0.1, eps=1e-5,
                           dy=None, tol=None):
-    """Output, grads and running statistics against torch's, run in float64 and rounded to our dtypes; and
-    the output and grad_input laid out as the input (or as dy's layout requires nothing of them)."""
+    """Output, grads and running statistics against torch's, run in float64 and rounded to our dtypes (torch's
+    own float32 is not the truth: its sums round too), and the output and grad_input laid out as the input,
+    whatever dy's layout."""
     w, b, rm, rv = _params(x.shape[1], x.dtype, x.device, affine, running)
     dy = torch.randn_like(x) if dy is None else dy
     ours = _run(_ours(impl[1]), x, rm, rv, w, b, dy, training, momentum, eps)
@@ -123,7 +124,7 @@ def _assert_matches_torch(impl, x, *, training=True, affine="both", running=True
 
 SHAPES = [
     ((7, 5), "nchw"),  # (N, C): S = 1, BatchNorm1d's 2-d input; odd C
-    ((64, 130), "nchw"),  # (N, C) with more channels than a 128-wide tile, odd rows
+    ((64, 130), "nchw"),  # (N, C) with C past a 128-wide tile: 2 channels in a second one
     ((4, 3, 17), "nchw"),  # (N, C, L): L odd, no whole 16-byte vector per channel row
     ((4, 13, 9), "nlc"),  # (N, L, C) contiguous seen as (N, C, L): channels-last without a memory format
     ((3, 6, 5, 7), "nchw"),  # (N, C, H, W)

@@ -432,9 +432,8 @@ def _module_pair(cls: str, c: int, kwargs: dict, device, backend):
     """Ours and torch's module `cls`, torch's with random affine parameters and statistics, ours loaded from it."""
     theirs = getattr(torch.nn, cls)(c, device=device, **kwargs)
     with torch.no_grad():
-        if theirs.weight is not None:
-            theirs.weight.normal_()
-            theirs.bias.normal_()
+        for p in theirs.parameters():
+            p.normal_()
         if theirs.running_mean is not None:
             theirs.running_mean.normal_()
             theirs.running_var.uniform_(0.5, 2.0)
@@ -466,6 +465,7 @@ BN_MODULE_KWARGS = {
     "momentum_none": dict(momentum=None),  # the cumulative average over the steps, 1 / num_batches_tracked
     "no_running_stats": dict(track_running_stats=False),  # batch statistics in eval too
     "no_affine": dict(affine=False),
+    "no_bias": dict(bias=False),  # a weight alone
     "eps": dict(eps=1e-3, momentum=0.3),
 }
 
@@ -495,8 +495,9 @@ def test_module_matches_torch(bn_impl, cls, shape, layout, kwargs):
 @pytest.mark.parametrize("cls", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d",
                                  "InstanceNorm2d", "InstanceNorm3d"])
 @pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(track_running_stats=False), dict(momentum=None),
-                                    dict(affine=True, track_running_stats=True)],
-                         ids=["default", "no_affine", "no_running_stats", "momentum_none", "affine_and_stats"])
+                                    dict(affine=True, track_running_stats=True), dict(affine=True, bias=False)],
+                         ids=["default", "no_affine", "no_running_stats", "momentum_none", "affine_and_stats",
+                              "no_bias"])
 def test_module_state_dict_interchange(cls, kwargs):
     """Same keys as torch's; a trained state_dict loads into either and the two compute the same; same repr.
     (The module's plumbing: the reference backend serves; the kernels are tested above.)"""
@@ -505,6 +506,8 @@ def test_module_state_dict_interchange(cls, kwargs):
     assert isinstance(ours, type(theirs))  # a subclass: isinstance checks in user code keep working
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     assert repr(ours) == repr(theirs)
+    if kwargs.get("bias") is False:
+        assert ours.bias is None and "bias" not in dict(ours.named_parameters())
     with torch.no_grad():
         for p in theirs.parameters():
             p.normal_()

@@ -373,6 +373,9 @@ def _bad_cases():
         "weight_size_eval": ((2, 3, 4), 3, 3, 4, 3, False, 1e-5, RuntimeError),
         "running_mean_size_eval": ((2, 3, 4), 4, 3, 3, 3, False, 1e-5, RuntimeError),
         "eval_without_running_stats": ((2, 3), None, None, 3, 3, False, 1e-5, RuntimeError),
+        "running_mean_alone": ((2, 3), 3, None, 3, 3, True, 1e-5, ValueError),  # torch: both or neither
+        "running_var_alone": ((2, 3, 4), None, 3, None, None, True, 1e-5, ValueError),
+        "running_var_alone_eval": ((2, 3), None, 3, 3, 3, False, 1e-5, RuntimeError),
         "one_dim": ((3,), 3, 3, 3, 3, True, 1e-5, RuntimeError),
         "one_dim_eval": ((3,), 3, 3, None, None, False, 1e-5, RuntimeError),
         "eps_zero": ((2, 3), 3, 3, 3, 3, True, 0.0, ValueError),
@@ -600,13 +603,25 @@ def test_instance_norm_functional_matches_torch(bn_impl, shape, layout, use_inpu
     assert a[0].stride() == theirs(x, rm, rv, w, b, use_input_stats, 0.2, 1e-5).stride()
 
 
-def test_instance_norm_refuses_one_spatial_element(bn_impl):
-    x = torch.randn(2, 3, 1, device=_device(bn_impl))
-    with pytest.raises(ValueError) as ours:
-        pyoptim.nn.functional.instance_norm(x, backend=bn_impl[1])
-    with pytest.raises(ValueError) as theirs:
-        F.instance_norm(x)
+@pytest.mark.parametrize("case", ["one_spatial_element", "no_stats_without_input_stats", "running_mean_size",
+                                  "weight_size", "running_mean_alone"])
+def test_instance_norm_bad_input_raises_torchs_error(bn_impl, case):
+    device = _device(bn_impl)
+    x = torch.randn(2, 3, 1 if case == "one_spatial_element" else 4, device=device)
+    kw = {
+        "one_spatial_element": {},
+        "no_stats_without_input_stats": dict(use_input_stats=False),
+        "running_mean_size": dict(running_mean=torch.zeros(4, device=device), running_var=torch.ones(4, device=device)),
+        "weight_size": dict(weight=torch.ones(4, device=device)),
+        "running_mean_alone": dict(running_mean=torch.zeros(3, device=device)),
+    }[case]
+    with pytest.raises(Exception) as theirs:
+        F.instance_norm(x, **kw)
+    with pytest.raises(theirs.type) as ours:
+        pyoptim.nn.functional.instance_norm(x, **kw, backend=bn_impl[1])
     assert str(ours.value) == str(theirs.value)
+    if "running_mean" in kw:
+        assert torch.equal(kw["running_mean"], torch.zeros_like(kw["running_mean"]))
 
 
 # -- replace_norms ---------------------------------------------------------------------------------------------
@@ -683,9 +698,12 @@ def test_replace_norms_on_a_bare_norm_keeps_ours_and_dtype():
     new = pyoptim.nn.replace_norms(m)
     assert type(new) is pyoptim.nn.BatchNorm2d and new.weight is m.weight and new.running_var is m.running_var
     assert new.weight.dtype == torch.float64
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), pyoptim.nn.BatchNorm2d(4, backend="reference"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), pyoptim.nn.BatchNorm2d(4, backend="reference"),
+                                torch.nn.SyncBatchNorm(4, momentum=None, eps=1e-3))
     pyoptim.nn.replace_norms(model)
     assert model[1].backend == "reference"  # ours are left alone
+    sync = model[2]
+    assert type(sync) is pyoptim.nn.SyncBatchNorm and (sync.momentum, sync.eps, sync.process_group) == (None, 1e-3, None)
 
 
 # -- the six ops: direct semantics, every backend against reference, opcheck, compile ------------------------------

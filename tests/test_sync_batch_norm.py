@@ -125,8 +125,9 @@ def _worker(rank: int, init_file: str, out_dir: str, backends: list[str]) -> Non
     results: dict = {}
 
     def record(key, run):
-        # A backend that fails (one not built here yet) fails its own tests, not the others': both ranks run
-        # the same code on the same shapes, so they fail at the same point and no collective is left waiting.
+        # A failure fails the tests that read this key, not the others'. A backend that fails probe() below
+        # (one not built here) is not run at all; one that fails later on one rank only leaves the other in
+        # a collective, which the 30 s timeout ends.
         try:
             results[key] = run()
         except Exception as e:  # noqa: BLE001 - reported by the test that reads the key

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh                    # all phases
 #   PHASES="build test" bash benchmarks/gpu_check.sh
 #   PYOPTIM_GIT_SHA=$(git rev-parse HEAD) ...       # where the copy has no .git
-#   TEST_FILTER=..., BENCH_ARGS="--ops adam --quick", *_TIMEOUT=seconds
+#   TEST_FILTER=..., BENCH_ARGS="--ops adam --quick" (also skips the bf16 BatchNorm run), *_TIMEOUT=seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -54,6 +54,11 @@ fi
 if [[ " $PHASES " == *" bench "* ]]; then
   echo "== benchmark $(elapsed)"
   timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" ${BENCH_ARGS:---impls pyoptim-cuda,pyoptim-triton,torch*,liger,apex*,deepspeed*} || status=1
+  if [[ -z "${BENCH_ARGS:-}" ]]; then
+    # BatchNorm in bf16 too (float32 parameters): mixed precision's case on GPUs, where its kernels differ most.
+    timeout ${BENCH_BF16_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops batch_norm --dtype bf16 \
+      --impls pyoptim-cuda,pyoptim-triton,torch || status=1
+  fi
   if [[ -n "${OUT:-}" ]]; then
     cp "$RESULTS"/*cuda*.json "$RESULTS"/*cuda*.png "$OUT"/ 2>/dev/null || true
   fi

@@ -1,10 +1,11 @@
 """Entry point of the benchmarks (`make bench ARGS=...`): every op of every benchmarks/bench_<op>.py.
 
-    python benchmarks/run.py [--ops adam] [--cases large,many_small,transformer]
+    python benchmarks/run.py [--ops adam,batch_norm] [--cases large,many_small,transformer]
         [--impls pyoptim-*,torch-fused] [--dtype fp32] [--device cpu|cuda]
         [--out DIR] [--quick] [--no-plot] [--threads N] [--default-allocator] [--list]
 
-See harness.py for what is measured and how, and bench_adam.py for an op.
+See harness.py for what is measured and how, and bench_adam.py for an op. The ops are found, not listed:
+every benchmarks/bench_<op>.py that defines OP (adam, sgd, clip, clip_adamw, layer_norm, batch_norm).
 """
 
 import sys

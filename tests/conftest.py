@@ -69,6 +69,12 @@ def norm_impl(request) -> tuple[str, str]:
     return request.param
 
 
+@pytest.fixture(params=impls("batch_norm_fwd"), ids=impl_id)
+def bn_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one implementation of the six batch_norm_* ops."""
+    return request.param
+
+
 def hand_over_state_dict(direction, ours_factory, torch_factory, init, steps_before=3, steps_after=3):
     """Train with one optimizer, load its state_dict into the other (pyoptim <-> torch) and step both on.
 

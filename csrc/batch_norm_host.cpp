@@ -91,7 +91,7 @@ void check_batch_norm_fwd_args(const char* op, const at::Tensor& input, const st
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var, bool training, bool require_running,
                                c10::DeviceType device_type) {
-  PYOPTIM_CHECK(input.dim() >= 2, op, ": expected input of shape (N, C, *), with at least 2 dims, but got input of size",
+  PYOPTIM_CHECK(input.dim() >= 2, op, ": expected input of shape (N, C, *), with at least 2 dims, but got input of size ",
                 input.sizes());
   PYOPTIM_CHECK(input.device().type() == device_type, op, ": input is on ", input.device(), ", expected a ",
                 device_type, " tensor");
@@ -110,7 +110,8 @@ void check_batch_norm_fwd_args(const char* op, const at::Tensor& input, const st
     PYOPTIM_CHECK(has_mean, "running_mean must be defined in evaluation mode");
     PYOPTIM_CHECK(has_var, "running_var must be defined in evaluation mode");
   }
-  PYOPTIM_CHECK(has_mean == has_var, op, ": running_mean and running_var must be given together");
+  // torch's own message and type (TORCH_CHECK_VALUE in aten's batch_norm).
+  PYOPTIM_CHECK_VALUE(has_mean == has_var, "running_mean and running_var must either both be None or neither be None");
 }
 
 void check_batch_norm_stat(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input) {

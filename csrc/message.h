@@ -67,3 +67,5 @@ std::string msg(const Args&... args) {
 
 // TORCH_CHECK with a message from pyoptim::msg (see note above).
 #define PYOPTIM_CHECK(cond, ...) TORCH_CHECK((cond), ::pyoptim::msg(__VA_ARGS__))
+// The same, raising c10::ValueError (Python ValueError), for torch messages of that type.
+#define PYOPTIM_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE((cond), ::pyoptim::msg(__VA_ARGS__))

@@ -59,7 +59,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import bf16_rne, exact_div, exact_sqrt, interpret, on_device
+from pyoptim._validation import (check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
+                                 check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
+                                 check_batch_norm_stats_args)
+
+from ._multi_tensor import bf16_rne, device_type_required, exact_div, exact_sqrt, interpret, on_device
 
 __all__ = ["batch_norm_fwd_triton", "batch_norm_bwd_triton", "batch_norm_stats_triton", "batch_norm_elemt_triton",
            "batch_norm_backward_reduce_triton", "batch_norm_backward_elemt_triton"]
@@ -689,6 +693,8 @@ def batch_norm_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], b
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, save_mean, save_invstd, new_running_mean, new_running_var) of BatchNorm
     (the contract of torch.ops.pyoptim.batch_norm_fwd)."""
+    check_batch_norm_fwd_args("batch_norm_fwd", input, weight, bias, running_mean, running_var, training, True,
+                              device_type_required())
     x, dims = _layout(input)
     device = input.device
     sd = _stat_dtype(input.dtype)
@@ -728,6 +734,7 @@ def batch_norm_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: O
                           save_mean: torch.Tensor, save_invstd: torch.Tensor, training: bool,
                           output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight, grad_bias) of BatchNorm (torch.ops.pyoptim.batch_norm_bwd)."""
+    check_batch_norm_bwd_args(grad_out, input, weight, save_mean, save_invstd, training, device_type_required())
     x, dims = _layout(input)
     device = input.device
     want_dx = bool(output_mask[0])
@@ -760,6 +767,7 @@ def batch_norm_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: O
 
 def batch_norm_stats_triton(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, m2) per channel, m2 = sum((x - mean)^2) (torch.ops.pyoptim.batch_norm_stats)."""
+    check_batch_norm_stats_args(input, device_type_required())
     x, dims = _layout(input)
     sd = _stat_dtype(input.dtype)
     mean = torch.empty(dims.C, dtype=sd, device=input.device)
@@ -778,6 +786,7 @@ def batch_norm_stats_triton(input: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def batch_norm_elemt_triton(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
     """out = (x - mean) * invstd * weight + bias (torch.ops.pyoptim.batch_norm_elemt)."""
+    check_batch_norm_elemt_args(input, weight, bias, mean, invstd, device_type_required())
     x, dims = _layout(input)
     y = torch.empty_like(x)
     if dims.C > 0 and dims.count > 0:
@@ -789,6 +798,7 @@ def batch_norm_elemt_triton(input: torch.Tensor, weight: Optional[torch.Tensor],
 def batch_norm_backward_reduce_triton(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_dy, sum_dy_xmu) per channel (torch.ops.pyoptim.batch_norm_backward_reduce)."""
+    check_batch_norm_backward_reduce_args(grad_out, input, mean, device_type_required())
     x, dims = _layout(input)
     sd = _stat_dtype(input.dtype)
     sum_dy = torch.empty(dims.C, dtype=sd, device=input.device)
@@ -809,6 +819,8 @@ def batch_norm_backward_elemt_triton(grad_out: torch.Tensor, input: torch.Tensor
                                      mean_dy_xmu: torch.Tensor) -> torch.Tensor:
     """grad_input = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight
     (torch.ops.pyoptim.batch_norm_backward_elemt)."""
+    check_batch_norm_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu,
+                                         device_type_required())
     x, dims = _layout(input)
     dx = torch.empty_like(x)
     if dims.C > 0 and dims.count > 0:

@@ -284,7 +284,7 @@ def check_batch_norm_fwd_args(op: str, input: torch.Tensor, weight: Optional[tor
                               running_var: Optional[torch.Tensor], training: bool, require_running: bool,
                               device_type: Optional[str] = None) -> tuple[int, int, int]:
     """Raise RuntimeError as csrc/batch_norm_host.cpp's check_batch_norm_fwd_args does; return (N, C, S)."""
-    _check(input.dim() >= 2, op, "expected input of shape (N, C, *), with at least 2 dims, but got input of size",
+    _check(input.dim() >= 2, op, "expected input of shape (N, C, *), with at least 2 dims, but got input of size ",
            list(input.shape))
     if device_type is not None:
         _check(input.device.type == device_type, op, "input is on ", input.device, ", expected a ", device_type,
@@ -301,7 +301,9 @@ def check_batch_norm_fwd_args(op: str, input: torch.Tensor, weight: Optional[tor
         # torch's own messages.
         _torch_check(running_mean is not None, "running_mean must be defined in evaluation mode")
         _torch_check(running_var is not None, "running_var must be defined in evaluation mode")
-    _check((running_mean is None) == (running_var is None), op, "running_mean and running_var must be given together")
+    if (running_mean is None) != (running_var is None):
+        # torch's own message and type (TORCH_CHECK_VALUE in aten's batch_norm).
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     s = 1
     for d in input.shape[2:]:
         s *= d

@@ -80,10 +80,11 @@ Plan plan(const at::Tensor& x, const BatchNormDims& d, bool reduce) {
   // need, and never below kBatchNormCpuMinBlock elements a block.
   const int64_t threads = at::get_num_threads();
   const int64_t count = L.N * L.S;
-  const int64_t max_blocks = std::max<int64_t>(1, count / kBatchNormCpuMinBlock);
   if (L.channels_last) {
-    L.blocks = std::min({threads, max_blocks, count});
+    // Blocks of rows, every channel in each.
+    L.blocks = std::min({threads, std::max<int64_t>(1, count * L.C / kBatchNormCpuMinBlock), count});
   } else if (threads > 1 && L.C % threads != 0 && L.C < 8 * threads) {
+    const int64_t max_blocks = std::max<int64_t>(1, count / kBatchNormCpuMinBlock);
     // Too few channels to share evenly: at least 8 items a thread, so the
     // last thread's share is at most an eighth short of the others'.
     L.blocks = std::min((8 * threads + L.C - 1) / L.C, max_blocks);

@@ -99,14 +99,47 @@ struct GradTerm {  // a0 += dy, a1 += dy * (x - mean)
 
 // ------------------------------------------------------------------- NCHW
 // Channel c's elements n * S + s in [f0, f1), as the contiguous runs
-// fn(offset of the run in the tensor, length).
+// fn(n, offset of the run in the tensor, length).
 template <typename F>
 PYOPTIM_INLINE void for_runs(const BatchNormCpuLaunch& L, int64_t c, int64_t f0, int64_t f1, F fn) {
   int64_t n = f0 / L.S, s = f0 % L.S;
   for (int64_t f = f0; f < f1; ++n, s = 0) {
     const int64_t len = std::min(L.S - s, f1 - f);
-    fn((n * L.C + c) * L.S + s, len);
+    fn(n, (n * L.C + c) * L.S + s, len);
     f += len;
+  }
+}
+
+// note [batch norm prefetch]: a channel's runs lie C * S elements apart, so
+// short runs (a 14 x 14 image: 784 bytes) end before the hardware
+// prefetchers have seen a stream, and each line would wait for DRAM. The
+// first pass over a chunk asks for the lines of the run kPrefetchBytes ahead
+// while it sums this one; runs of a page or more are left to the hardware.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Runs ahead to prefetch for runs of S elements of T, 0 for none.
+template <typename T>
+PYOPTIM_INLINE int64_t prefetch_runs(int64_t S) {
+  const int64_t bytes = S * static_cast<int64_t>(sizeof(T));
+  return bytes >= kPrefetchBytes ? 0 : std::min<int64_t>(32, (kPrefetchBytes + bytes - 1) / bytes);
+}
+
+// Prefetches run n + ahead of channel c (up to element f1 of the channel) of x, and of dy when given.
+template <typename T>
+PYOPTIM_INLINE void prefetch_run(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t c, int64_t n,
+                                 int64_t ahead, int64_t f1) {
+  const int64_t n2 = n + ahead, f = n2 * L.S;
+  if (ahead == 0 || f >= f1) {
+    return;
+  }
+  const int64_t off = (n2 * L.C + c) * L.S, bytes = std::min(L.S, f1 - f) * static_cast<int64_t>(sizeof(T));
+  const char* px = reinterpret_cast<const char*>(x + off);
+  const char* pd = dy ? reinterpret_cast<const char*>(dy + off) : nullptr;
+  for (int64_t i = 0; i < bytes + 63; i += 64) {
+    __builtin_prefetch(px + std::min(i, bytes - 1), 0, 3);
+    if (pd) {
+      __builtin_prefetch(pd + std::min(i, bytes - 1), 0, 3);
+    }
   }
 }
 
@@ -154,7 +187,7 @@ PYOPTIM_INLINE void run_reduce(const T* x, const T* dy, int64_t len, at::opmath_
 template <typename T, typename Term>
 PYOPTIM_INLINE void chunk_reduce(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t c, int64_t g,
                                  int64_t ge, at::opmath_type<T> m, at::opmath_type<T> dm, at::opmath_type<T> (&out)[2],
-                                 Term term) {
+                                 Term term, int64_t ahead = 0, int64_t f1 = 0) {
   using S = at::opmath_type<T>;
   using V = at::vec::Vectorized<S>;
   V acc[2][kAccs];
@@ -164,7 +197,8 @@ PYOPTIM_INLINE void chunk_reduce(const BatchNormCpuLaunch& L, const T* x, const 
     }
   }
   S tail[2] = {S(0), S(0)};
-  for_runs(L, c, g, ge, [&](int64_t off, int64_t len) {
+  for_runs(L, c, g, ge, [&](int64_t n, int64_t off, int64_t len) {
+    prefetch_run<T>(L, x, Term::kDy ? dy : nullptr, c, n, ahead, f1);
     run_reduce<T>(x + off, Term::kDy ? dy + off : nullptr, len, m, dm, acc, tail, term);
   });
   for (int a = 0; a < 2; ++a) {
@@ -178,7 +212,7 @@ at::opmath_type<T> nchw_shift(const BatchNormCpuLaunch& L, const T* x, int64_t c
   using S = at::opmath_type<T>;
   const int64_t n = std::min(kChunk, L.N * L.S);
   S r[2];
-  chunk_reduce<T>(L, x, nullptr, c, 0, n, S(0), S(0), r, SumTerm{});
+  chunk_reduce<T>(L, x, nullptr, c, 0, n, S(0), S(0), r, SumTerm{}, prefetch_runs<T>(L.S), n);
   return r[0] / static_cast<S>(n);
 }
 
@@ -189,10 +223,11 @@ Welford<at::opmath_type<T>> nchw_stats(const BatchNormCpuLaunch& L, const T* x, 
                                        at::opmath_type<T> K) {
   using S = at::opmath_type<T>;
   Welford<S> st{S(0), S(0), 0};
+  const int64_t ahead = prefetch_runs<T>(L.S);
   for (int64_t g = f0; g < f1; g += kChunk) {
     const int64_t ge = std::min(f1, g + kChunk);
     S r[2];
-    chunk_reduce<T>(L, x, nullptr, c, g, ge, K, S(0), r, SumTerm{});
+    chunk_reduce<T>(L, x, nullptr, c, g, ge, K, S(0), r, SumTerm{}, ahead, f1);
     const S dmean = r[0] / static_cast<S>(ge - g);
     chunk_reduce<T>(L, x, nullptr, c, g, ge, K, dmean, r, SqDevTerm{});
     welford_merge(st, Welford<S>{dmean, r[0], ge - g});
@@ -206,9 +241,10 @@ void nchw_grad_sums(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_
                     at::opmath_type<T> m, at::opmath_type<T> (&out)[2]) {
   using S = at::opmath_type<T>;
   out[0] = out[1] = S(0);
+  const int64_t ahead = prefetch_runs<T>(L.S);
   for (int64_t g = f0; g < f1; g += kChunk) {
     S r[2];
-    chunk_reduce<T>(L, x, dy, c, g, std::min(f1, g + kChunk), m, S(0), r, GradTerm{});
+    chunk_reduce<T>(L, x, dy, c, g, std::min(f1, g + kChunk), m, S(0), r, GradTerm{}, ahead, f1);
     out[0] += r[0];
     out[1] += r[1];
   }
@@ -246,19 +282,61 @@ PYOPTIM_INLINE M elem(M x, M dy, const M (&cv)[kCoeffs<BWD>]) {
   }
 }
 
-// out = elem(x, dy) over one contiguous run of len elements of one channel
-// (note [elementwise tails]); streaming stores when `stream` (note
-// [streaming stores]): one ordinary whole vector first when `out` is not
-// vector-aligned, the aligned steps after it streamed.
+// Coefficients of one step of K elements: every lane channel c's (NCHW), or
+// lane l that of channel j + l, read from coefficient-major [kCoeffs][C] (channels-last).
 template <bool BWD, typename T>
-PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len,
-                             const at::vec::Vectorized<at::opmath_type<T>> (&cv)[kCoeffs<BWD>], bool stream) {
+struct BroadcastCoeffs {
+  using V = at::vec::Vectorized<at::opmath_type<T>>;
+  V cv[kCoeffs<BWD>];
+  PYOPTIM_INLINE void get(int64_t, int64_t, V (&out)[kCoeffs<BWD>][Lanes<T>::P]) const {
+    for (int i = 0; i < kCoeffs<BWD>; ++i) {
+      for (int k = 0; k < Lanes<T>::P; ++k) {
+        out[i][k] = cv[i];
+      }
+    }
+  }
+};
+
+template <bool BWD, typename T>
+struct ChannelCoeffs {
+  using V = at::vec::Vectorized<at::opmath_type<T>>;
+  const at::opmath_type<T>* cf;
+  int64_t C;
+  PYOPTIM_INLINE void get(int64_t j, int64_t n, V (&out)[kCoeffs<BWD>][Lanes<T>::P]) const {
+    for (int i = 0; i < kCoeffs<BWD>; ++i) {
+      if (n == Lanes<T>::K) {
+        load<Lanes<T>::P>(cf + i * C + j, out[i]);
+      } else {
+        load_n<Lanes<T>::P>(cf + i * C + j, out[i], n);
+      }
+    }
+  }
+};
+
+// Whether runs of `len` elements of T take streaming stores (note [streaming
+// stores]): only when each run fills whole lines. Runs that share lines with
+// their neighbours (196 floats of a 14 x 14 image) ran 4x slower streamed
+// than with ordinary stores, their partial lines written the ordinary way.
+template <typename T>
+PYOPTIM_INLINE bool stream_runs(bool wanted, int64_t len) {
+  return wanted && kStreamAlign != 0 && (len * sizeof(T)) % (kStreamAlign ? kStreamAlign : 1) == 0;
+}
+
+// out = elem(x, dy) over one contiguous run of len elements (NCHW: of one
+// channel; channels-last: one row), note [elementwise tails]. With `stream`
+// (note [streaming stores]) the vector-aligned lines inside the run take
+// streaming stores and the partial lines at its ends (an unaligned tensor)
+// masked ordinary ones: a line is never written both ways.
+template <bool BWD, typename T, typename Coeffs>
+PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len, const Coeffs& coeffs, bool stream) {
   using Ln = Lanes<T>;
   using V = typename Ln::V;
   constexpr int P = Ln::P;
   constexpr int64_t K = Ln::K;
-  auto step = [&](int64_t j, int64_t n, bool nt) {
-    V xv[P], gv[P];
+  constexpr int NC = kCoeffs<BWD>;
+  // Elements [j, j + n) from a load of K (n = K) or of n elements; stores the first `keep`.
+  auto step = [&](int64_t j, int64_t n, int64_t keep, bool nt) {
+    V xv[P], gv[P], cs[NC][P];
     if (n == K) {
       load<P>(x + j, xv);
       if constexpr (BWD) {
@@ -270,22 +348,27 @@ PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len,
         load_n<P>(dy + j, gv, n);
       }
     }
+    coeffs.get(j, n, cs);
     for (int k = 0; k < P; ++k) {
+      V cv[NC];
+      for (int i = 0; i < NC; ++i) {
+        cv[i] = cs[i][k];
+      }
       if constexpr (BWD) {
         xv[k] = elem<BWD>(xv[k], gv[k], cv);
       } else {
         xv[k] = elem<BWD>(xv[k], xv[k], cv);
       }
     }
-    if (n == K) {
+    if (keep == K) {
       store_out<P>(out + j, xv, nt);
     } else {
-      store_n<P>(out + j, xv, n);
+      store_n<P>(out + j, xv, keep);
     }
   };
   if (len < K) {
     if (len > 0) {
-      step(0, len, false);
+      step(0, len, len, false);
     }
     return;
   }
@@ -296,16 +379,20 @@ PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len,
     if (mis % sizeof(T) == 0) {
       nt = true;
       if (mis != 0) {
-        step(0, K, false);
-        j = static_cast<int64_t>((kStreamAlign - mis) / sizeof(T));
+        j = static_cast<int64_t>((kStreamAlign - mis) / sizeof(T));  // < K
+        step(0, K, j, false);
       }
     }
   }
   for (; j + K <= len; j += K) {
-    step(j, K, nt);
+    step(j, K, K, nt);
   }
   if (j < len) {
-    step(len - K, K, false);
+    if (nt) {
+      step(j, len - j, len - j, false);
+    } else {
+      step(len - K, K, K, false);  // overlapping the steps before: the same values again
+    }
   }
 }
 
@@ -314,15 +401,16 @@ template <bool BWD, typename T>
 void nchw_elem(const BatchNormCpuLaunch& L, int64_t c, int64_t f0, int64_t f1, const at::opmath_type<T>* cf,
                int64_t stride) {
   using V = at::vec::Vectorized<at::opmath_type<T>>;
-  V cv[kCoeffs<BWD>];
+  BroadcastCoeffs<BWD, T> coeffs;
   for (int i = 0; i < kCoeffs<BWD>; ++i) {
-    cv[i] = V(cf[i * stride]);
+    coeffs.cv[i] = V(cf[i * stride]);
   }
   const T* x = static_cast<const T*>(L.x);
   const T* dy = static_cast<const T*>(L.dy);
   T* out = static_cast<T*>(L.out);
-  for_runs(L, c, f0, f1, [&](int64_t off, int64_t len) {
-    run_elem<BWD, T>(x + off, BWD ? dy + off : nullptr, out + off, len, cv, L.stream_out);
+  const bool stream = stream_runs<T>(L.stream_out, L.S);
+  for_runs(L, c, f0, f1, [&](int64_t, int64_t off, int64_t len) {
+    run_elem<BWD, T>(x + off, BWD ? dy + off : nullptr, out + off, len, coeffs, stream);
   });
 }
 
@@ -474,60 +562,14 @@ void nhwc_grad_sums(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_
 // The elementwise pass over rows [r0, r1); cf: coefficient-major [kCoeffs][C].
 template <bool BWD, typename T>
 void nhwc_elem(const BatchNormCpuLaunch& L, int64_t r0, int64_t r1, const at::opmath_type<T>* cf) {
-  using Ln = Lanes<T>;
-  using V = typename Ln::V;
-  constexpr int P = Ln::P;
-  constexpr int64_t K = Ln::K;
-  constexpr int NC = kCoeffs<BWD>;
   const int64_t C = L.C;
   const T* x = static_cast<const T*>(L.x);
   const T* dy = static_cast<const T*>(L.dy);
   T* out = static_cast<T*>(L.out);
-  auto step = [&](int64_t r, int64_t j, int64_t n, bool nt) {
-    V xv[P], gv[P], cs[NC][P];
-    if (n == K) {
-      load<P>(x + r * C + j, xv);
-      if constexpr (BWD) {
-        load<P>(dy + r * C + j, gv);
-      }
-      for (int i = 0; i < NC; ++i) {
-        load<P>(cf + i * C + j, cs[i]);
-      }
-    } else {
-      load_n<P>(x + r * C + j, xv, n);
-      if constexpr (BWD) {
-        load_n<P>(dy + r * C + j, gv, n);
-      }
-      for (int i = 0; i < NC; ++i) {
-        load_n<P>(cf + i * C + j, cs[i], n);
-      }
-    }
-    for (int k = 0; k < P; ++k) {
-      V cv[NC];
-      for (int i = 0; i < NC; ++i) {
-        cv[i] = cs[i][k];
-      }
-      if constexpr (BWD) {
-        xv[k] = elem<BWD>(xv[k], gv[k], cv);
-      } else {
-        xv[k] = elem<BWD>(xv[k], xv[k], cv);
-      }
-    }
-    if (n == K) {
-      store_out<P>(out + r * C + j, xv, nt);
-    } else {
-      store_n<P>(out + r * C + j, xv, n);
-    }
-  };
+  const ChannelCoeffs<BWD, T> coeffs{cf, C};
+  const bool stream = stream_runs<T>(L.stream_out, C);
   for (int64_t r = r0; r < r1; ++r) {
-    const bool nt = can_stream(L.stream_out, out + r * C);
-    int64_t j = 0;
-    for (; j + K <= C; j += K) {
-      step(r, j, K, nt);
-    }
-    if (j < C) {
-      step(r, j, C - j, false);
-    }
+    run_elem<BWD, T>(x + r * C, BWD ? dy + r * C : nullptr, out + r * C, C, coeffs, stream);
   }
 }
 

@@ -111,17 +111,19 @@ PYOPTIM_INLINE void for_runs(const BatchNormCpuLaunch& L, int64_t c, int64_t f0,
 }
 
 // note [batch norm prefetch]: a channel's runs lie C * S elements apart, so
-// short runs (a 14 x 14 image: 784 bytes) end before the hardware
-// prefetchers have seen a stream, and each line would wait for DRAM. The
-// first pass over a chunk asks for the lines of the run kPrefetchBytes ahead
-// while it sums this one; runs of a page or more are left to the hardware.
+// the hardware prefetchers lose the stream at every run's end (and short
+// runs, a 14 x 14 image's 784 bytes, end before they have found it): the
+// statistics' first pass read at half a plain sum's bandwidth. The first
+// pass over a chunk asks for the data kPrefetchBytes ahead in the channel's
+// order: short runs a whole run at a time, long ones line by line, reaching
+// into the next run near the end of this one.
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Runs ahead to prefetch for runs of S elements of T, 0 for none.
+// Runs ahead to prefetch for runs of S elements of T; -1: long runs, prefetched line by line.
 template <typename T>
 PYOPTIM_INLINE int64_t prefetch_runs(int64_t S) {
   const int64_t bytes = S * static_cast<int64_t>(sizeof(T));
-  return bytes >= kPrefetchBytes ? 0 : std::min<int64_t>(32, (kPrefetchBytes + bytes - 1) / bytes);
+  return bytes >= kPrefetchBytes ? -1 : std::min<int64_t>(32, (kPrefetchBytes + bytes - 1) / bytes);
 }
 
 // Prefetches run n + ahead of channel c (up to element f1 of the channel) of x, and of dy when given.
@@ -129,7 +131,7 @@ template <typename T>
 PYOPTIM_INLINE void prefetch_run(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t c, int64_t n,
                                  int64_t ahead, int64_t f1) {
   const int64_t n2 = n + ahead, f = n2 * L.S;
-  if (ahead == 0 || f >= f1) {
+  if (f >= f1) {
     return;
   }
   const int64_t off = (n2 * L.C + c) * L.S, bytes = std::min(L.S, f1 - f) * static_cast<int64_t>(sizeof(T));
@@ -144,10 +146,12 @@ PYOPTIM_INLINE void prefetch_run(const BatchNormCpuLaunch& L, const T* x, const 
 }
 
 // One run's terms added to acc[a][*] (vector lanes) and tail[a] (elements past the last whole vector).
+// With nx (long runs, note [batch norm prefetch]): prefetches kPrefetchBytes
+// ahead, into the next run (nx, nd: its x and dy, nlen elements) past this one's end.
 template <typename T, typename Term>
 PYOPTIM_INLINE void run_reduce(const T* x, const T* dy, int64_t len, at::opmath_type<T> m, at::opmath_type<T> dm,
                                at::vec::Vectorized<at::opmath_type<T>> (&acc)[2][kAccs], at::opmath_type<T> (&tail)[2],
-                               Term term) {
+                               Term term, const T* nx = nullptr, const T* nd = nullptr, int64_t nlen = 0) {
   using Ln = Lanes<T>;
   using S = typename Ln::S;
   using V = typename Ln::V;
@@ -168,8 +172,22 @@ PYOPTIM_INLINE void run_reduce(const T* x, const T* dy, int64_t len, at::opmath_
       term(acc[0][u], acc[1][u], xv[k], gv[k], mv, dmv);
     }
   };
+  constexpr int64_t kAhead = kPrefetchBytes / static_cast<int64_t>(sizeof(T));
   int64_t j = 0;
   for (; j + kAccs * K <= len; j += kAccs * K) {
+    if (nx) {
+      const int64_t t = j + kAhead;
+      if (t < len || t - len < nlen) {
+        const T* px = t < len ? x + t : nx + (t - len);
+        const T* pd = Term::kDy ? (t < len ? dy + t : nd + (t - len)) : nullptr;
+        for (int u = 0; u < kAccs; ++u) {
+          __builtin_prefetch(px + u * K, 0, 3);
+          if constexpr (Term::kDy) {
+            __builtin_prefetch(pd + u * K, 0, 3);
+          }
+        }
+      }
+    }
     for (int u = 0; u < kAccs; ++u) {
       step(j + u * K, u);
     }
@@ -188,6 +206,7 @@ template <typename T, typename Term>
 PYOPTIM_INLINE void chunk_reduce(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t c, int64_t g,
                                  int64_t ge, at::opmath_type<T> m, at::opmath_type<T> dm, at::opmath_type<T> (&out)[2],
                                  Term term, int64_t ahead = 0, int64_t f1 = 0) {
+  // ahead: prefetch_runs<T>(S) up to element f1 of the channel, or 0: no prefetching.
   using S = at::opmath_type<T>;
   using V = at::vec::Vectorized<S>;
   V acc[2][kAccs];
@@ -198,7 +217,14 @@ PYOPTIM_INLINE void chunk_reduce(const BatchNormCpuLaunch& L, const T* x, const 
   }
   S tail[2] = {S(0), S(0)};
   for_runs(L, c, g, ge, [&](int64_t n, int64_t off, int64_t len) {
-    prefetch_run<T>(L, x, Term::kDy ? dy : nullptr, c, n, ahead, f1);
+    if (ahead > 0) {
+      prefetch_run<T>(L, x, Term::kDy ? dy : nullptr, c, n, ahead, f1);
+    } else if (ahead < 0 && (n + 1) * L.S < f1) {
+      const int64_t noff = ((n + 1) * L.C + c) * L.S;
+      run_reduce<T>(x + off, Term::kDy ? dy + off : nullptr, len, m, dm, acc, tail, term, x + noff,
+                    Term::kDy ? dy + noff : nullptr, std::min(L.S, f1 - (n + 1) * L.S));
+      return;
+    }
     run_reduce<T>(x + off, Term::kDy ? dy + off : nullptr, len, m, dm, acc, tail, term);
   });
   for (int a = 0; a < 2; ++a) {

@@ -126,8 +126,9 @@ PYOPTIM_INLINE int64_t prefetch_runs(int64_t S) {
   return bytes >= kPrefetchBytes ? -1 : std::min<int64_t>(32, (kPrefetchBytes + bytes - 1) / bytes);
 }
 
-// Prefetches run n + ahead of channel c (up to element f1 of the channel) of x, and of dy when given.
-template <typename T>
+// Prefetches run n + ahead of channel c (up to element f1 of the channel) of x, and of dy when
+// given; for writing when WRITE.
+template <typename T, bool WRITE = false>
 PYOPTIM_INLINE void prefetch_run(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t c, int64_t n,
                                  int64_t ahead, int64_t f1) {
   const int64_t n2 = n + ahead, f = n2 * L.S;
@@ -138,7 +139,7 @@ PYOPTIM_INLINE void prefetch_run(const BatchNormCpuLaunch& L, const T* x, const 
   const char* px = reinterpret_cast<const char*>(x + off);
   const char* pd = dy ? reinterpret_cast<const char*>(dy + off) : nullptr;
   for (int64_t i = 0; i < bytes + 63; i += 64) {
-    __builtin_prefetch(px + std::min(i, bytes - 1), 0, 3);
+    __builtin_prefetch(px + std::min(i, bytes - 1), WRITE ? 1 : 0, 3);
     if (pd) {
       __builtin_prefetch(pd + std::min(i, bytes - 1), 0, 3);
     }
@@ -435,7 +436,14 @@ void nchw_elem(const BatchNormCpuLaunch& L, int64_t c, int64_t f0, int64_t f1, c
   const T* dy = static_cast<const T*>(L.dy);
   T* out = static_cast<T*>(L.out);
   const bool stream = stream_runs<T>(L.stream_out, L.S);
-  for_runs(L, c, f0, f1, [&](int64_t, int64_t off, int64_t len) {
+  // Short runs take ordinary stores (stream_runs), each line read for
+  // ownership first: asking for the lines of the runs ahead keeps those
+  // reads in flight together (note [batch norm prefetch]).
+  const int64_t ahead = stream ? 0 : prefetch_runs<T>(L.S);
+  for_runs(L, c, f0, f1, [&](int64_t n, int64_t off, int64_t len) {
+    if (ahead > 0) {
+      prefetch_run<T, true>(L, out, nullptr, c, n, ahead, f1);
+    }
     run_elem<BWD, T>(x + off, BWD ? dy + off : nullptr, out + off, len, coeffs, stream);
   });
 }
@@ -611,13 +619,25 @@ void elem_all(const BatchNormCpuLaunch& L, const at::opmath_type<T>* cf) {
     });
     return;
   }
-  // Elements [e0, e1) of the whole tensor, cut where the channel changes.
+  // Elements [e0, e1) of the whole tensor, cut where the channel changes;
+  // the divisions once a task (one per run cost as much as a short run).
+  using V = at::vec::Vectorized<at::opmath_type<T>>;
+  const T* x = static_cast<const T*>(L.x);
+  const T* dy = static_cast<const T*>(L.dy);
+  T* out = static_cast<T*>(L.out);
+  const bool stream = stream_runs<T>(L.stream_out, L.S);
   at::parallel_for(0, L.N * C * L.S, kBatchNormCpuGrain, [&](int64_t e0, int64_t e1) {
+    int64_t s = e0 % L.S, c = (e0 / L.S) % C;
     for (int64_t e = e0; e < e1;) {
-      const int64_t p = e / L.S, s = e % L.S, c = p % C, n = p / C;
       const int64_t len = std::min(L.S - s, e1 - e);
-      nchw_elem<BWD, T>(L, c, n * L.S + s, n * L.S + s + len, cf + c, C);
+      BroadcastCoeffs<BWD, T> coeffs;
+      for (int i = 0; i < kCoeffs<BWD>; ++i) {
+        coeffs.cv[i] = V(cf[i * C + c]);
+      }
+      run_elem<BWD, T>(x + e, BWD ? dy + e : nullptr, out + e, len, coeffs, stream);
       e += len;
+      s = 0;
+      c = c + 1 == C ? 0 : c + 1;
     }
     stream_fence();
   });

@@ -314,6 +314,7 @@ PYOPTIM_INLINE M elem(M x, M dy, const M (&cv)[kCoeffs<BWD>]) {
 template <bool BWD, typename T>
 struct BroadcastCoeffs {
   using V = at::vec::Vectorized<at::opmath_type<T>>;
+  static constexpr bool kBroadcast = true;  // the same for every step: fetched once a run
   V cv[kCoeffs<BWD>];
   PYOPTIM_INLINE void get(int64_t, int64_t, V (&out)[kCoeffs<BWD>][Lanes<T>::P]) const {
     for (int i = 0; i < kCoeffs<BWD>; ++i) {
@@ -327,6 +328,7 @@ struct BroadcastCoeffs {
 template <bool BWD, typename T>
 struct ChannelCoeffs {
   using V = at::vec::Vectorized<at::opmath_type<T>>;
+  static constexpr bool kBroadcast = false;
   const at::opmath_type<T>* cf;
   int64_t C;
   PYOPTIM_INLINE void get(int64_t j, int64_t n, V (&out)[kCoeffs<BWD>][Lanes<T>::P]) const {
@@ -361,6 +363,10 @@ PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len, const
   constexpr int P = Ln::P;
   constexpr int64_t K = Ln::K;
   constexpr int NC = kCoeffs<BWD>;
+  V cs_run[NC][P];
+  if constexpr (Coeffs::kBroadcast) {
+    coeffs.get(0, K, cs_run);
+  }
   // Elements [j, j + n) from a load of K (n = K) or of n elements; stores the first `keep`.
   auto step = [&](int64_t j, int64_t n, int64_t keep, bool nt) {
     V xv[P], gv[P], cs[NC][P];
@@ -375,11 +381,13 @@ PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len, const
         load_n<P>(dy + j, gv, n);
       }
     }
-    coeffs.get(j, n, cs);
+    if constexpr (!Coeffs::kBroadcast) {
+      coeffs.get(j, n, cs);
+    }
     for (int k = 0; k < P; ++k) {
       V cv[NC];
       for (int i = 0; i < NC; ++i) {
-        cv[i] = cs[i][k];
+        cv[i] = Coeffs::kBroadcast ? cs_run[i][k] : cs[i][k];
       }
       if constexpr (BWD) {
         xv[k] = elem<BWD>(xv[k], gv[k], cv);

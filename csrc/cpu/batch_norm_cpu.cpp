@@ -45,9 +45,9 @@ const void* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() :
 // A per-channel result computed in the math type, returned as `dtype`.
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
-// The launch of an input in the layout batch_norm_layout chose. The kernels
-// see (N, C, S) as batch_norm_cpu_view says; `blocks` and `partial` follow
-// note [batch norm blocks].
+// The launch of an input in the layout batch_norm_layout chose, seen as note
+// [batch norm views] says; `blocks` and `partial` follow note [batch norm
+// blocks] (csrc/cpu/batch_norm_cpu.h). `partial` owns the scratch.
 struct Plan {
   BatchNormCpuLaunch L{};
   at::Tensor partial;

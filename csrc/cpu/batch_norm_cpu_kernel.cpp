@@ -6,25 +6,27 @@
 // note [batch norm cache reuse]: statistics are taken chunk by chunk, each
 // chunk (kChunk elements, in L1) read twice: its sum gives its mean, then
 // sum((x - chunk mean)^2) its m2; chunks then merge by Welford's rule
-// (welford_merge). DRAM sees each input byte once for the statistics.
+// (welford_merge). DRAM sees each input byte once for the statistics. In
+// NCHW one task then normalizes the channel it just reduced (its count
+// elements are still in L2, or in L3 once past L2's size), and the
+// backward's dx pass follows its two sums the same way, so a training
+// forward reads x from DRAM once. The channels-last layout holds every
+// channel in each row: the statistics need all rows before any can be
+// normalized, so x is read twice there.
 //
-// note [batch norm shift]: the chunks' states are of d = x - K, K a channel's
-// first chunk's mean (the same K for all its blocks). With |mean| >> std a
-// float32 chunk mean near K + 0 keeps its digits where one near 1000 would
-// round them away (and with them, through the merges, a part of m2 in 1e6);
-// x - K is exact for x within a factor 2 of K. mean = K + mean(d) at the end. In NCHW one task then
-// normalizes the channel it just reduced (its count elements are still in L2,
-// or in L3 once past L2's size), and the backward's dx pass follows its two
-// sums the same way, so a training forward reads x from DRAM once. The
-// channels-last layout holds every channel in each row: the statistics need
-// all rows before any can be normalized, so x is read twice there.
+// note [batch norm shift]: the chunks' states are of d = x - K, K a
+// channel's first chunk's mean (the same K for all its blocks). With |mean|
+// >> std a float32 chunk mean near 0 keeps the digits that one near 1000
+// would round away (and with them, through the merges, a part of m2 in 1e6);
+// x - K is exact for x within a factor 2 of K. mean = K + mean(d) at the end.
 //
 // note [elementwise tails]: every element of y and dx goes through the same
-// vector code: a tail shorter than a vector is loaded and stored by a partial
-// (masked) vector, and a segment's last partial step is redone as a whole
-// vector ending at its end. So an element's value never depends on where a
-// loop's steps fell (a scalar tail compiled with FMA contraction could differ
-// by an ulp), neither on alignment nor on the block partition.
+// vector code: a run shorter than a vector is loaded and stored by a partial
+// (masked) vector, and a run's last partial step is redone as a whole vector
+// ending at its end (or, when streaming, stored masked). So an element's
+// value never depends on where a loop's steps fell (a scalar tail compiled
+// with FMA contraction could differ by an ulp), neither on alignment nor on
+// the block partition.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -314,6 +316,7 @@ PYOPTIM_INLINE M elem(M x, M dy, const M (&cv)[kCoeffs<BWD>]) {
 template <bool BWD, typename T>
 struct BroadcastCoeffs {
   using V = at::vec::Vectorized<at::opmath_type<T>>;
+  static constexpr bool kBroadcast = true;  // the same for every step: fetched once a run
   V cv[kCoeffs<BWD>];
   PYOPTIM_INLINE void get(int64_t, int64_t, V (&out)[kCoeffs<BWD>][Lanes<T>::P]) const {
     for (int i = 0; i < kCoeffs<BWD>; ++i) {
@@ -327,6 +330,7 @@ struct BroadcastCoeffs {
 template <bool BWD, typename T>
 struct ChannelCoeffs {
   using V = at::vec::Vectorized<at::opmath_type<T>>;
+  static constexpr bool kBroadcast = false;
   const at::opmath_type<T>* cf;
   int64_t C;
   PYOPTIM_INLINE void get(int64_t j, int64_t n, V (&out)[kCoeffs<BWD>][Lanes<T>::P]) const {
@@ -361,6 +365,10 @@ PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len, const
   constexpr int P = Ln::P;
   constexpr int64_t K = Ln::K;
   constexpr int NC = kCoeffs<BWD>;
+  V cs_run[NC][P];
+  if constexpr (Coeffs::kBroadcast) {
+    coeffs.get(0, K, cs_run);
+  }
   // Elements [j, j + n) from a load of K (n = K) or of n elements; stores the first `keep`.
   auto step = [&](int64_t j, int64_t n, int64_t keep, bool nt) {
     V xv[P], gv[P], cs[NC][P];
@@ -375,11 +383,13 @@ PYOPTIM_INLINE void run_elem(const T* x, const T* dy, T* out, int64_t len, const
         load_n<P>(dy + j, gv, n);
       }
     }
-    coeffs.get(j, n, cs);
+    if constexpr (!Coeffs::kBroadcast) {
+      coeffs.get(j, n, cs);
+    }
     for (int k = 0; k < P; ++k) {
       V cv[NC];
       for (int i = 0; i < NC; ++i) {
-        cv[i] = cs[i][k];
+        cv[i] = Coeffs::kBroadcast ? cs_run[i][k] : cs[i][k];
       }
       if constexpr (BWD) {
         xv[k] = elem<BWD>(xv[k], gv[k], cv);

@@ -15,6 +15,7 @@
 #include "../norm_host.h"
 #include "batch_norm_cpu.h"
 #include "cpu_isa.h"
+#include "fresh_output.h"
 
 namespace pyoptim::cpu {
 
@@ -137,6 +138,7 @@ Tensors5 batch_norm_fwd_cpu(const at::Tensor& input, const std::optional<at::Ten
   const auto math_opts = input.options().dtype(math);
   const bool running = given(running_mean);
   at::Tensor out = at::empty_like(x);
+  advise_huge_pages(out);  // note [huge-page outputs]
   at::Tensor new_mean = input.new_empty({0}), new_var = input.new_empty({0});
 
   if (!training) {
@@ -220,6 +222,7 @@ BwdResult batch_norm_bwd_launch(const at::Tensor& grad_out, const at::Tensor& in
   BwdResult r;
   if (want_dx) {
     r.dx = at::empty_like(x);
+    advise_huge_pages(r.dx);  // note [huge-page outputs]
   }
   if (want_sums) {
     r.sum_dy = at::empty({d.C}, math_opts);
@@ -323,6 +326,7 @@ at::Tensor batch_norm_elemt_cpu(const at::Tensor& input, const std::optional<at:
   const auto [x, d] = batch_norm_layout(input);
   const at::ScalarType math = norm_stat_dtype(input.scalar_type());
   at::Tensor out = at::empty_like(x);
+  advise_huge_pages(out);  // note [huge-page outputs]
   if (out.numel() == 0) {
     return out;
   }

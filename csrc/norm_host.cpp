@@ -9,11 +9,21 @@
 
 namespace pyoptim {
 
-namespace {
-
-bool is_float_dtype(at::ScalarType t) {
+bool is_norm_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
+
+void check_norm_param_placement(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  PYOPTIM_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+                input.device());
+  const at::ScalarType d = t.scalar_type();
+  const bool low = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  PYOPTIM_CHECK(d == input.scalar_type() || (low && d == at::kFloat), op, ": ", name, " has dtype ", d,
+                " but input has dtype ", input.scalar_type(), "; expected ", input.scalar_type(),
+                low ? " or Float" : "");
+}
+
+namespace {
 
 std::string join(c10::IntArrayRef v) {
   std::string s;  // note [no ostream in messages]
@@ -32,13 +42,7 @@ void check_param(const char* op, const char* name, const std::optional<at::Tenso
   PYOPTIM_CHECK(t->sizes() == normalized_shape, "Expected ", name,
               " to be of same shape as normalized_shape, but got ", name, " of shape ", t->sizes(),
               " and normalized_shape = ", normalized_shape);
-  PYOPTIM_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
-              input.device());
-  const at::ScalarType d = t->scalar_type();
-  const bool low = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  PYOPTIM_CHECK(d == input.scalar_type() || (low && d == at::kFloat), op, ": ", name, " has dtype ", d,
-              " but input has dtype ", input.scalar_type(), "; expected ", input.scalar_type(),
-              low ? " or Float" : "");
+  check_norm_param_placement(op, name, *t, input);
 }
 
 }  // namespace
@@ -86,7 +90,7 @@ NormDims check_norm_fwd_args(const char* op, bool rms, const at::Tensor& input, 
   PYOPTIM_CHECK(input.device().type() == device_type, op, ": input is on ", input.device(), ", expected a ",
               device_type, " tensor");
   PYOPTIM_CHECK(input.layout() == at::kStrided, op, ": input is not a strided tensor");
-  PYOPTIM_CHECK(is_float_dtype(input.scalar_type()), op, ": input has dtype ", input.scalar_type(),
+  PYOPTIM_CHECK(is_norm_dtype(input.scalar_type()), op, ": input has dtype ", input.scalar_type(),
               "; supported are float32, float64, float16 and bfloat16");
   if (weight.has_value() && bias.has_value() && weight->defined() && bias->defined()) {
     PYOPTIM_CHECK(weight->scalar_type() == bias->scalar_type(), op, ": weight has dtype ", weight->scalar_type(),

@@ -36,6 +36,13 @@ NormDims check_norm_bwd_args(const char* op, bool rms, const at::Tensor& grad_ou
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                              c10::DeviceType device_type);
 
+// The input dtypes the norms take: float32, float64, float16, bfloat16.
+bool is_norm_dtype(at::ScalarType t);
+
+// A weight, bias or running statistic `name` against the input: the same
+// device, and the input's dtype or (for float16/bfloat16 input) float32.
+void check_norm_param_placement(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input);
+
 // RMSNorm's eps: as given, else torch.finfo(input.dtype).eps (F.rms_norm's default).
 double rms_norm_eps(std::optional<double> eps, at::ScalarType dtype);
 

@@ -62,6 +62,7 @@
 #include "../batch_norm_host.h"
 #include "../message.h"
 #include "../norm_host.h"
+#include "vec.cuh"
 
 namespace pyoptim::cuda {
 
@@ -176,31 +177,20 @@ int64_t sm_count() {
 // ---------------------------------------------------------------------------
 // Device helpers.
 
-template <typename T, int K>
-struct alignas(sizeof(T) * K) Vec {
-  T val[K];
-};
-
-// Elements per 16-byte vector.
-template <typename T>
-constexpr int vec_size() {
-  return 16 / static_cast<int>(sizeof(T));
-}
-
 // K elements at p (aligned to K elements: the host checks) into math type S.
 template <int K, typename T, typename S>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, S (&out)[K]) {
-  const Vec<T, K> v = *reinterpret_cast<const Vec<T, K>*>(p);
+  const AlignedVec<T, K> v = *reinterpret_cast<const AlignedVec<T, K>*>(p);
 #pragma unroll
   for (int k = 0; k < K; ++k) out[k] = static_cast<S>(v.val[k]);
 }
 
 template <int K, typename T, typename S>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const S (&in)[K]) {
-  Vec<T, K> v;
+  AlignedVec<T, K> v;
 #pragma unroll
   for (int k = 0; k < K; ++k) v.val[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Vec<T, K>*>(p) = v;
+  *reinterpret_cast<AlignedVec<T, K>*>(p) = v;
 }
 
 // A per-channel parameter or running statistic: [C] of the input's dtype T,

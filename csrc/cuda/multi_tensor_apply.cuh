@@ -19,6 +19,8 @@
 
 #include <pyoptim/multi_tensor.h>
 
+#include "vec.cuh"
+
 namespace pyoptim::cuda {
 
 // Elements per block: 64K, as in apex's and ATen's multi_tensor_apply; a
@@ -113,11 +115,6 @@ void multi_tensor_apply(const std::vector<int64_t>& numel, const std::vector<int
     launch_chunks(meta, f, stream);
   }
 }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) AlignedVec {
-  T val[N];
-};
 
 // Applies op(x) to elements [begin, end) of the N arrays `ptr`, x being the
 // elements' values in at::opmath_type<T>; arrays whose LOAD bit is set are

@@ -29,6 +29,7 @@
 #include <pyoptim/layer_norm.h>
 
 #include "../norm_host.h"
+#include "vec.cuh"
 
 namespace pyoptim::cuda {
 
@@ -47,23 +48,13 @@ constexpr int kStreamThreads = 512;
 // to keep loads in flight, few enough blocks to keep the partials small.
 constexpr int kBwdThreadsPerSm = 1024;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T val[N];
-};
-
-template <typename T>
-constexpr int vec_size() {
-  return 16 / static_cast<int>(sizeof(T));
-}
-
 // K elements of U from p + e0 into S registers; zeros past N. `vec` (N % K
 // == 0 and every pointer aligned) allows one K-wide access.
 template <typename S, int K, typename U>
 __device__ __forceinline__ void load_k(const U* __restrict__ p, int64_t e0, int64_t N, bool vec, S (&out)[K]) {
   if (vec) {
     if (e0 < N) {
-      const Vec<U, K> v = *reinterpret_cast<const Vec<U, K>*>(p + e0);
+      const AlignedVec<U, K> v = *reinterpret_cast<const AlignedVec<U, K>*>(p + e0);
 #pragma unroll
       for (int k = 0; k < K; ++k) out[k] = static_cast<S>(v.val[k]);
     } else {
@@ -80,10 +71,10 @@ template <typename S, int K, typename U>
 __device__ __forceinline__ void store_k(U* __restrict__ p, int64_t e0, int64_t N, bool vec, const S (&in)[K]) {
   if (vec) {
     if (e0 < N) {
-      Vec<U, K> v;
+      AlignedVec<U, K> v;
 #pragma unroll
       for (int k = 0; k < K; ++k) v.val[k] = static_cast<U>(in[k]);
-      *reinterpret_cast<Vec<U, K>*>(p + e0) = v;
+      *reinterpret_cast<AlignedVec<U, K>*>(p + e0) = v;
     }
   } else {
 #pragma unroll

@@ -154,6 +154,18 @@ def _nchw_tile(t, c, N, C, S, s_tiles, BLOCK_N: tl.constexpr, BLOCK_S: tl.conste
 
 
 @triton.jit
+def _rows_program(R, C, rows_per_slice, BLOCK_C: tl.constexpr):
+    """This program's slice k, channel tile (cols, their mask) and rows [r_start, r_end) in a rows-of-C reduction:
+    program pid = k * cdiv(C, BLOCK_C) + channel tile."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    k = pid // c_blocks
+    cols = (pid - k * c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_start = k.to(tl.int64) * rows_per_slice
+    return k, cols, cols < C, r_start, tl.minimum(r_start + rows_per_slice, R)
+
+
+@triton.jit
 def _stats_nchw_kernel(
     X,  # [N, C, S] input, NCHW-contiguous
     WS_MEAN,  # [C, K] COMPUTE: per slice, the mean of its elements less the channel's shift
@@ -203,13 +215,7 @@ def _stats_rows_kernel(
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_C: tl.constexpr,  # channels per tile, a power of 2
 ):
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    k = pid // c_blocks
-    cols = (pid - k * c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    r_start = k.to(tl.int64) * rows_per_slice
-    r_end = tl.minimum(r_start + rows_per_slice, R)
+    k, cols, cmask, r_start, r_end = _rows_program(R, C, rows_per_slice, BLOCK_C)
     shift = _shift(tl.load(X + cols, mask=cmask, other=0.0).to(COMPUTE))  # note [shifted statistics]
     mean = tl.zeros([BLOCK_C], dtype=COMPUTE)  # of x - shift
     m2 = tl.zeros([BLOCK_C], dtype=COMPUTE)
@@ -339,13 +345,7 @@ def _bwd_reduce_rows_kernel(
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_C: tl.constexpr,  # channels per program, a power of 2
 ):
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    k = pid // c_blocks
-    cols = (pid - k * c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    r_start = k.to(tl.int64) * rows_per_slice
-    r_end = tl.minimum(r_start + rows_per_slice, R)
+    k, cols, cmask, r_start, r_end = _rows_program(R, C, rows_per_slice, BLOCK_C)
     mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(COMPUTE)
     acc_dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=COMPUTE)
     acc_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C], dtype=COMPUTE)

@@ -71,11 +71,11 @@ def _ours(module: torch.nn.Module, backend: Optional[str]) -> Optional[torch.nn.
     elif kind in _BATCH_NORMS:
         new = _BATCH_NORMS[kind](module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
                                  track_running_stats=module.track_running_stats, device="meta",
-                                 bias=module.bias is not None, backend=backend)
+                                 bias=module.bias is not None or not module.affine, backend=backend)
     elif kind is torch.nn.SyncBatchNorm:
         new = SyncBatchNorm(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
                             track_running_stats=module.track_running_stats, process_group=module.process_group,
-                            device="meta", bias=module.bias is not None, backend=backend)
+                            device="meta", bias=module.bias is not None or not module.affine, backend=backend)
     else:
         return None
     # The same Parameter and buffer objects (so an optimizer built before the

@@ -56,13 +56,18 @@ class _BatchNormForward:
                           backend=self.backend)
 
 
+def _bias_kwargs(bias: bool) -> dict[str, bool]:
+    """`bias=` for torch's norm constructors: passed on only when False, as older torch releases lack it."""
+    return {} if bias else {"bias": False}
+
+
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d, computed by pyoptim's kernels (`backend` picks one; default: the fastest here)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: _Device = None, dtype: Optional[torch.dtype] = None,
                  *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwargs(bias))
         self.backend = backend
 
 
@@ -72,7 +77,7 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: _Device = None, dtype: Optional[torch.dtype] = None,
                  *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwargs(bias))
         self.backend = backend
 
 
@@ -82,7 +87,7 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: _Device = None, dtype: Optional[torch.dtype] = None,
                  *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwargs(bias))
         self.backend = backend
 
 
@@ -186,7 +191,7 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
                  track_running_stats: bool = True, process_group: Optional[Any] = None, device: _Device = None,
                  dtype: Optional[torch.dtype] = None, *, bias: bool = True, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
-                         bias=bias)
+                         **_bias_kwargs(bias))
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -217,7 +222,8 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
             # buffer objects: device, dtype, requires_grad and values are theirs.
             module_output = cls(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats, process_group, device="meta",
-                                bias=module.bias is not None, backend=getattr(module, "backend", None))
+                                bias=module.bias is not None or not module.affine,
+                                backend=getattr(module, "backend", None))
             if module.affine:
                 with torch.no_grad():
                     module_output.weight = module.weight
@@ -254,7 +260,7 @@ class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device: _Device = None, dtype: Optional[torch.dtype] = None,
                  *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwargs(bias))
         self.backend = backend
 
 
@@ -264,7 +270,7 @@ class InstanceNorm2d(_InstanceNormForward, torch.nn.InstanceNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device: _Device = None, dtype: Optional[torch.dtype] = None,
                  *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwargs(bias))
         self.backend = backend
 
 
@@ -274,5 +280,5 @@ class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device: _Device = None, dtype: Optional[torch.dtype] = None,
                  *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwargs(bias))
         self.backend = backend

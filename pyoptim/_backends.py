@@ -137,9 +137,17 @@ def _available(op: str, device_type: str, interpret: bool) -> tuple[str, ...]:
 
 def select(op: str, device: torch.device | str, requested: str | None = None) -> str:
     """The backend that serves `op` on `device`: `requested`, else $PYOPTIM_BACKEND, else the fastest here."""
-    device_type = torch.device(device).type
+    # note [per-call cost]: every norm call asks, after its input has left the
+    # caches (a convolution ran in between), so the answer is one cached
+    # lookup; only the environment is read afresh.
+    device_type = device if device in ("cpu", "cuda") else torch.device(device).type
     choice = requested or os.environ.get("PYOPTIM_BACKEND") or None
-    avail = available(op, device_type)
+    return _select(op, device_type, choice, triton_interpret())
+
+
+@functools.cache
+def _select(op: str, device_type: str, choice: str | None, interpret: bool) -> str:
+    avail = _available(op, device_type, interpret)
     if choice is None:
         if not avail:
             raise RuntimeError(f"pyoptim: no backend can run {op} on {device_type} tensors")
@@ -148,7 +156,7 @@ def select(op: str, device: torch.device | str, requested: str | None = None) ->
         raise ValueError(f"pyoptim: unknown backend {choice!r}; expected one of {BACKENDS}")
     if choice not in avail:
         raise RuntimeError(
-            f"pyoptim: backend {choice!r} cannot run {op} on {device_type} tensors here; available: {avail}"
+            f"pyoptim: backend {choice!r} cannot run {op} on {device_type} tensors here; available: {list(avail)}"
         )
     return choice
 

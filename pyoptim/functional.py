@@ -374,8 +374,7 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
                                          backend)
     if training and running_mean is not None:
         with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])  # one dispatch for both
     return out
 
 

@@ -702,9 +702,9 @@ def batch_norm_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], b
     save_mean = torch.empty(dims.C, dtype=sd, device=device)
     save_invstd = torch.empty(dims.C, dtype=sd, device=device)
     moved = training and running_mean is not None
-    run_dtype = running_mean.dtype if running_mean is not None else sd
-    new_rm = torch.empty(dims.C if moved else 0, dtype=run_dtype, device=device)
-    new_rv = torch.empty(dims.C if moved else 0, dtype=run_dtype, device=device)
+    # Not moved: empty [0] tensors of the input's dtype, as the CPU and CUDA ops return them.
+    new_rm = torch.empty(dims.C if moved else 0, dtype=running_mean.dtype if moved else input.dtype, device=device)
+    new_rv = torch.empty(dims.C if moved else 0, dtype=running_var.dtype if moved else input.dtype, device=device)
     if dims.C == 0:
         return y, save_mean, save_invstd, new_rm, new_rv
     w, b, rm, rv = _channel(weight), _channel(bias), _channel(running_mean), _channel(running_var)
@@ -742,8 +742,9 @@ def batch_norm_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, weight: O
     want_db = bool(output_mask[2])
     wdtype = weight.dtype if weight is not None else input.dtype
     dx = torch.empty_like(x) if want_dx else torch.empty(0, dtype=input.dtype, device=device)
-    dw = torch.empty(dims.C if want_dw else 0, dtype=wdtype, device=device)
-    db = torch.empty(dims.C if want_db else 0, dtype=wdtype, device=device)
+    # Masked off: empty [0] tensors of the input's dtype, as the CPU and CUDA ops return them.
+    dw = torch.empty(dims.C if want_dw else 0, dtype=wdtype if want_dw else input.dtype, device=device)
+    db = torch.empty(dims.C if want_db else 0, dtype=wdtype if want_db else input.dtype, device=device)
     if dims.C == 0:
         return dx, dw, db
     with on_device(device):

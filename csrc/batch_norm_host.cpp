@@ -114,13 +114,4 @@ void check_batch_norm_stat(const char* op, const char* name, const at::Tensor& s
                 input.device());
 }
 
-void check_batch_norm_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& input) {
-  PYOPTIM_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-                " but input has shape ", input.sizes());
-  PYOPTIM_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ", grad_out.scalar_type(),
-                " but input has dtype ", input.scalar_type());
-  PYOPTIM_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
-                " but input is on ", input.device());
-}
-
 }  // namespace pyoptim

@@ -48,7 +48,4 @@ void check_batch_norm_fwd_args(const char* op, const at::Tensor& input, const st
 // elements of the statistics' dtype on the input's device.
 void check_batch_norm_stat(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input);
 
-// grad_out against input: same shape, dtype and device.
-void check_batch_norm_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& input);
-
 }  // namespace pyoptim

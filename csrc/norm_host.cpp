@@ -23,6 +23,15 @@ void check_norm_param_placement(const char* op, const char* name, const at::Tens
                 low ? " or Float" : "");
 }
 
+void check_norm_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& input) {
+  PYOPTIM_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+                " but input has shape ", input.sizes());
+  PYOPTIM_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ", grad_out.scalar_type(),
+                " but input has dtype ", input.scalar_type());
+  PYOPTIM_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
+                " but input is on ", input.device());
+}
+
 namespace {
 
 std::string join(c10::IntArrayRef v) {
@@ -112,12 +121,7 @@ NormDims check_norm_bwd_args(const char* op, bool rms, const at::Tensor& grad_ou
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                              c10::DeviceType device_type) {
   NormDims d = check_norm_fwd_args(op, rms, input, normalized_shape, weight, bias, device_type);
-  PYOPTIM_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
-  PYOPTIM_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ", grad_out.scalar_type(),
-              " but input has dtype ", input.scalar_type());
-  PYOPTIM_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
-              " but input is on ", input.device());
+  check_norm_grad_out(op, grad_out, input);
   const at::ScalarType sd = norm_stat_dtype(input.scalar_type());
   for (const at::Tensor* t : {&mean, &rstd}) {
     if (rms && t == &mean) {

@@ -43,6 +43,9 @@ bool is_norm_dtype(at::ScalarType t);
 // device, and the input's dtype or (for float16/bfloat16 input) float32.
 void check_norm_param_placement(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input);
 
+// grad_out against input: same shape, dtype and device (every norm's backward).
+void check_norm_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& input);
+
 // RMSNorm's eps: as given, else torch.finfo(input.dtype).eps (F.rms_norm's default).
 double rms_norm_eps(std::optional<double> eps, at::ScalarType dtype);
 

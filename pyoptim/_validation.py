@@ -238,12 +238,7 @@ def check_norm_bwd_args(op: str, rms: bool, grad_out: torch.Tensor, input: torch
                         device_type: Optional[str] = None) -> tuple[int, int, list[int]]:
     """The forward checks, plus grad_out against input and the saved statistics."""
     m, n, stat_shape = check_norm_fwd_args(op, rms, input, normalized_shape, weight, bias, device_type)
-    _check(grad_out.shape == input.shape, op, "grad_out has shape ", list(grad_out.shape),
-                " but input has shape ", list(input.shape))
-    _check(grad_out.dtype == input.dtype, op, "grad_out has dtype ", _dtype_name(grad_out.dtype),
-                " but input has dtype ", _dtype_name(input.dtype))
-    _check(grad_out.device == input.device, op, "grad_out is on ", grad_out.device, " but input is on ",
-                input.device)
+    check_norm_grad_out(op, grad_out, input)
     sd = norm_stat_dtype(input.dtype)
     for name, t in (("mean", None if rms else mean), ("rstd", rstd)):
         if t is None:
@@ -319,8 +314,8 @@ def check_batch_norm_stat(op: str, name: str, stat: torch.Tensor, input: torch.T
     _check(stat.device == input.device, op, name, " is on ", stat.device, " but input is on ", input.device)
 
 
-def check_batch_norm_grad_out(op: str, grad_out: torch.Tensor, input: torch.Tensor) -> None:
-    """grad_out against input: same shape, dtype and device."""
+def check_norm_grad_out(op: str, grad_out: torch.Tensor, input: torch.Tensor) -> None:
+    """grad_out against input: same shape, dtype and device (every norm's backward; csrc/norm_host.cpp)."""
     _check(grad_out.shape == input.shape, op, "grad_out has shape ", list(grad_out.shape), " but input has shape ",
            list(input.shape))
     _check(grad_out.dtype == input.dtype, op, "grad_out has dtype ", _dtype_name(grad_out.dtype),
@@ -335,7 +330,7 @@ def check_batch_norm_bwd_args(grad_out: torch.Tensor, input: torch.Tensor, weigh
     """Every check of batch_norm_bwd; return (N, C, S)."""
     op = "batch_norm_bwd"
     dims = check_batch_norm_fwd_args(op, input, weight, None, None, None, training, False, device_type)
-    check_batch_norm_grad_out(op, grad_out, input)
+    check_norm_grad_out(op, grad_out, input)
     check_batch_norm_stat(op, "save_mean", save_mean, input)
     check_batch_norm_stat(op, "save_invstd", save_invstd, input)
     return dims
@@ -362,7 +357,7 @@ def check_batch_norm_backward_reduce_args(grad_out: torch.Tensor, input: torch.T
     """Every check of batch_norm_backward_reduce; return (N, C, S)."""
     op = "batch_norm_backward_reduce"
     dims = check_batch_norm_fwd_args(op, input, None, None, None, None, True, False, device_type)
-    check_batch_norm_grad_out(op, grad_out, input)
+    check_norm_grad_out(op, grad_out, input)
     check_batch_norm_stat(op, "mean", mean, input)
     return dims
 
@@ -374,7 +369,7 @@ def check_batch_norm_backward_elemt_args(grad_out: torch.Tensor, input: torch.Te
     """Every check of batch_norm_backward_elemt; return (N, C, S)."""
     op = "batch_norm_backward_elemt"
     dims = check_batch_norm_fwd_args(op, input, weight, None, None, None, True, False, device_type)
-    check_batch_norm_grad_out(op, grad_out, input)
+    check_norm_grad_out(op, grad_out, input)
     check_batch_norm_stat(op, "mean", mean, input)
     check_batch_norm_stat(op, "invstd", invstd, input)
     check_batch_norm_stat(op, "mean_dy", mean_dy, input)

@@ -277,7 +277,7 @@ Tensors3 batch_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
   const char* op = "batch_norm_bwd";
   check_batch_norm_fwd_args(op, input, weight, std::nullopt, std::nullopt, std::nullopt, training,
                             /*require_running=*/false, c10::DeviceType::CPU);
-  check_batch_norm_grad_out(op, grad_out, input);
+  check_norm_grad_out(op, grad_out, input);
   check_batch_norm_stat(op, "save_mean", save_mean, input);
   check_batch_norm_stat(op, "save_invstd", save_invstd, input);
   const bool has_w = given(weight);
@@ -347,7 +347,7 @@ Tensors2 batch_norm_backward_reduce_cpu(const at::Tensor& grad_out, const at::Te
   const char* op = "batch_norm_backward_reduce";
   check_batch_norm_fwd_args(op, input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, /*training=*/true,
                             /*require_running=*/false, c10::DeviceType::CPU);
-  check_batch_norm_grad_out(op, grad_out, input);
+  check_norm_grad_out(op, grad_out, input);
   check_batch_norm_stat(op, "mean", mean, input);
   BwdResult r = batch_norm_bwd_launch(grad_out, input, std::nullopt, mean, at::Tensor(), at::Tensor(), at::Tensor(),
                                       /*training=*/true, /*want_dx=*/false, /*want_sums=*/true,
@@ -361,7 +361,7 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_out, const at::T
   const char* op = "batch_norm_backward_elemt";
   check_batch_norm_fwd_args(op, input, weight, std::nullopt, std::nullopt, std::nullopt, /*training=*/true,
                             /*require_running=*/false, c10::DeviceType::CPU);
-  check_batch_norm_grad_out(op, grad_out, input);
+  check_norm_grad_out(op, grad_out, input);
   check_batch_norm_stat(op, "mean", mean, input);
   check_batch_norm_stat(op, "invstd", invstd, input);
   check_batch_norm_stat(op, "mean_dy", mean_dy, input);

@@ -62,6 +62,7 @@
 #include "../batch_norm_host.h"
 #include "../message.h"
 #include "../norm_host.h"
+#include "sm_count.cuh"
 #include "vec.cuh"
 
 namespace pyoptim::cuda {
@@ -158,20 +159,6 @@ BatchNormReducePlan plan_batch_norm_reduce(int64_t N, int64_t C, int64_t S, bool
     p.seg = 0;
   }
   return p;
-}
-
-// The current device's SM count, looked up once per device (as norm_cuda.cu;
-// not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE's headers).
-int64_t sm_count() {
-  static int counts[64] = {};
-  const int device = c10::cuda::current_device();
-  TORCH_INTERNAL_ASSERT(device >= 0 && device < 64);
-  if (counts[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = n;
-  }
-  return counts[device];
 }
 
 // ---------------------------------------------------------------------------
@@ -791,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(const at::Ten
   const char* op = "batch_norm_bwd";
   check_batch_norm_fwd_args(op, input, weight, std::nullopt, std::nullopt, std::nullopt, training, false,
                             c10::DeviceType::CUDA);
-  check_batch_norm_grad_out(op, grad_out, input);
+  check_norm_grad_out(op, grad_out, input);
   check_batch_norm_stat(op, "save_mean", save_mean, input);
   check_batch_norm_stat(op, "save_invstd", save_invstd, input);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -936,7 +923,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const char* op = "batch_norm_backward_reduce";
   check_batch_norm_fwd_args(op, input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true, false,
                             c10::DeviceType::CUDA);
-  check_batch_norm_grad_out(op, grad_out, input);
+  check_norm_grad_out(op, grad_out, input);
   check_batch_norm_stat(op, "mean", mean, input);
   const c10::cuda::CUDAGuard guard(input.device());
   const Layout l = layout_of(input);
@@ -981,7 +968,7 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out, const at::
   const char* op = "batch_norm_backward_elemt";
   check_batch_norm_fwd_args(op, input, weight, std::nullopt, std::nullopt, std::nullopt, true, false,
                             c10::DeviceType::CUDA);
-  check_batch_norm_grad_out(op, grad_out, input);
+  check_norm_grad_out(op, grad_out, input);
   check_batch_norm_stat(op, "mean", mean, input);
   check_batch_norm_stat(op, "invstd", invstd, input);
   check_batch_norm_stat(op, "mean_dy", mean_dy, input);

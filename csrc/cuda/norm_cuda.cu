@@ -29,6 +29,7 @@
 #include <pyoptim/layer_norm.h>
 
 #include "../norm_host.h"
+#include "sm_count.cuh"
 #include "vec.cuh"
 
 namespace pyoptim::cuda {
@@ -424,20 +425,6 @@ Config pick_config(int64_t n, int items512 = kItems) {
 template <typename T>
 constexpr int bwd_items512() {
   return vec_size<T>() > 4 ? 2 : kItems;
-}
-
-// The current device's SM count, looked up once per device (not
-// ATen/cuda/CUDAContext.h: it pulls in cuSPARSE's headers).
-int sm_count() {
-  static int counts[64] = {};
-  const int device = c10::cuda::current_device();
-  TORCH_INTERNAL_ASSERT(device >= 0 && device < 64);
-  if (counts[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = n;
-  }
-  return counts[device];
 }
 
 // Whether p (or null) is aligned to `bytes`: the x/y/dy/dx vectors are 16

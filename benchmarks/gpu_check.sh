@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh                    # all phases
 #   PHASES="build test" bash benchmarks/gpu_check.sh
 #   PYOPTIM_GIT_SHA=$(git rev-parse HEAD) ...       # where the copy has no .git
-#   TEST_FILTER=..., BENCH_ARGS="--ops adam --quick" (also skips the bf16 BatchNorm run), *_TIMEOUT=seconds
+#   TEST_FILTER=..., BENCH_ARGS="--ops adam --quick" (one run instead of the default: norms, then
+#   optimizers, then BatchNorm in bf16), *_TIMEOUT=seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -53,8 +54,16 @@ fi
 
 if [[ " $PHASES " == *" bench "* ]]; then
   echo "== benchmark $(elapsed)"
-  timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" ${BENCH_ARGS:---impls pyoptim-cuda,pyoptim-triton,torch*,liger,apex*,deepspeed*} || status=1
-  if [[ -z "${BENCH_ARGS:-}" ]]; then
+  if [[ -n "${BENCH_ARGS:-}" ]]; then
+    timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" $BENCH_ARGS || status=1
+  else
+    # The norms first, each family under its own timeout: their kernels are the ones least often
+    # run on a GPU, and a slow first family must not leave the other without numbers.
+    IMPLS="pyoptim-cuda,pyoptim-triton,torch*,liger,apex*,deepspeed*"
+    timeout ${BENCH_NORM_TIMEOUT:-120} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops batch_norm,layer_norm \
+      --impls "$IMPLS" || status=1
+    timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops adam,sgd,clip,clip_adamw \
+      --impls "$IMPLS" || status=1
     # BatchNorm in bf16 too (float32 parameters): mixed precision's case on GPUs, where its kernels differ most.
     timeout ${BENCH_BF16_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops batch_norm --dtype bf16 \
       --impls pyoptim-cuda,pyoptim-triton,torch || status=1

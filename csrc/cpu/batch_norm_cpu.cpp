@@ -106,6 +106,25 @@ void set_out(BatchNormCpuLaunch& L, at::Tensor& out) {
   L.stream_out = out.nbytes() >= static_cast<size_t>(kBatchNormCpuStreamBytes);
 }
 
+// out = (x - mean) * invstd * weight + bias, with given per-channel mean and
+// invstd ([C], math dtype): the eval forward's and batch_norm_elemt's pass.
+void normalize_into(at::Tensor& out, const at::Tensor& x, const BatchNormDims& d,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& mean, const at::Tensor& invstd, at::ScalarType math) {
+  if (out.numel() == 0) {
+    return;
+  }
+  const at::Tensor w = per_channel(weight, math), b = per_channel(bias, math);
+  Plan p = plan(x, d, /*reduce=*/false);
+  p.L.x = x.const_data_ptr();
+  set_out(p.L, out);
+  p.L.weight = ptr(w);
+  p.L.bias = ptr(b);
+  p.L.mean = mean.const_data_ptr();
+  p.L.invstd = invstd.const_data_ptr();
+  run_elemt(p.L);
+}
+
 // invstd = 1 / sqrt(running_var + eps) per channel (eval), in the math type.
 at::Tensor eval_invstd(const at::Tensor& running_var, double eps, at::ScalarType math) {
   at::Tensor var = per_channel(running_var, math);
@@ -146,17 +165,7 @@ Tensors5 batch_norm_fwd_cpu(const at::Tensor& input, const std::optional<at::Ten
     at::Tensor save_mean = at::empty({d.C}, math_opts);
     save_mean.copy_(running_mean->reshape({-1}));
     at::Tensor save_invstd = eval_invstd(*running_var, eps, math);
-    if (out.numel() > 0) {
-      const at::Tensor w = per_channel(weight, math), b = per_channel(bias, math);
-      Plan p = plan(x, d, /*reduce=*/false);
-      p.L.x = x.const_data_ptr();
-      set_out(p.L, out);
-      p.L.weight = ptr(w);
-      p.L.bias = ptr(b);
-      p.L.mean = save_mean.const_data_ptr();
-      p.L.invstd = save_invstd.const_data_ptr();
-      run_elemt(p.L);
-    }
+    normalize_into(out, x, d, weight, bias, save_mean, save_invstd, math);
     return {out, save_mean, save_invstd, new_mean, new_var};
   }
 
@@ -327,19 +336,7 @@ at::Tensor batch_norm_elemt_cpu(const at::Tensor& input, const std::optional<at:
   const at::ScalarType math = norm_stat_dtype(input.scalar_type());
   at::Tensor out = at::empty_like(x);
   advise_huge_pages(out);  // note [huge-page outputs]
-  if (out.numel() == 0) {
-    return out;
-  }
-  const at::Tensor w = per_channel(weight, math), b = per_channel(bias, math);
-  const at::Tensor mean_m = per_channel(mean, math), invstd_m = per_channel(invstd, math);
-  Plan p = plan(x, d, /*reduce=*/false);
-  p.L.x = x.const_data_ptr();
-  set_out(p.L, out);
-  p.L.weight = ptr(w);
-  p.L.bias = ptr(b);
-  p.L.mean = mean_m.const_data_ptr();
-  p.L.invstd = invstd_m.const_data_ptr();
-  run_elemt(p.L);
+  normalize_into(out, x, d, weight, bias, per_channel(mean, math), per_channel(invstd, math), math);
   return out;
 }
 

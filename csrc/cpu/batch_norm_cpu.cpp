@@ -129,20 +129,13 @@ void normalize_into(at::Tensor& out, const at::Tensor& x, const BatchNormDims& d
 at::Tensor eval_invstd(const at::Tensor& running_var, double eps, at::ScalarType math) {
   at::Tensor var = per_channel(running_var, math);
   at::Tensor invstd = at::empty_like(var);
-  const int64_t C = var.numel();
-  if (math == at::kDouble) {
-    const double* v = var.const_data_ptr<double>();
-    double* r = invstd.data_ptr<double>();
-    for (int64_t c = 0; c < C; ++c) {
-      r[c] = batch_norm_invstd(v[c], eps);
+  AT_DISPATCH_FLOATING_TYPES(math, "eval_invstd", [&] {
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    scalar_t* r = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < var.numel(); ++c) {
+      r[c] = batch_norm_invstd(v[c], static_cast<scalar_t>(eps));
     }
-  } else {
-    const float* v = var.const_data_ptr<float>();
-    float* r = invstd.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) {
-      r[c] = batch_norm_invstd(v[c], static_cast<float>(eps));
-    }
-  }
+  });
   return invstd;
 }
 

@@ -149,8 +149,7 @@ Tensors5 batch_norm_fwd_cpu(const at::Tensor& input, const std::optional<at::Ten
   const at::ScalarType math = norm_stat_dtype(input.scalar_type());
   const auto math_opts = input.options().dtype(math);
   const bool running = given(running_mean);
-  at::Tensor out = at::empty_like(x);
-  advise_huge_pages(out);  // note [huge-page outputs]
+  at::Tensor out = empty_output_like(x);  // note [huge-page outputs]
   at::Tensor new_mean = input.new_empty({0}), new_var = input.new_empty({0});
 
   if (!training) {
@@ -223,8 +222,7 @@ BwdResult batch_norm_bwd_launch(const at::Tensor& grad_out, const at::Tensor& in
   const auto math_opts = input.options().dtype(math);
   BwdResult r;
   if (want_dx) {
-    r.dx = at::empty_like(x);
-    advise_huge_pages(r.dx);  // note [huge-page outputs]
+    r.dx = empty_output_like(x);  // note [huge-page outputs]
   }
   if (want_sums) {
     r.sum_dy = at::empty({d.C}, math_opts);
@@ -327,8 +325,7 @@ at::Tensor batch_norm_elemt_cpu(const at::Tensor& input, const std::optional<at:
   check_batch_norm_stat(op, "invstd", invstd, input);
   const auto [x, d] = batch_norm_layout(input);
   const at::ScalarType math = norm_stat_dtype(input.scalar_type());
-  at::Tensor out = at::empty_like(x);
-  advise_huge_pages(out);  // note [huge-page outputs]
+  at::Tensor out = empty_output_like(x);  // note [huge-page outputs]
   normalize_into(out, x, d, weight, bias, per_channel(mean, math), per_channel(invstd, math), math);
   return out;
 }

@@ -2,12 +2,17 @@
 
 #include <cstdint>
 
+#include <ATen/ATen.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace pyoptim::cpu {
 
+namespace {
+
+// Hints huge pages for the 2 MB-aligned part of `t`'s storage (Linux; a no-op elsewhere or when small).
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = static_cast<int64_t>(t.nbytes());
@@ -25,6 +30,14 @@ void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+}  // namespace
+
+at::Tensor empty_output_like(const at::Tensor& like, at::MemoryFormat format) {
+  at::Tensor out = at::empty_like(like, format);
+  advise_huge_pages(out);
+  return out;
 }
 
 }  // namespace pyoptim::cpu

@@ -18,7 +18,9 @@ namespace pyoptim::cpu {
 // kHugePageMinBytes are left alone.
 constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
 
-// Hints huge pages for the 2 MB-aligned part of `t`'s storage (Linux; a no-op elsewhere or when small).
-void advise_huge_pages(const at::Tensor& t);
+// A kernel's output shaped like `like` (at::empty_like with `format`), with
+// huge pages asked for before its first write: every large CPU output is
+// allocated here.
+at::Tensor empty_output_like(const at::Tensor& like, at::MemoryFormat format = at::MemoryFormat::Preserve);
 
 }  // namespace pyoptim::cpu

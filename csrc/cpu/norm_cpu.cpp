@@ -36,8 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const char* op, bool rms
   const at::Tensor x = dense(input);
   const std::optional<at::Tensor> w = weight.has_value() && weight->defined() ? std::optional(dense(*weight)) : std::nullopt;
   const std::optional<at::Tensor> b = bias.has_value() && bias->defined() ? std::optional(dense(*bias)) : std::nullopt;
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(out);  // note [huge-page outputs]
+  at::Tensor out = empty_output_like(input, at::MemoryFormat::Contiguous);  // note [huge-page outputs]
   const auto stat_opts = input.options().dtype(norm_stat_dtype(input.scalar_type()));
   at::Tensor mean = rms ? at::Tensor() : at::empty(d.stat_shape, stat_opts);
   at::Tensor rstd = at::empty(d.stat_shape, stat_opts);
@@ -77,8 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const char* op, bool rms
   const at::ScalarType wdt = norm_weight_dtype(input, weight, bias);
   // dx is computed whenever any output is wanted: the weight/bias grads come
   // from the same pass (a dx-less pass would save only its writes).
-  at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(dx);  // note [huge-page outputs]
+  at::Tensor dx = empty_output_like(input, at::MemoryFormat::Contiguous);  // note [huge-page outputs]
   at::Tensor dw = want_dw ? at::empty(normalized_shape, input.options().dtype(wdt)) : empty();
   at::Tensor db = want_db ? at::empty(normalized_shape, input.options().dtype(wdt)) : empty();
   if (d.N == 0 || d.M == 0) {

@@ -150,11 +150,12 @@ if _backends.EXTENSION_LOADED:
 
 # -- LayerNorm / RMSNorm ---------------------------------------------------------
 #
-# The C++ backends (cpu, cuda) are dispatcher ops with autograd and fake
-# kernels registered below, so torch.compile traces them whole. The Python
-# backends (triton, reference) run under _NormFunction. Both take their
-# backward from _norm_backward, through _norm_fwd/_norm_bwd, which give the
-# two ops of each norm one calling convention: LayerNorm's.
+# The C++ backends (cpu, cuda) are dispatcher ops with fake kernels registered
+# below and their autograd in C++ (note [C++ autograd] in
+# csrc/norm_autograd.cpp), so torch.compile traces them whole. The Python
+# backends (triton, reference) run under _NormFunction, whose backward comes
+# from _norm_backward, through _norm_fwd/_norm_bwd, which give the two ops of
+# each norm one calling convention: LayerNorm's.
 
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 _COMPILED = ("cpu", "cuda")
@@ -195,6 +196,7 @@ class _NormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the C++ backends: no second derivative
     def backward(ctx, grad_out):
         bwd = _backends.get("rms_norm_bwd" if ctx.rms else "layer_norm_bwd", ctx.backend)
         need = ctx.needs_input_grad
@@ -268,39 +270,11 @@ if _backends.EXTENSION_LOADED:
         return _norm_bwd_fake("rms_norm_bwd", True, grad_out, input, normalized_shape, None, rstd, weight, None,
                               output_mask)[:2]
 
-    def _layer_norm_setup(ctx, inputs, output):
-        input, normalized_shape, weight, bias, _ = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
-        ctx.normalized_shape = normalized_shape
-        ctx.mark_non_differentiable(mean, rstd)
-
-    def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        need = ctx.needs_input_grad
-        dx, dw, db = _norm_backward(False, torch.ops.pyoptim.layer_norm_bwd, ctx, grad_out, need[0], need[2],
-                                    need[3])
-        return dx, None, dw, db, None
-
-    def _rms_norm_setup(ctx, inputs, output):
-        input, normalized_shape, weight, _ = inputs
-        _, rstd = output
-        ctx.save_for_backward(input, weight, None, None, rstd)
-        ctx.normalized_shape = normalized_shape
-        ctx.mark_non_differentiable(rstd)
-
-    def _rms_norm_backward(ctx, grad_out, _grad_rstd):
-        need = ctx.needs_input_grad
-        dx, dw, _ = _norm_backward(True, torch.ops.pyoptim.rms_norm_bwd, ctx, grad_out, need[0], need[2], False)
-        return dx, None, dw, None
-
-    torch.library.register_autograd("pyoptim::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
-    torch.library.register_autograd("pyoptim::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup)
-
 
 # -- BatchNorm / InstanceNorm ------------------------------------------------------
 #
 # As the norms above: the C++ backends (cpu, cuda) run pyoptim::batch_norm_fwd,
-# whose autograd (registered below) calls pyoptim::batch_norm_bwd, so
+# whose autograd (in C++, note [C++ autograd]) calls pyoptim::batch_norm_bwd, so
 # torch.compile traces them whole; the Python backends (triton, reference)
 # run under _BatchNormFunction. batch_norm_fwd is functional (note [functional
 # batch norm] in csrc/ops.cpp): it returns the moved running statistics and
@@ -330,6 +304,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return out, new_mean, new_var
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the C++ backends: no second derivative
     def backward(ctx, grad_out, _grad_new_mean, _grad_new_var):
         input, weight, save_mean, save_invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -465,20 +440,3 @@ if _backends.EXTENSION_LOADED:
     def _batch_norm_backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
         check_batch_norm_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
         return torch.empty_like(batch_norm_layout(input))
-
-    def _batch_norm_setup(ctx, inputs, output):
-        input, weight, _, _, _, training, _, _ = inputs
-        _, save_mean, save_invstd, new_mean, new_var = output
-        ctx.save_for_backward(input, weight, save_mean, save_invstd)
-        ctx.training = training
-        ctx.mark_non_differentiable(save_mean, save_invstd, new_mean, new_var)
-
-    def _batch_norm_backward_fn(ctx, grad_out, _grad_mean, _grad_invstd, _grad_new_mean, _grad_new_var):
-        input, weight, save_mean, save_invstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx, dw, db = _batch_norm_backward(torch.ops.pyoptim.batch_norm_bwd, grad_out, input, weight, save_mean,
-                                          save_invstd, ctx.training, need[0], need[1], need[2])
-        return dx, dw, db, None, None, None, None, None
-
-    torch.library.register_autograd("pyoptim::batch_norm_fwd", _batch_norm_backward_fn,
-                                    setup_context=_batch_norm_setup)

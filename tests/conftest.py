@@ -109,3 +109,21 @@ def hand_over_state_dict(direction, ours_factory, torch_factory, init, steps_bef
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def assert_compiled_autograd_equals_eager(step, leaves) -> None:
+    """step() runs a forward and its .backward(); under torch.compile with compiled autograd the backward is
+    captured and every leaf's grad equals eager's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    step()
+    eager = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(step, backend="aot_eager")()
+    assert counters["compiled_autograd"]["captures"] >= 1
+    for t, e in zip(leaves, eager):
+        torch.testing.assert_close(t.grad, e, **TOL[torch.float32])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import HAS_CUDA, TOL, impls
+from tests.conftest import HAS_CUDA, TOL, assert_compiled_autograd_equals_eager, impls
 
 NAMES = ("out", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var")
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -327,6 +327,42 @@ def test_count_of_one_per_channel_through_the_op(bn_impl):
 
 
 # -- gradcheck ------------------------------------------------------------------------------------------------
+
+
+# Which leaves require grad (x, weight, bias), and which of weight/bias are given: the backward's
+# output_mask comes from both.
+_SUBSETS = ["x", "weight", "bias", "weight,bias", "x,bias", "x,bias;no_weight", "bias;no_weight", "x;no_affine"]
+
+
+@pytest.mark.parametrize("case", _SUBSETS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_grads_of_some_leaves_only(bn_impl, case, training):
+    """Only the leaves that require grad get one, each equal to torch's."""
+    device = _device(bn_impl)
+    need, _, given = case.partition(";")
+    need = need.split(",")
+    x = _input((3, 4, 5), "nchw", torch.float64, device)
+    w, b, rm, rv = _params(4, torch.float64, device, {"no_weight": "bias", "no_affine": "none"}.get(given, "both"))
+    dy = torch.randn_like(x)
+    results = []
+    for fn in (_ours(bn_impl[1]), _theirs):
+        leaves = {k: (t.detach().clone().requires_grad_(k in need) if t is not None else None)
+                  for k, t in (("x", x), ("weight", w), ("bias", b))}
+        y = fn(leaves["x"], rm.clone(), rv.clone(), leaves["weight"], leaves["bias"], training, 0.1, 1e-5)
+        results.append(torch.autograd.grad(y, [leaves[k] for k in need], dy))
+    for name, a, e in zip(need, *results):
+        torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_double_backward_raises(bn_impl):
+    """No second derivative: a clear error, not zeros."""
+    device = _device(bn_impl)
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    w = torch.randn(3, device=device, requires_grad=True)
+    y = pyoptim.nn.functional.batch_norm(x, None, None, w, None, True, backend=bn_impl[1])
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented|once_differentiable"):
+        g.sum().backward()
 
 
 def test_gradcheck_float64(bn_impl):
@@ -969,6 +1005,15 @@ def test_compile_fullgraph_equals_eager(device):
             p.grad = q.grad = None
         for (name, s), t in zip(eager.named_buffers(), comp.buffers()):
             torch.testing.assert_close(t, s, **TOL[torch.float32], msg=lambda m: f"{step} {name}: {m}")
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_compiled_autograd_equals_eager(device):
+    """The C++ autograd (note [C++ autograd]) under compiled autograd: the backward is captured, grads as eager."""
+    bn = pyoptim.nn.BatchNorm2d(6, device=device)
+    x = torch.randn(4, 6, 5, 5, device=device, requires_grad=True)
+    assert_compiled_autograd_equals_eager(lambda: (bn(x) * 2).square().sum().backward(), [x, bn.weight, bn.bias])
 
 
 # -- CUDA only --------------------------------------------------------------------------------------------------

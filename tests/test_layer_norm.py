@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import HAS_CUDA, TOL, requires_cuda
+from tests.conftest import HAS_CUDA, TOL, assert_compiled_autograd_equals_eager, requires_cuda
 
 ROWS = [1, 3, 257]  # one row; fewer rows than threads; more rows than backward blocks, odd
 # 1: a row of one element (var 0); 7: no whole 16-byte vector; 128: one warp's
@@ -238,6 +238,47 @@ def test_gradcheck_float64(norm_impl, rms):
     assert torch.autograd.gradcheck(lambda *t: fn(t[0], (4, 5), t[1], t[2] if len(t) > 2 else None, 1e-5), inputs)
 
 
+# Which leaves require grad (x, weight, bias), and which of weight/bias are given: the backward's
+# output_mask comes from both, and each affine argument may be absent.
+_SUBSETS = [
+    (False, "x"), (False, "weight"), (False, "bias"), (False, "weight,bias"), (False, "x,bias"),
+    (False, "x,bias;no_weight"), (False, "bias;no_weight"),
+    (True, "x"), (True, "weight"), (True, "x,weight"),
+]
+
+
+@pytest.mark.parametrize("rms,case", _SUBSETS, ids=lambda v: str(v))
+def test_grads_of_some_leaves_only(norm_impl, rms, case):
+    """Only the leaves that require grad get one, each equal to torch's."""
+    device = _device(norm_impl)
+    need, _, given = case.partition(";")
+    need = need.split(",")
+    x = torch.randn(6, 24, dtype=torch.float64, device=device)
+    w, b = _affine((24,), torch.float64, device, rms)
+    if given == "no_weight":
+        w = None
+    dy = torch.randn_like(x)
+    results = []
+    for fn in (_ours(rms, norm_impl[1]), _theirs(rms)):
+        leaves = {k: (t.detach().clone().requires_grad_(k in need) if t is not None else None)
+                  for k, t in (("x", x), ("weight", w), ("bias", b))}
+        y = fn(leaves["x"], (24,), leaves["weight"], leaves["bias"], 1e-5)
+        results.append(torch.autograd.grad(y, [leaves[k] for k in need], dy))
+    for name, a, e in zip(need, *results):
+        torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_double_backward_raises(norm_impl):
+    """No second derivative: a clear error, not zeros (torch's message for an op without a derivative)."""
+    device = _device(norm_impl)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(8, device=device, requires_grad=True)
+    y = pyoptim.nn.functional.layer_norm(x, (8,), w, None, backend=norm_impl[1])
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented|once_differentiable"):
+        g.sum().backward()
+
+
 def test_weight_grads_are_deterministic(norm_impl):
     device = _device(norm_impl)
     m, n = (64, 300) if _interpreted(norm_impl) else (4096, 300)
@@ -382,6 +423,17 @@ def test_compile_fullgraph_equals_eager(device):
     grads_b = [xb.grad] + [p.grad for p in (ln.weight, ln.bias, rms.weight)]
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_compiled_autograd_equals_eager(device):
+    """The C++ autograd (note [C++ autograd]) under compiled autograd: the backward is captured, grads as eager."""
+    ln = pyoptim.nn.LayerNorm(32, device=device)
+    rms = pyoptim.nn.RMSNorm(32, device=device)
+    x = torch.randn(4, 6, 32, device=device, requires_grad=True)
+    assert_compiled_autograd_equals_eager(lambda: rms(ln(x) * 2).square().sum().backward(),
+                                          [x, ln.weight, ln.bias, rms.weight])
 
 
 # -- the nn API ------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the C++ backends: no second derivative
     def backward(ctx, grad_out):
         input, weight, mean, invstd, n = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]

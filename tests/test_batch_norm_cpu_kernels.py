@@ -23,8 +23,16 @@ CASES = [
     ((2, 3, 20000), "nchw"),
     # One channel: all N * S elements one run, cut into blocks.
     ((1, 1, 100000), "nchw"),
-    # Odd C and 49-element runs: vector tails, prefetched short runs.
+    # Odd C and 49-element runs of a small tensor: sample-major (note [batch norm sample-major]), vector tails.
     ((8, 33, 7, 7), "nchw"),
+    # Sample-major cut into 2 blocks mid-sample (63 runs: block 1 starts at channel 4 of sample 3).
+    ((7, 9, 23, 23), "nchw"),
+    # Sample-major with runs shorter than a vector (4 elements, masked) and 3 chunks per block.
+    ((3000, 3, 2, 2), "nchw"),
+    # Runs shorter than a line in a tensor past kBatchNormCpuSampleMajorBytes (9.4 MB): still sample-major.
+    ((98304, 8, 3), "nchw"),
+    # Runs of 1200 elements in 4.8 MB: channel-major with runs of 4.8 KB (past kBatchNormCpuShortRunBytes).
+    ((32, 32, 1200), "nchw"),
     # (N, C): S = 1 read as rows of C (channels-last), 4 vectors and a tail of 7 channels.
     ((300, 71), "nchw"),
     # Channels-last rows cut into one block per thread; C = 8 is half a vector.
@@ -97,7 +105,7 @@ def test_blocks_match_float64(case, threads):
     assert out.stride() == x.stride() and dx.stride() == x.stride()
 
 
-@pytest.mark.parametrize("case", CASES[:5], ids=_id)
+@pytest.mark.parametrize("case", CASES[:6], ids=_id)
 def test_repeatable(case):
     """The same bits on every call at a given thread count: fixed blocks, merged in a fixed order."""
     shape, layout = case
@@ -127,12 +135,18 @@ def test_layouts_agree(shape, dtype):
         torch.testing.assert_close(p, q, **tol)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_mean_far_from_zero(layout):
+@pytest.mark.parametrize("shape,layout,first_off", [
+    ((64, 3, 40, 40), "nchw", 0.0),  # channel-major (runs of 6.4 KB)
+    ((64, 3, 20, 20), "nchw", 0.0),  # sample-major (note [batch norm sample-major])
+    ((64, 3, 20, 20), "nchw", 10.0),  # sample-major, the first sample 10 std off the rest
+    ((64, 3, 20, 20), "cl", 0.0),
+], ids=["nchw-channel-major", "nchw-sample-major", "nchw-sample-major-first-sample-off", "cl"])
+def test_mean_far_from_zero(shape, layout, first_off):
     """x = 1000 + randn: note [batch norm shift] keeps invstd to float32's rounding (unshifted
-    chunk means merged in float32 lost a part in 1e6 here; a one-pass sum of squares loses all)."""
-    shape = (64, 3, 20, 20)
+    chunk means merged in float32 lost a part in 1e6 here; a one-pass sum of squares loses all;
+    a shift from the first sample alone lost 1e-6 when that sample sat 10 std off)."""
     x = _make(shape, layout, offset=1000.0)
+    x[0] += first_off
     out, mean, invstd, _, _ = torch.ops.pyoptim.batch_norm_fwd(x, None, None, None, None, True, 0.1, EPS)
     ro, rmean, rinv = torch.native_batch_norm(x.double(), None, None, None, None, True, 0.1, EPS)
     assert ((invstd.double() - rinv) / rinv).abs().max() < 1e-6

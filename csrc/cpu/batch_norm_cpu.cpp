@@ -81,9 +81,13 @@ Plan plan(const at::Tensor& x, const BatchNormDims& d, bool reduce) {
   // need, and never below kBatchNormCpuMinBlock elements a block.
   const int64_t threads = at::get_num_threads();
   const int64_t count = L.N * L.S;
-  if (L.channels_last) {
-    // Blocks of rows, every channel in each.
-    L.blocks = std::min({threads, std::max<int64_t>(1, count * L.C / kBatchNormCpuMinBlock), count});
+  const int64_t run_bytes = L.S * static_cast<int64_t>(x.element_size());
+  L.sample_major = !L.channels_last && L.C > 1 && run_bytes < kBatchNormCpuShortRunBytes &&
+                   (static_cast<int64_t>(x.nbytes()) <= kBatchNormCpuSampleMajorBytes || run_bytes < 64);
+  if (L.channels_last || L.sample_major) {
+    // Blocks of rows (of runs), every channel in each.
+    const int64_t items = L.channels_last ? count : L.N * L.C;
+    L.blocks = std::min({threads, std::max<int64_t>(1, count * L.C / kBatchNormCpuMinBlock), items});
   } else if (threads > 1 && L.C % threads != 0 && L.C < 8 * threads) {
     const int64_t max_blocks = std::max<int64_t>(1, count / kBatchNormCpuMinBlock);
     // Too few channels to share evenly: at least 8 items a thread, so the
@@ -92,7 +96,7 @@ Plan plan(const at::Tensor& x, const BatchNormDims& d, bool reduce) {
   }
   L.blocks = std::max<int64_t>(L.blocks, 1);
   const auto math = x.options().dtype(norm_stat_dtype(x.scalar_type()));
-  if (L.channels_last) {
+  if (L.channels_last || L.sample_major) {
     p.partial = at::empty({L.blocks * 2 * L.C}, math);
   } else if (L.blocks > 1) {
     p.partial = at::empty({L.C * L.blocks * 3}, math);

@@ -16,6 +16,14 @@ namespace pyoptim::cpu {
 constexpr int64_t kBatchNormCpuGrain = 32768;
 constexpr int64_t kBatchNormCpuMinBlock = 16384;
 
+// note [batch norm sample-major] (batch_norm_cpu_kernel.cpp): an NCHW input
+// whose runs (S elements) are shorter than kBatchNormCpuShortRunBytes is
+// reduced in memory order when it is at most kBatchNormCpuSampleMajorBytes
+// (the elementwise pass then rereads it from L3), or whatever its size when
+// its runs are shorter than a cache line.
+constexpr int64_t kBatchNormCpuShortRunBytes = 4096;
+constexpr int64_t kBatchNormCpuSampleMajorBytes = int64_t(8) << 20;
+
 // Outputs (y, dx) of at least this many bytes are written with streaming
 // stores (note [streaming stores] in vec_io.h): past the size of the caches.
 constexpr int64_t kBatchNormCpuStreamBytes = int64_t(8) << 20;
@@ -38,13 +46,17 @@ constexpr int64_t kBatchNormCpuStreamBytes = int64_t(8) << 20;
 //     elements [k * count / blocks, (k + 1) * count / blocks) in (n, s) order.
 //   channels-last: rows [k * N * S / blocks, (k + 1) * N * S / blocks), each
 //     block summing every channel; `partial` holds its results per channel.
+//   NCHW sample-major: the same over the N * C runs of S elements, in memory
+//     order (run r is sample r / C, channel r % C).
 struct BatchNormCpuLaunch {
   c10::ScalarType dtype;  // x, dy, out
   int64_t N, C, S;
   bool channels_last;
+  bool sample_major;      // NCHW reduced in memory order (note [batch norm sample-major])
   bool stream_out;        // write out with streaming stores
   int64_t blocks;
-  void* partial;          // scratch of S: [C * blocks * 3] (NCHW) or [blocks * 2 * C]; null when blocks == 1 (NCHW)
+  void* partial;          // scratch of S: [C * blocks * 3] (NCHW) or [blocks * 2 * C] (channels-last,
+                          // sample-major); null when blocks == 1 (NCHW channel-major)
 
   const void* x;
   const void* dy;         // backward

@@ -99,6 +99,16 @@ struct GradTerm {  // a0 += dy, a1 += dy * (x - mean)
   }
 };
 
+struct ShiftedSumsTerm {  // a0 += x - K, a1 += (x - K)^2 (note [batch norm sample-major])
+  static constexpr bool kDy = false;
+  template <typename M>
+  PYOPTIM_INLINE void operator()(M& a0, M& a1, M x, M, M m, M) const {
+    const M d = x - m;
+    a0 = a0 + d;
+    a1 = a1 + d * d;
+  }
+};
+
 // ------------------------------------------------------------------- NCHW
 // Channel c's elements n * S + s in [f0, f1), as the contiguous runs
 // fn(n, offset of the run in the tensor, length).
@@ -277,6 +287,158 @@ void nchw_grad_sums(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_
     out[0] += r[0];
     out[1] += r[1];
   }
+}
+
+// ----------------------------------------------------- NCHW, sample-major
+// note [batch norm sample-major]: a small NCHW tensor of short runs (ResNet's
+// last 32 x 512 x 7 x 7: runs of 196 bytes, 3.2 MB) read channel by channel
+// jumps C * S elements between runs, a few lines each: from a cold cache every
+// run waits on DRAM (0.55 ms, against 0.21 ms with the tensor in L3), and in
+// L3 the per-run work still dominates. Instead each block reads its runs in
+// memory order, the tensor streaming at the prefetchers' pace, and adds each
+// run to its channel's vector accumulators (2 x C vectors, in L2); their lanes
+// are summed once a chunk (chunk_samples samples), not once a run. The
+// statistics take two passes: the channel means K, then shifted sums sum(d)
+// and sum(d^2) of d = x - K, m2 = sum(d^2) - sum(d)^2 / n a chunk, merged by
+// Welford's rule as the chunks of the channel-major path are. With K the mean
+// (to float32's rounding, note [batch norm shift]) sum(d) is near 0 and the
+// subtraction cancels nothing; K from the first sample alone lost digits in
+// proportion to (its mean - the mean)^2 / var (1e-6 of invstd when it sat 3
+// std off). The second pass and the elementwise pass read x from L3: the
+// launcher takes this path only for tensors that fit it (or for runs shorter
+// than a line, which the channel order would read several times over).
+
+// Channels with runs in [a, b) of the run order (run r: sample r / C, channel r % C), and how many.
+PYOPTIM_INLINE int64_t runs_of_channel(int64_t C, int64_t c, int64_t a, int64_t b) {
+  auto upto = [&](int64_t e) { return e > c ? (e - c + C - 1) / C : 0; };  // runs of c in [0, e)
+  return upto(b) - upto(a);
+}
+
+// Samples per chunk: about kChunk elements of each channel.
+PYOPTIM_INLINE int64_t chunk_samples(int64_t S) { return std::max<int64_t>(1, kChunk / S); }
+
+// One run of len elements added to a channel's two vector accumulators; the
+// lanes past len (the last step's) add nothing.
+template <typename T, typename Term>
+PYOPTIM_INLINE void run_accumulate(const T* x, const T* dy, int64_t len, at::opmath_type<T> m,
+                                   at::vec::Vectorized<at::opmath_type<T>>& a0,
+                                   at::vec::Vectorized<at::opmath_type<T>>& a1, Term term) {
+  using Ln = Lanes<T>;
+  using S = typename Ln::S;
+  using V = typename Ln::V;
+  constexpr int P = Ln::P;
+  constexpr int64_t K = Ln::K;
+  const V mv(m), zero(S(0));
+  int64_t j = 0;
+  for (; j + K <= len; j += K) {
+    V xv[P], gv[P];
+    load<P>(x + j, xv);
+    if constexpr (Term::kDy) {
+      load<P>(dy + j, gv);
+    }
+    for (int k = 0; k < P; ++k) {
+      term(a0, a1, xv[k], Term::kDy ? gv[k] : xv[k], mv, zero);
+    }
+  }
+  if (j < len) {
+    V xv[P], gv[P];
+    load_n<P>(x + j, xv, len - j);
+    if constexpr (Term::kDy) {
+      load_n<P>(dy + j, gv, len - j);
+    }
+    for (int k = 0; k < P; ++k) {
+      const int64_t valid = std::clamp<int64_t>(len - j - k * V::size(), 0, V::size());
+      V t0 = zero, t1 = zero;
+      term(t0, t1, xv[k], Term::kDy ? gv[k] : xv[k], mv, zero);
+      a0 = a0 + V::set(zero, t0, valid);
+      a1 = a1 + V::set(zero, t1, valid);
+    }
+  }
+}
+
+// The terms of runs [r0, r1) summed per channel; every chunk (and at r1),
+// flush(c, sum0, sum1, n) for each channel with n > 0 elements in it. m[C]:
+// each channel's shift or mean.
+template <typename T, typename Term, typename Flush>
+void sample_major_reduce(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t r0, int64_t r1,
+                         const at::opmath_type<T>* m, Term term, Flush flush) {
+  using S = at::opmath_type<T>;
+  using V = at::vec::Vectorized<S>;
+  const int64_t C = L.C, S_ = L.S, step = C * chunk_samples(S_);
+  std::vector<V> acc(2 * C, V(S(0)));
+  for (int64_t g = r0; g < r1; g += step) {
+    const int64_t ge = std::min(r1, g + step);
+    for (int64_t r = g; r < ge; ++r) {
+      const int64_t c = r % C;
+      run_accumulate<T>(x + r * S_, Term::kDy ? dy + r * S_ : nullptr, S_, m[c], acc[2 * c], acc[2 * c + 1], term);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t runs = runs_of_channel(C, c, g, ge);
+      if (runs > 0) {
+        flush(c, lane_sum(acc[2 * c]), lane_sum(acc[2 * c + 1]), runs * S_);
+        acc[2 * c] = acc[2 * c + 1] = V(S(0));
+      }
+    }
+  }
+}
+
+// Every channel's shift K[C]: its mean, from a pass of sums over the B blocks
+// (part: scratch of [B][C]), added in block order.
+template <typename T>
+void sample_major_shift(const BatchNormCpuLaunch& L, const T* x, int64_t B, at::opmath_type<T>* part,
+                        at::opmath_type<T>* K) {
+  using S = at::opmath_type<T>;
+  const int64_t C = L.C;
+  std::vector<S> zero(C, S(0));
+  at::parallel_for(0, B, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const auto [r0, r1] = block_range(L.N * C, B, k);
+      S* sum = part + k * C;
+      std::fill(sum, sum + C, S(0));
+      sample_major_reduce<T>(L, x, nullptr, r0, r1, zero.data(), SumTerm{},
+                             [&](int64_t c, S a0, S, int64_t) { sum[c] += a0; });
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    S sum = 0;
+    for (int64_t k = 0; k < B; ++k) {
+      sum += part[k * C + c];
+    }
+    K[c] = sum / static_cast<S>(L.N * L.S);
+  }
+}
+
+// The mean and m2 of x - K, every channel over runs [r0, r1), into mean[C], m2[C] (nhwc_stats's outputs).
+template <typename T>
+void sample_major_stats(const BatchNormCpuLaunch& L, const T* x, int64_t r0, int64_t r1, const at::opmath_type<T>* K,
+                        at::opmath_type<T>* mean, at::opmath_type<T>* m2) {
+  using S = at::opmath_type<T>;
+  std::vector<int64_t> count(L.C, 0);
+  std::fill(mean, mean + L.C, S(0));
+  std::fill(m2, m2 + L.C, S(0));
+  sample_major_reduce<T>(L, x, nullptr, r0, r1, K, ShiftedSumsTerm{}, [&](int64_t c, S s0, S s1, int64_t n) {
+    const S dmean = s0 / static_cast<S>(n);
+    S dm2 = s1 - s0 * dmean;
+    dm2 = dm2 < S(0) ? S(0) : dm2;  // rounding below 0; a NaN stays NaN
+    Welford<S> a{mean[c], m2[c], count[c]};
+    welford_merge(a, Welford<S>{dmean, dm2, n});
+    mean[c] = a.mean;
+    m2[c] = a.m2;
+    count[c] = a.count;
+  });
+}
+
+// sum(dy) and sum(dy * (x - mean)) of every channel over runs [r0, r1), into s0[C], s1[C].
+template <typename T>
+void sample_major_grad_sums(const BatchNormCpuLaunch& L, const T* x, const T* dy, int64_t r0, int64_t r1,
+                            const at::opmath_type<T>* mean, at::opmath_type<T>* s0, at::opmath_type<T>* s1) {
+  using S = at::opmath_type<T>;
+  std::fill(s0, s0 + L.C, S(0));
+  std::fill(s1, s1 + L.C, S(0));
+  sample_major_reduce<T>(L, x, dy, r0, r1, mean, GradTerm{}, [&](int64_t c, S a0, S a1, int64_t) {
+    s0[c] += a0;
+    s1[c] += a1;
+  });
 }
 
 // ------------------------------------------------------------ elementwise
@@ -661,6 +823,33 @@ struct Kernels {
   static const S* in(const void* p) { return static_cast<const S*>(p); }
   static S* outp(void* p) { return static_cast<S*>(p); }
 
+  // What the blocks of the channels-last and sample-major paths cut: rows
+  // of C (N * S of them), or runs of S (N * C).
+  static int64_t block_items(const BatchNormCpuLaunch& L) { return L.channels_last ? L.N * L.S : L.N * L.C; }
+
+  // Channel c's elements in block k of B.
+  static int64_t block_count(const BatchNormCpuLaunch& L, int64_t B, int64_t k, int64_t c) {
+    const auto [r0, r1] = block_range(block_items(L), B, k);
+    return L.channels_last ? r1 - r0 : runs_of_channel(L.C, c, r0, r1) * L.S;
+  }
+
+  // Their elementwise pass: channels-last by the blocks just reduced (each
+  // thread the rows it read), sample-major over the whole tensor.
+  template <bool BWD>
+  static void items_elem(const BatchNormCpuLaunch& L, int64_t B, const S* cf) {
+    if (!L.channels_last) {
+      elem_all<BWD, T>(L, cf);
+      return;
+    }
+    at::parallel_for(0, B, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const auto [r0, r1] = block_range(L.N * L.S, B, k);
+        nhwc_elem<BWD, T>(L, r0, r1, cf);
+      }
+      stream_fence();
+    });
+  }
+
   // Channel c's statistics st written out; its forward coefficients into cf (stride apart) when cf.
   static void finish_stats(const BatchNormCpuLaunch& L, int64_t c, const Welford<S>& st, S* cf, int64_t stride) {
     outp(L.save_mean)[c] = st.mean;
@@ -690,7 +879,7 @@ struct Kernels {
     const bool y = L.out != nullptr;
     S* part = static_cast<S*>(L.partial);
     std::vector<S> cf(y ? kCoeffs<false> * C : 0);
-    if (!L.channels_last) {
+    if (!L.channels_last && !L.sample_major) {
       if (B == 1) {
         // note [batch norm cache reuse]: a channel's statistics, then its y.
         const int64_t grain = std::max<int64_t>(1, kBatchNormCpuGrain / count);
@@ -743,32 +932,35 @@ struct Kernels {
       }
       return;
     }
-    // Channels-last: block k's mean and m2 (of x - K) in part[k][0][:], part[k][1][:].
+    // Channels-last, and NCHW sample-major (note [batch norm sample-major]):
+    // block k's mean and m2 (of x - K) in part[k][0][:], part[k][1][:].
     std::vector<S> K(C);
-    nhwc_shift<T>(L, x, K.data());
+    if (L.channels_last) {
+      nhwc_shift<T>(L, x, K.data());
+    } else {
+      sample_major_shift<T>(L, x, B, part, K.data());
+    }
+    const int64_t items = block_items(L);
     at::parallel_for(0, B, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        const auto [r0, r1] = block_range(count, B, k);
-        nhwc_stats<T>(L, x, r0, r1, K.data(), part + 2 * k * C, part + (2 * k + 1) * C);
+        const auto [r0, r1] = block_range(items, B, k);
+        if (L.channels_last) {
+          nhwc_stats<T>(L, x, r0, r1, K.data(), part + 2 * k * C, part + (2 * k + 1) * C);
+        } else {
+          sample_major_stats<T>(L, x, r0, r1, K.data(), part + 2 * k * C, part + (2 * k + 1) * C);
+        }
       }
     });
     for (int64_t c = 0; c < C; ++c) {
       Welford<S> st{S(0), S(0), 0};
       for (int64_t k = 0; k < B; ++k) {
-        const auto [r0, r1] = block_range(count, B, k);
-        welford_merge(st, Welford<S>{part[2 * k * C + c], part[(2 * k + 1) * C + c], r1 - r0});
+        welford_merge(st, Welford<S>{part[2 * k * C + c], part[(2 * k + 1) * C + c], block_count(L, B, k, c)});
       }
       st.mean = K[c] + st.mean;
       finish_stats(L, c, st, y ? cf.data() + c : nullptr, C);
     }
     if (y) {
-      at::parallel_for(0, B, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const auto [r0, r1] = block_range(count, B, k);
-          nhwc_elem<false, T>(L, r0, r1, cf.data());
-        }
-        stream_fence();
-      });
+      items_elem<false>(L, B, cf.data());
     }
   }
 
@@ -825,7 +1017,7 @@ struct Kernels {
       elem_all<true, T>(L, cf.data());
       return;
     }
-    if (!L.channels_last) {
+    if (!L.channels_last && !L.sample_major) {
       if (B == 1) {
         // note [batch norm cache reuse]: a channel's sums, then its dx.
         const int64_t grain = std::max<int64_t>(1, kBatchNormCpuGrain / count);
@@ -870,10 +1062,16 @@ struct Kernels {
       }
       return;
     }
+    // Channels-last and NCHW sample-major: block k's sums in part[k][0][:], part[k][1][:].
+    const int64_t items = block_items(L);
     at::parallel_for(0, B, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        const auto [r0, r1] = block_range(count, B, k);
-        nhwc_grad_sums<T>(L, x, dy, r0, r1, mean, part + 2 * k * C, part + (2 * k + 1) * C);
+        const auto [r0, r1] = block_range(items, B, k);
+        if (L.channels_last) {
+          nhwc_grad_sums<T>(L, x, dy, r0, r1, mean, part + 2 * k * C, part + (2 * k + 1) * C);
+        } else {
+          sample_major_grad_sums<T>(L, x, dy, r0, r1, mean, part + 2 * k * C, part + (2 * k + 1) * C);
+        }
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -885,13 +1083,7 @@ struct Kernels {
       finish_grad(L, c, s0, s1, dx ? cf.data() + c : nullptr, C);
     }
     if (dx) {
-      at::parallel_for(0, B, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const auto [r0, r1] = block_range(count, B, k);
-          nhwc_elem<true, T>(L, r0, r1, cf.data());
-        }
-        stream_fence();
-      });
+      items_elem<true>(L, B, cf.data());
     }
   }
 };

@@ -114,7 +114,10 @@ TORCH_LIBRARY(pyoptim, m) {
   // are the input's dtype or float32 (for float16/bfloat16 input).
   //
   // Mirrors aten::native_batch_norm, but functional (note [functional batch
-  // norm]: torch.library cannot give a mutating op an autograd formula):
+  // norm]: made so while its autograd was a Python formula, which
+  // torch.library refuses for a mutating op; kept so, now that the formula is
+  // C++ (note [C++ autograd]), because torch.compile traces a functional op
+  // as it is, with the caller's copy into the buffers outside it):
   // returns (out, save_mean, save_invstd, new_running_mean, new_running_var).
   //   training: the batch's mean and biased variance normalize; when running
   //     statistics are given, new_running_* are them moved by momentum

@@ -58,6 +58,27 @@ def _step_of(make_optimizer: Callable[[list], Any]) -> Callable[[tuple[list, lis
     return lambda inputs: make_optimizer(_params(inputs)).step
 
 
+# The torch implementations every optimizer benchmark compares against: (name, constructor kwargs, foreach).
+TORCH_VARIANTS = (("forloop", dict(foreach=False), False), ("foreach", dict(foreach=True), True),
+                  ("fused", dict(fused=True), True))
+
+
+def torch_providers(make_optimizer: Callable[..., Any], step_of=None) -> list[Provider]:
+    """torch-forloop, torch-foreach and torch-fused: `make_optimizer(params, **kwargs)` stepped by `step_of`
+    (default _step_of; called as step_of(make, foreach) when given)."""
+    out = []
+    for name, kw, foreach in TORCH_VARIANTS:
+        make = lambda ps, kw=kw: make_optimizer(ps, **kw)  # noqa: E731
+        out.append(Provider(f"torch-{name}", "torch", _step_of(make) if step_of is None else step_of(make, foreach)))
+    return out
+
+
+def param_list_op(**kw: Any) -> Op:
+    """An Op over a model's parameter list (PARAM_CASES, params and grads from make_inputs), default cases
+    large, many_small and transformer; `kw` are the rest of Op's fields."""
+    return Op(cases=PARAM_CASES, default_cases=("large", "many_small", "transformer"), make_inputs=make_inputs, **kw)
+
+
 def _missing(module: str) -> str | None:
     try:
         found = importlib.util.find_spec(module) is not None
@@ -75,8 +96,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     hp = dict(lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=opts.amsgrad)
     out = pyoptim_providers("adam_step_", device,
                             lambda b: _step_of(lambda ps: pyoptim.optim.AdamW(ps, **hp, backend=b)))
-    for name, kw in (("forloop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
-        out.append(Provider(f"torch-{name}", "torch", _step_of(lambda ps, kw=kw: torch.optim.AdamW(ps, **hp, **kw))))
+    out += torch_providers(lambda ps, **kw: torch.optim.AdamW(ps, **hp, **kw))
 
     if device.type == "cuda":
         def apex_adam(ps):
@@ -103,12 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amsgrad", action="store_true", help="adam: amsgrad=True (36 bytes per fp32 param)")
 
 
-OP = Op(
+OP = param_list_op(
     name="adam",
     description=f"AdamW step (lr={LR}, weight_decay={WEIGHT_DECAY}), one optimizer.step() with grads set",
-    cases=PARAM_CASES,
-    default_cases=("large", "many_small", "transformer"),
-    make_inputs=make_inputs,
     bytes_moved=bytes_moved,
     providers=providers,
     baseline="torch-fused",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _params, make_inputs  # noqa: E402
-from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+from bench_adam import _params, param_list_op  # noqa: E402
+from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
 
 MAX_NORM = 1e-3
 
@@ -50,12 +50,9 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     return out
 
 
-OP = Op(
+OP = param_list_op(
     name="clip",
     description=f"clip_grad_norm_(max_norm={MAX_NORM}, norm_type=2): a norm pass and a scale pass",
-    cases=PARAM_CASES,
-    default_cases=("large", "many_small", "transformer"),
-    make_inputs=make_inputs,
     bytes_moved=bytes_moved,
     providers=providers,
     baseline="torch-foreach",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import LR, WEIGHT_DECAY, _params, _step_of, make_inputs  # noqa: E402
-from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+from bench_adam import LR, WEIGHT_DECAY, _params, _step_of, param_list_op, torch_providers  # noqa: E402
+from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
 
 MAX_NORM = 1e-3
 
@@ -53,19 +53,12 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     out = pyoptim_providers(
         "adam_step_", device,
         lambda b: _step_of(lambda ps: pyoptim.optim.AdamW(ps, **hp, max_grad_norm=MAX_NORM, backend=b)))
-    for name, kw, foreach in (("forloop", dict(foreach=False), False), ("foreach", dict(foreach=True), True),
-                              ("fused", dict(fused=True), True)):
-        out.append(Provider(f"torch-{name}", "torch",
-                            _torch_clip_step(lambda ps, kw=kw: torch.optim.AdamW(ps, **hp, **kw), foreach)))
-    return out
+    return out + torch_providers(lambda ps, **kw: torch.optim.AdamW(ps, **hp, **kw), _torch_clip_step)
 
 
-OP = Op(
+OP = param_list_op(
     name="clip_adamw",
     description=f"clip to max_norm={MAX_NORM} + AdamW step: fused (pyoptim) against clip_grad_norm_ then step",
-    cases=PARAM_CASES,
-    default_cases=("large", "many_small", "transformer"),
-    make_inputs=make_inputs,
     bytes_moved=bytes_moved,
     providers=providers,
     baseline="torch-fused",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _step_of, make_inputs  # noqa: E402
-from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+from bench_adam import _step_of, param_list_op, torch_providers  # noqa: E402
+from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-2, 0.9, 1e-4
 
@@ -36,17 +36,12 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
 
     hp = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     out = pyoptim_providers("sgd_step_", device, lambda b: _step_of(lambda ps: pyoptim.optim.SGD(ps, **hp, backend=b)))
-    for name, kw in (("forloop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
-        out.append(Provider(f"torch-{name}", "torch", _step_of(lambda ps, kw=kw: torch.optim.SGD(ps, **hp, **kw))))
-    return out
+    return out + torch_providers(lambda ps, **kw: torch.optim.SGD(ps, **hp, **kw))
 
 
-OP = Op(
+OP = param_list_op(
     name="sgd",
     description=f"SGD step (lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}), one optimizer.step()",
-    cases=PARAM_CASES,
-    default_cases=("large", "many_small", "transformer"),
-    make_inputs=make_inputs,
     bytes_moved=bytes_moved,
     providers=providers,
     baseline="torch-fused",

@@ -109,7 +109,7 @@ def _extension():
                            "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/cpu_isa.cpp",
                "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp",
-               "csrc/norm_host.cpp", "csrc/norm_autograd.cpp", "csrc/cpu/norm_cpu.cpp", "csrc/batch_norm_host.cpp", "csrc/cpu/batch_norm_cpu.cpp",
+               "csrc/norm_host.cpp", "csrc/norm_dispatch.cpp", "csrc/cpu/norm_cpu.cpp", "csrc/batch_norm_host.cpp", "csrc/cpu/batch_norm_cpu.cpp",
                "csrc/cpu/fresh_output.cpp"]
     kwargs = dict(
         name="pyoptim._C",

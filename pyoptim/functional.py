@@ -152,7 +152,7 @@ if _backends.EXTENSION_LOADED:
 #
 # The C++ backends (cpu, cuda) are dispatcher ops with fake kernels registered
 # below and their autograd in C++ (note [C++ autograd] in
-# csrc/norm_autograd.cpp), so torch.compile traces them whole. The Python
+# csrc/norm_dispatch.cpp), so torch.compile traces them whole. The Python
 # backends (triton, reference) run under _NormFunction, whose backward comes
 # from _norm_backward, through _norm_fwd/_norm_bwd, which give the two ops of
 # each norm one calling convention: LayerNorm's.

@@ -1016,6 +1016,20 @@ def test_compiled_autograd_equals_eager(device):
     assert_compiled_autograd_equals_eager(lambda: (bn(x) * 2).square().sum().backward(), [x, bn.weight, bn.bias])
 
 
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_autocast_matches_torch(device):
+    """No autocast policy touches batch_norm (note [autocast]): under autocast a bf16 input gives a bf16 output,
+    as torch's does."""
+    x = _input((4, 3, 5, 5), "nchw", torch.bfloat16, device)
+    w, b, rm, rv = _params(3, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = pyoptim.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+        ty = F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+    assert y.dtype == ty.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ty, rtol=1.6e-2, atol=2e-2)
+
+
 # -- CUDA only --------------------------------------------------------------------------------------------------
 
 

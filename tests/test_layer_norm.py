@@ -436,6 +436,40 @@ def test_compiled_autograd_equals_eager(device):
                                           [x, ln.weight, ln.bias, rms.weight])
 
 
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_autocast_matches_torch(device, rms, in_dtype):
+    """Under autocast the output's dtype and value are torch's (note [autocast]: CUDA runs both norms in
+    float32, CPU leaves them in the input's dtype), and the input's grad comes back in its own dtype."""
+    x = torch.randn(6, 32, device=device).to(in_dtype)
+    w, b = _affine((32,), torch.float32, device, rms)
+    dy = torch.randn(6, 32, device=device)
+    outs = []
+    for fn in (_ours(rms, None), _theirs(rms)):
+        leaf = x.detach().clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = fn(leaf, (32,), w, b, 1e-5)
+        y.backward(dy.to(y.dtype))
+        outs.append((y.detach(), leaf.grad))
+    (y, dx), (ty, tdx) = outs
+    assert y.dtype == ty.dtype and dx.dtype == tdx.dtype == in_dtype
+    for name, a, e in (("out", y, ty), ("grad_input", dx, tdx)):
+        # float32: the same math; bfloat16: each rounds a float32 result (an ulp or two apart at most).
+        tol = TOL[torch.float32] if a.dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+def test_cuda_autocast_policy_is_torchs():
+    """The ops with a CUDA autocast kernel are those whose aten twins have one (checked without a GPU)."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for ours, theirs in [("layer_norm_fwd", "layer_norm"), ("rms_norm_fwd", "rms_norm"),
+                         ("batch_norm_fwd", "batch_norm")]:
+        assert has(f"pyoptim::{ours}", "AutocastCUDA") == has(f"aten::{theirs}", "AutocastCUDA"), ours
+
+
 # -- the nn API ------------------------------------------------------------------------
 
 

@@ -1,5 +1,7 @@
-// Autograd of the norm forward ops served by the C++ backends (cpu, cuda):
-// layer_norm_fwd, rms_norm_fwd and batch_norm_fwd, each a
+// The norm ops' kernels at the dispatch keys above the backends: autograd
+// (for the C++ backends, cpu and cuda) and CUDA autocast.
+//
+// Autograd: layer_norm_fwd, rms_norm_fwd and batch_norm_fwd, each a
 // torch::autograd::Function whose backward calls the matching *_bwd op.
 //
 // note [C++ autograd]: these were Python formulas (torch.library's
@@ -11,10 +13,18 @@
 // forward op, then the backward op, each through its fake kernel. The Python
 // backends (triton, reference) keep their autograd.Function in
 // pyoptim/functional.py; both call the backward ops with the same masks.
+//
+// note [autocast]: under CUDA autocast torch runs layer_norm and rms_norm in
+// float32 (its fp32 cast policy: inputs cast, a float32 output), and a
+// swapped-in module must give what torch's gives, so ours do the same (for
+// rms_norm only where this torch registers that policy: it joined the list
+// later than layer_norm). CPU autocast leaves both alone, and no autocast
+// touches batch_norm: there ours run in the input's dtype, as torch's do.
 #include <array>
 #include <tuple>
 #include <vector>
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -184,6 +194,31 @@ Tensor5 batch_norm_fwd_autograd(const Tensor& input, const optional<Tensor>& wei
   return {r[0], r[1].detach(), r[2].detach(), r[3].detach(), r[4].detach()};
 }
 
+// -- CUDA autocast (note [autocast]) ---------------------------------------------------
+
+Tensor3 layer_norm_fwd_autocast(const Tensor& input, c10::IntArrayRef normalized_shape,
+                                const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
+  static const auto op = typed_op<LayerNormFwd>("pyoptim::layer_norm_fwd");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  using at::autocast::cached_cast;
+  return op.call(cached_cast(at::kFloat, input), normalized_shape, cached_cast(at::kFloat, weight),
+                 cached_cast(at::kFloat, bias), eps);
+}
+
+Tensor2 rms_norm_fwd_autocast(const Tensor& input, c10::IntArrayRef normalized_shape, const optional<Tensor>& weight,
+                              optional<double> eps) {
+  static const auto op = typed_op<RmsNormFwd>("pyoptim::rms_norm_fwd");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  using at::autocast::cached_cast;
+  return op.call(cached_cast(at::kFloat, input), normalized_shape, cached_cast(at::kFloat, weight), eps);
+}
+
+// Whether this torch gives aten op `name` a CUDA autocast kernel.
+bool torch_autocasts(const char* name) {
+  const auto op = c10::Dispatcher::singleton().findOp({name, ""});
+  return op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::AutocastCUDA);
+}
+
 }  // namespace
 }  // namespace pyoptim
 
@@ -198,5 +233,12 @@ TORCH_LIBRARY_IMPL(pyoptim, Autograd, m) {
   for (const char* op : {"layer_norm_bwd", "rms_norm_bwd", "batch_norm_bwd", "batch_norm_stats", "batch_norm_elemt",
                          "batch_norm_backward_reduce", "batch_norm_backward_elemt"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}
+
+TORCH_LIBRARY_IMPL(pyoptim, AutocastCUDA, m) {
+  m.impl("layer_norm_fwd", &pyoptim::layer_norm_fwd_autocast);
+  if (pyoptim::torch_autocasts("aten::rms_norm")) {
+    m.impl("rms_norm_fwd", &pyoptim::rms_norm_fwd_autocast);
   }
 }

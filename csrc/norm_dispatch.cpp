@@ -20,6 +20,8 @@
 // rms_norm only where this torch registers that policy: it joined the list
 // later than layer_norm). CPU autocast leaves both alone, and no autocast
 // touches batch_norm: there ours run in the input's dtype, as torch's do.
+// The Python backends apply the same policy in pyoptim/functional.py
+// (_python_norm).
 #include <array>
 #include <tuple>
 #include <vector>

@@ -9,6 +9,7 @@ Which backend serves a call is pyoptim._backends' decision.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -215,6 +216,24 @@ def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
     return [int(normalized_shape)] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
 
 
+@functools.cache
+def _torch_autocasts(aten_op: str) -> bool:
+    """Whether this torch runs aten_op in float32 under CUDA autocast (it lists no other policy for a norm)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(aten_op, "AutocastCUDA")
+
+
+def _python_norm(rms: bool, name: str, input, shape, weight, bias, eps):
+    """The Python backends' norm under torch's CUDA autocast policy (note [autocast] in csrc/norm_dispatch.cpp:
+    the C++ backends get it from the dispatcher)."""
+    if (input.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            and _torch_autocasts("aten::rms_norm" if rms else "aten::layer_norm")):
+        input, weight, bias = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+                               for t in (input, weight, bias))
+        with torch.autocast("cuda", enabled=False):
+            return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)
+    return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)
+
+
 def layer_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *,
                backend: Optional[str] = None) -> torch.Tensor:
@@ -223,7 +242,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Option
     name = _select("layer_norm_fwd", input.device.type, backend)
     if name in _COMPILED:
         return torch.ops.pyoptim.layer_norm_fwd(input, shape, weight, bias, eps)[0]
-    return _NormFunction.apply(False, name, input, shape, weight, bias, eps)
+    return _python_norm(False, name, input, shape, weight, bias, eps)
 
 
 def rms_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional[torch.Tensor] = None,
@@ -233,7 +252,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional
     name = _select("rms_norm_fwd", input.device.type, backend)
     if name in _COMPILED:
         return torch.ops.pyoptim.rms_norm_fwd(input, shape, weight, eps)[0]
-    return _NormFunction.apply(True, name, input, shape, weight, None, eps)
+    return _python_norm(True, name, input, shape, weight, None, eps)
 
 
 if _backends.EXTENSION_LOADED:

@@ -56,6 +56,18 @@ bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 // where the op returned an empty placeholder.
 Tensor wanted(bool want, Tensor t) { return want ? std::move(t) : Tensor(); }
 
+// note [no graph, no Function]: with grad mode off, or no input that requires
+// grad, there is no graph to record: the op below autograd is called as it
+// is, without a Function node. That is cheaper (an inference call), and it is
+// what lets the Python autograd.Function of note [torch.func]
+// (pyoptim/functional.py) call these ops inside torch.func transforms, which
+// refuse C++ Functions.
+bool records_graph(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  return torch::autograd::GradMode::is_enabled() &&
+         (input.requires_grad() || (given(weight) && weight->requires_grad()) ||
+          (given(bias) && bias->requires_grad()));
+}
+
 // note [statistics outputs]: the saved statistics (and BatchNorm's new running
 // statistics) carry no gradient. They are returned detached rather than marked
 // non-differentiable, because compiled autograd refuses a C++ Function that
@@ -142,12 +154,22 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
 
 Tensor3 layer_norm_fwd_autograd(const Tensor& input, c10::IntArrayRef normalized_shape,
                                 const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
+  if (!records_graph(input, weight, bias)) {  // note [no graph, no Function]
+    static const auto op = typed_op<LayerNormFwd>("pyoptim::layer_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(input, normalized_shape, weight, bias, eps);
+  }
   auto r = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
   return {r[0], r[1].detach(), r[2].detach()};  // note [statistics outputs]
 }
 
 Tensor2 rms_norm_fwd_autograd(const Tensor& input, c10::IntArrayRef normalized_shape, const optional<Tensor>& weight,
                               optional<double> eps) {
+  if (!records_graph(input, weight, std::nullopt)) {
+    static const auto op = typed_op<RmsNormFwd>("pyoptim::rms_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(input, normalized_shape, weight, eps);
+  }
   auto r = RmsNormFunction::apply(input, normalized_shape, weight, eps);
   return {r[0], r[1].detach()};
 }
@@ -192,6 +214,11 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 Tensor5 batch_norm_fwd_autograd(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
                                 const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
                                 bool training, double momentum, double eps) {
+  if (!records_graph(input, weight, bias)) {
+    static const auto op = typed_op<BatchNormFwd>("pyoptim::batch_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  }
   auto r = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps);
   return {r[0], r[1].detach(), r[2].detach(), r[3].detach(), r[4].detach()};
 }

@@ -154,9 +154,10 @@ if _backends.EXTENSION_LOADED:
 # The C++ backends (cpu, cuda) are dispatcher ops with fake kernels registered
 # below and their autograd in C++ (note [C++ autograd] in
 # csrc/norm_dispatch.cpp), so torch.compile traces them whole. The Python
-# backends (triton, reference) run under _NormFunction, whose backward comes
-# from _norm_backward, through _norm_fwd/_norm_bwd, which give the two ops of
-# each norm one calling convention: LayerNorm's.
+# backends (triton, reference), and every backend inside torch.func transforms
+# (note [torch.func]), run under _NormFunction, whose backward comes from
+# _norm_backward, through _norm_fwd/_norm_bwd, which give the two ops of each
+# norm one calling convention: LayerNorm's.
 
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 _COMPILED = ("cpu", "cuda")
@@ -186,23 +187,50 @@ def _norm_backward(rms: bool, impl, ctx, grad_out, needs_input, needs_weight, ne
 
 
 class _NormFunction(torch.autograd.Function):
-    """Autograd for the Python backends (triton, reference) of either norm."""
+    """Autograd of either norm for the Python backends (triton, reference), and for every backend inside
+    torch.func transforms (note [torch.func]); forward returns (out, mean or None, rstd)."""
+
+    generate_vmap_rule = True  # under vmap, the forward's ops are vmapped (pyoptim's by the batched fallback)
 
     @staticmethod
-    def forward(ctx, rms, backend, input, normalized_shape, weight, bias, eps):
+    def forward(rms, backend, input, normalized_shape, weight, bias, eps):
         fwd = _backends.get("rms_norm_fwd" if rms else "layer_norm_fwd", backend)
-        out, mean, rstd = _norm_fwd(rms, fwd, input, normalized_shape, weight, bias, eps)
+        return _norm_fwd(rms, fwd, input, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rms, backend, input, normalized_shape, weight, bias, _ = inputs
+        _, mean, rstd = output
         ctx.save_for_backward(input, weight, bias, mean, rstd)
         ctx.rms, ctx.backend, ctx.normalized_shape = rms, backend, normalized_shape
-        return out
+        ctx.mark_non_differentiable(*(t for t in (mean, rstd) if t is not None))
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the C++ backends: no second derivative
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         bwd = _backends.get("rms_norm_bwd" if ctx.rms else "layer_norm_bwd", ctx.backend)
         need = ctx.needs_input_grad
         dx, dw, db = _norm_backward(ctx.rms, bwd, ctx, grad_out, need[2], need[4], need[5])
         return None, None, dx, None, dw, db, None
+
+
+def _check_transformable(name: str) -> None:
+    """The Triton launchers take raw pointers, which the wrapped tensors of torch.func transforms do not have."""
+    if name == "triton" and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError("pyoptim: the triton backend cannot run inside torch.func transforms (grad, vmap, ...); "
+                           "use backend='cuda' (the default on GPUs) or 'reference'")
+
+
+def _dispatched(name: str) -> bool:
+    """Whether backend `name` runs as a dispatcher op with its C++ autograd (note [C++ autograd]).
+
+    note [torch.func]: torch.func transforms (grad, vmap, jacrev, ...) refuse
+    C++ autograd Functions, so inside them every backend runs under the
+    Python autograd.Function (_NormFunction, _BatchNormFunction), whose
+    forward calls the ops with grad off (csrc/norm_dispatch.cpp, note [no
+    graph, no Function]). Under torch.compile the dispatcher op is traced.
+    """
+    return name in _COMPILED and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
 
 
 @torch.compiler.assume_constant_result
@@ -225,13 +253,14 @@ def _torch_autocasts(aten_op: str) -> bool:
 def _python_norm(rms: bool, name: str, input, shape, weight, bias, eps):
     """The Python backends' norm under torch's CUDA autocast policy (note [autocast] in csrc/norm_dispatch.cpp:
     the C++ backends get it from the dispatcher)."""
+    _check_transformable(name)
     if (input.device.type == "cuda" and torch.is_autocast_enabled("cuda")
             and _torch_autocasts("aten::rms_norm" if rms else "aten::layer_norm")):
         input, weight, bias = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                                for t in (input, weight, bias))
         with torch.autocast("cuda", enabled=False):
-            return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)
-    return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)
+            return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)[0]
+    return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)[0]
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional[torch.Tensor] = None,
@@ -240,7 +269,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Option
     """F.layer_norm: (x - mean) / sqrt(var + eps) * weight + bias over the trailing dims `normalized_shape`."""
     shape = _as_shape(normalized_shape)
     name = _select("layer_norm_fwd", input.device.type, backend)
-    if name in _COMPILED:
+    if _dispatched(name):
         return torch.ops.pyoptim.layer_norm_fwd(input, shape, weight, bias, eps)[0]
     return _python_norm(False, name, input, shape, weight, bias, eps)
 
@@ -250,7 +279,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional
     """F.rms_norm: x / sqrt(mean(x^2) + eps) * weight over the trailing dims `normalized_shape`."""
     shape = _as_shape(normalized_shape)
     name = _select("rms_norm_fwd", input.device.type, backend)
-    if name in _COMPILED:
+    if _dispatched(name):
         return torch.ops.pyoptim.rms_norm_fwd(input, shape, weight, eps)[0]
     return _python_norm(True, name, input, shape, weight, None, eps)
 
@@ -310,21 +339,29 @@ def _batch_norm_backward(bwd, grad_out, input, weight, save_mean, save_invstd, t
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """Autograd for the Python backends (triton, reference) of batch_norm_fwd; returns (out, new running stats)."""
+    """Autograd of batch_norm_fwd for the Python backends (triton, reference), and for every backend inside
+    torch.func transforms (note [torch.func]); forward returns (out, new running mean, new running var)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, backend, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(backend, input, weight, bias, running_mean, running_var, training, momentum, eps):
         fwd = _backends.get("batch_norm_fwd", backend)
         out, save_mean, save_invstd, new_mean, new_var = fwd(input, weight, bias, running_mean, running_var, training,
                                                              momentum, eps)
+        return out, new_mean, new_var, save_mean, save_invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, input, weight, _, _, _, training, _, _ = inputs
+        _, new_mean, new_var, save_mean, save_invstd = output
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.backend, ctx.training = backend, training
-        ctx.mark_non_differentiable(new_mean, new_var)
-        return out, new_mean, new_var
+        ctx.mark_non_differentiable(new_mean, new_var, save_mean, save_invstd)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the C++ backends: no second derivative
-    def backward(ctx, grad_out, _grad_new_mean, _grad_new_var):
+    def backward(ctx, grad_out, _grad_new_mean, _grad_new_var, _grad_mean, _grad_invstd):
         input, weight, save_mean, save_invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw, db = _batch_norm_backward(_backends.get("batch_norm_bwd", ctx.backend), grad_out, input, weight,
@@ -337,11 +374,13 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                 eps: float, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_running_mean, new_running_var) of batch_norm_fwd, differentiable in input, weight and bias."""
     name = _select("batch_norm_fwd", input.device.type, backend)
-    if name in _COMPILED:
+    if _dispatched(name):
         out, _, _, new_mean, new_var = torch.ops.pyoptim.batch_norm_fwd(input, weight, bias, running_mean,
                                                                        running_var, training, momentum, eps)
         return out, new_mean, new_var
-    return _BatchNormFunction.apply(name, input, weight, bias, running_mean, running_var, training, momentum, eps)
+    _check_transformable(name)
+    return _BatchNormFunction.apply(name, input, weight, bias, running_mean, running_var, training, momentum,
+                                    eps)[:3]
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:

@@ -354,6 +354,33 @@ def test_grads_of_some_leaves_only(bn_impl, case, training):
         torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_func_grad(bn_impl, training):
+    """torch.func.grad (note [torch.func]) against torch's, running statistics moved alike; the Triton backend,
+    whose launchers take raw pointers, refuses with a clear error."""
+    device = _device(bn_impl)
+    x = _input((4, 3, 5), "nchw", torch.float64, device)
+    w, b, rm, rv = _params(3, torch.float64, device)
+    stats = {}
+
+    def loss(fn, key):
+        def f(x, w, b):
+            stats[key] = (rm.clone(), rv.clone())
+            return (fn(x, *stats[key], w, b, training, 0.1, 1e-5) ** 2).sum()
+        return f
+
+    if bn_impl[1] == "triton":  # raw pointers: refused with a clear error
+        with pytest.raises(RuntimeError, match="cannot run inside torch.func"):
+            torch.func.grad(loss(_ours(bn_impl[1]), "ours"), (0, 1, 2))(x, w, b)
+        return
+    ours = torch.func.grad(loss(_ours(bn_impl[1]), "ours"), (0, 1, 2))(x, w, b)
+    theirs = torch.func.grad(loss(_theirs, "theirs"), (0, 1, 2))(x, w, b)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(stats["ours"], stats["theirs"]):
+        torch.testing.assert_close(a, e)
+
+
 def test_double_backward_raises(bn_impl):
     """No second derivative: a clear error, not zeros."""
     device = _device(bn_impl)

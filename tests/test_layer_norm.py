@@ -268,6 +268,31 @@ def test_grads_of_some_leaves_only(norm_impl, rms, case):
         torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_torch_func_grad_and_per_sample_grads(norm_impl, rms):
+    """torch.func.grad and vmap(grad)'s per-sample grads (note [torch.func]) against torch's; the Triton backend,
+    whose launchers take raw pointers, refuses with a clear error."""
+    device = _device(norm_impl)
+    x = torch.randn(5, 16, dtype=torch.float64, device=device)
+    w, b = _affine((16,), torch.float64, device, rms)
+
+    def loss(fn):
+        return lambda x, w, b: (fn(x, (16,), w, b, 1e-5) ** 2).sum()
+
+    ours, theirs = loss(_ours(rms, norm_impl[1])), loss(_theirs(rms))
+    args = (0, 1) if rms else (0, 1, 2)
+    if norm_impl[1] == "triton":  # raw pointers: refused with a clear error
+        with pytest.raises(RuntimeError, match="cannot run inside torch.func"):
+            torch.func.grad(ours, args)(x, w, b)
+        return
+    for a, e in zip(torch.func.grad(ours, args)(x, w, b), torch.func.grad(theirs, args)(x, w, b)):
+        torch.testing.assert_close(a, e)
+    per_sample = [torch.func.vmap(torch.func.grad(f, args), in_dims=(0, None, None))(x[:, None], w, b)
+                  for f in (ours, theirs)]
+    for a, e in zip(*per_sample):
+        torch.testing.assert_close(a, e)
+
+
 def test_double_backward_raises(norm_impl):
     """No second derivative: a clear error, not zeros (torch's message for an op without a derivative)."""
     device = _device(norm_impl)

@@ -40,8 +40,17 @@ constexpr int64_t kSumSteps = 64;
 // chain would hold a row's sum to a quarter of the adder's throughput.
 constexpr int kAccs = 4;
 
-// How far ahead of its reads the forward's normalize pass prefetches (note [row prefetch]).
-constexpr int64_t kRowPrefetchBytes = 8192;
+// How far ahead of its reads the forward's normalize pass prefetches, in
+// elements of T (note [row prefetch]): a row, but at least 8 KB, and at most a
+// quarter of L2 (256 KB), so that this row and the next share L2 with room to spare.
+constexpr int64_t kRowPrefetchMinBytes = 8192;
+constexpr int64_t kRowPrefetchMaxBytes = int64_t(256) << 10;
+
+template <typename T>
+PYOPTIM_INLINE int64_t row_prefetch_distance(int64_t N) {
+  constexpr int64_t size = static_cast<int64_t>(sizeof(T));
+  return std::clamp<int64_t>(N, kRowPrefetchMinBytes / size, kRowPrefetchMaxBytes / size);
+}
 
 // sum(f(x)) over one row; f is a generic callable run on vectors and scalars.
 template <typename T, typename F>
@@ -114,13 +123,16 @@ void fwd_rows(const NormCpuLaunch& L, int64_t r0, int64_t r1) {
     // from L1; while this row is normalized nothing else is in flight, and
     // the hardware prefetcher (which stops at 4 KB pages: a 1024-float row is
     // one) restarts on every row. So the normalize pass asks for the line
-    // kRowPrefetchBytes ahead of each one it reads, up to the end of this
-    // task's rows: two 1024-float rows ahead. Against the next row's lines
-    // (the first version): 70-73 GB/s instead of 63-65 on 8192 x 1024, 82-85
-    // instead of 72-74 on 16384 x 768, the same on 4096-float rows and longer
-    // (AMD EPYC, 2 cores, in-place bandwidth about 105 GB/s; 16 KB ahead did
-    // no better). The backward's dx pass gained nothing from the same.
-    const T* ahead = x + kRowPrefetchBytes / static_cast<int64_t>(sizeof(T));
+    // row_prefetch_distance ahead of each one it reads, up to the end of this
+    // task's rows: for short rows 8 KB (two 1024-float rows), for long ones
+    // the next row's line at the same offset, so that the next row's first
+    // pass reads from L2. Against the next row's lines for every row (the
+    // first version), AMD EPYC, 2 cores: 8192 x 1024 70-73 GB/s instead of
+    // 63-65 and 16384 x 768 82-85 instead of 72-74 (in-place bandwidth about
+    // 105 GB/s; 16 KB did no better than 8); 4096 x 4096 48-49 instead of
+    // 42-43 and 256 x 65536 48-49 instead of 42 (in-place about 65 GB/s). The
+    // same in the backward's dx pass (x and dy) was as often slower as faster.
+    const T* ahead = x + row_prefetch_distance<T>(N);
     const T* rows_end = static_cast<const T*>(L.x) + r1 * N;
     int64_t j = 0;
     for (; j + Ln::K <= N; j += Ln::K) {

@@ -1057,6 +1057,24 @@ def test_autocast_matches_torch(device):
     torch.testing.assert_close(y, ty, rtol=1.6e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_export_equals_eager(training):
+    """torch.export of a conv + BatchNorm2d: outputs as eager, and in training the running statistics and
+    num_batches_tracked moved as eager moves them."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), pyoptim.nn.BatchNorm2d(6)).train(training)
+    twin = copy.deepcopy(net)
+    x = torch.randn(4, 3, 8, 8)
+    ep = torch.export.export(net, (x,))
+    assert "pyoptim.batch_norm_fwd" in ep.graph_module.code
+    exported = ep.module()
+    torch.testing.assert_close(exported(x), twin(x), **TOL[torch.float32])
+    if training:
+        for name, buf in twin[1].named_buffers():
+            torch.testing.assert_close(exported.get_buffer(f"1.{name}"), buf, msg=lambda m: f"{name}: {m}")
+
+
 # -- CUDA only --------------------------------------------------------------------------------------------------
 
 

@@ -494,6 +494,18 @@ def test_cuda_autocast_policy_is_torchs():
         assert has(f"pyoptim::{ours}", "AutocastCUDA") == has(f"aten::{theirs}", "AutocastCUDA"), ours
 
 
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+def test_export_equals_eager():
+    """torch.export of a block with our LayerNorm and RMSNorm: the ops appear in the graph, outputs as eager."""
+    block = torch.nn.Sequential(torch.nn.Linear(16, 32), pyoptim.nn.LayerNorm(32), torch.nn.GELU(),
+                                pyoptim.nn.RMSNorm(32))
+    x = torch.randn(4, 16)
+    ep = torch.export.export(block, (x,))
+    code = ep.graph_module.code
+    assert "pyoptim.layer_norm_fwd" in code and "pyoptim.rms_norm_fwd" in code
+    torch.testing.assert_close(ep.module()(x), block(x), **TOL[torch.float32])
+
+
 # -- the nn API ------------------------------------------------------------------------
 
 

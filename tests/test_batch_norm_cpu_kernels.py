@@ -153,3 +153,17 @@ def test_mean_far_from_zero(shape, layout, first_off):
     # mean to within an ulp of 1000 (6.1e-5), and y with it.
     assert (mean.double() - rmean).abs().max() < 6.2e-5
     assert (out.double() - ro).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shape,layout", [((8, 5, 7, 7), "nchw"), ((2, 3, 40, 40), "nchw"), ((8, 5, 7, 7), "cl"),
+                                          ((6, 5), "nchw")],
+                         ids=["nchw-sample-major", "nchw-channel-major", "cl", "rows"])
+def test_nan_stays_in_its_channel(shape, layout):
+    """A NaN in one channel's data makes that channel's statistics and output NaN, as torch's, and no other's."""
+    x = _make(shape, layout)
+    x[1, 2] = float("nan")
+    out, mean, invstd, _, _ = torch.ops.pyoptim.batch_norm_fwd(x, None, None, None, None, True, 0.1, EPS)
+    ro, rmean, rinv = torch.native_batch_norm(x, None, None, None, None, True, 0.1, EPS)
+    for got, want in [(mean, rmean), (invstd, rinv), (out, ro)]:
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.isnan(mean).tolist() == [c == 2 for c in range(shape[1])]

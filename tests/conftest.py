@@ -127,3 +127,16 @@ def assert_compiled_autograd_equals_eager(step, leaves) -> None:
     assert counters["compiled_autograd"]["captures"] >= 1
     for t, e in zip(leaves, eager):
         torch.testing.assert_close(t.grad, e, **TOL[torch.float32])
+
+
+def assert_grads_of_some_leaves(ours, theirs, leaves, need, dy) -> None:
+    """Grads of ours(x, weight, bias) and theirs(...) against dy, fresh leaves requiring grad only where named in
+    `need` ("x", "weight", "bias"): each needed grad equal to theirs. `leaves` maps those names to tensors or None."""
+    results = []
+    for fn in (ours, theirs):
+        fresh = {k: (t.detach().clone().requires_grad_(k in need) if t is not None else None)
+                 for k, t in leaves.items()}
+        y = fn(fresh["x"], fresh["weight"], fresh["bias"])
+        results.append(torch.autograd.grad(y, [fresh[k] for k in need], dy))
+    for name, a, e in zip(need, *results):
+        torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import HAS_CUDA, TOL, assert_compiled_autograd_equals_eager, impls
+from tests.conftest import HAS_CUDA, TOL, assert_compiled_autograd_equals_eager, assert_grads_of_some_leaves, impls
 
 NAMES = ("out", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var")
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -343,15 +343,9 @@ def test_grads_of_some_leaves_only(bn_impl, case, training):
     need = need.split(",")
     x = _input((3, 4, 5), "nchw", torch.float64, device)
     w, b, rm, rv = _params(4, torch.float64, device, {"no_weight": "bias", "no_affine": "none"}.get(given, "both"))
-    dy = torch.randn_like(x)
-    results = []
-    for fn in (_ours(bn_impl[1]), _theirs):
-        leaves = {k: (t.detach().clone().requires_grad_(k in need) if t is not None else None)
-                  for k, t in (("x", x), ("weight", w), ("bias", b))}
-        y = fn(leaves["x"], rm.clone(), rv.clone(), leaves["weight"], leaves["bias"], training, 0.1, 1e-5)
-        results.append(torch.autograd.grad(y, [leaves[k] for k in need], dy))
-    for name, a, e in zip(need, *results):
-        torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")
+    ours, theirs = (lambda x_, w_, b_, fn=fn: fn(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5)
+                    for fn in (_ours(bn_impl[1]), _theirs))
+    assert_grads_of_some_leaves(ours, theirs, dict(x=x, weight=w, bias=b), need, torch.randn_like(x))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import HAS_CUDA, TOL, assert_compiled_autograd_equals_eager, requires_cuda
+from tests.conftest import HAS_CUDA, TOL, assert_compiled_autograd_equals_eager, assert_grads_of_some_leaves, requires_cuda
 
 ROWS = [1, 3, 257]  # one row; fewer rows than threads; more rows than backward blocks, odd
 # 1: a row of one element (var 0); 7: no whole 16-byte vector; 128: one warp's
@@ -257,15 +257,9 @@ def test_grads_of_some_leaves_only(norm_impl, rms, case):
     w, b = _affine((24,), torch.float64, device, rms)
     if given == "no_weight":
         w = None
-    dy = torch.randn_like(x)
-    results = []
-    for fn in (_ours(rms, norm_impl[1]), _theirs(rms)):
-        leaves = {k: (t.detach().clone().requires_grad_(k in need) if t is not None else None)
-                  for k, t in (("x", x), ("weight", w), ("bias", b))}
-        y = fn(leaves["x"], (24,), leaves["weight"], leaves["bias"], 1e-5)
-        results.append(torch.autograd.grad(y, [leaves[k] for k in need], dy))
-    for name, a, e in zip(need, *results):
-        torch.testing.assert_close(a, e, msg=lambda m: f"grad of {name}: {m}")
+    ours, theirs = (lambda x_, w_, b_, fn=fn: fn(x_, (24,), w_, b_, 1e-5) for fn in (_ours(rms, norm_impl[1]),
+                                                                                   _theirs(rms)))
+    assert_grads_of_some_leaves(ours, theirs, dict(x=x, weight=w, bias=b), need, torch.randn_like(x))
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])

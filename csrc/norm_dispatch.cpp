@@ -98,6 +98,30 @@ using RmsNormFwd = Tensor2(const Tensor&, c10::IntArrayRef, const optional<Tenso
 using RmsNormBwd = Tensor2(const Tensor&, const Tensor&, c10::IntArrayRef, const Tensor&, const optional<Tensor>&,
                            std::array<bool, 2>);
 
+const c10::TypedOperatorHandle<LayerNormFwd>& layer_norm_fwd_op() {
+  static const auto op = typed_op<LayerNormFwd>("pyoptim::layer_norm_fwd");
+  return op;
+}
+
+const c10::TypedOperatorHandle<RmsNormFwd>& rms_norm_fwd_op() {
+  static const auto op = typed_op<RmsNormFwd>("pyoptim::rms_norm_fwd");
+  return op;
+}
+
+// The forward ops below autograd: a Function's forward, or the whole call when
+// no graph is recorded (note [no graph, no Function]).
+Tensor3 layer_norm_fwd_below(const Tensor& input, c10::IntArrayRef normalized_shape, const optional<Tensor>& weight,
+                             const optional<Tensor>& bias, double eps) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return layer_norm_fwd_op().call(input, normalized_shape, weight, bias, eps);
+}
+
+Tensor2 rms_norm_fwd_below(const Tensor& input, c10::IntArrayRef normalized_shape, const optional<Tensor>& weight,
+                           optional<double> eps) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return rms_norm_fwd_op().call(input, normalized_shape, weight, eps);
+}
+
 optional<Tensor> maybe(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
 struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
@@ -105,9 +129,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 
   static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef normalized_shape,
                                const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
-    static const auto op = typed_op<LayerNormFwd>("pyoptim::layer_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, mean, rstd] = op.call(input, normalized_shape, weight, bias, eps);
+    auto [out, mean, rstd] = layer_norm_fwd_below(input, normalized_shape, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
     ctx->saved_data["normalized_shape"] = normalized_shape;
     ctx->set_materialize_grads(false);  // note [statistics outputs]
@@ -131,9 +153,7 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
 
   static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::IntArrayRef normalized_shape,
                                const optional<Tensor>& weight, optional<double> eps) {
-    static const auto op = typed_op<RmsNormFwd>("pyoptim::rms_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, rstd] = op.call(input, normalized_shape, weight, eps);
+    auto [out, rstd] = rms_norm_fwd_below(input, normalized_shape, weight, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), rstd});
     ctx->saved_data["normalized_shape"] = normalized_shape;
     ctx->set_materialize_grads(false);
@@ -155,9 +175,7 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
 Tensor3 layer_norm_fwd_autograd(const Tensor& input, c10::IntArrayRef normalized_shape,
                                 const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
   if (!records_graph(input, weight, bias)) {  // note [no graph, no Function]
-    static const auto op = typed_op<LayerNormFwd>("pyoptim::layer_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, normalized_shape, weight, bias, eps);
+    return layer_norm_fwd_below(input, normalized_shape, weight, bias, eps);
   }
   auto r = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
   return {r[0], r[1].detach(), r[2].detach()};  // note [statistics outputs]
@@ -166,9 +184,7 @@ Tensor3 layer_norm_fwd_autograd(const Tensor& input, c10::IntArrayRef normalized
 Tensor2 rms_norm_fwd_autograd(const Tensor& input, c10::IntArrayRef normalized_shape, const optional<Tensor>& weight,
                               optional<double> eps) {
   if (!records_graph(input, weight, std::nullopt)) {
-    static const auto op = typed_op<RmsNormFwd>("pyoptim::rms_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, normalized_shape, weight, eps);
+    return rms_norm_fwd_below(input, normalized_shape, weight, eps);
   }
   auto r = RmsNormFunction::apply(input, normalized_shape, weight, eps);
   return {r[0], r[1].detach()};
@@ -181,16 +197,22 @@ using BatchNormFwd = Tensor5(const Tensor&, const optional<Tensor>&, const optio
 using BatchNormBwd = Tensor3(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
                              bool, std::array<bool, 3>);
 
+Tensor5 batch_norm_fwd_below(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                             const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
+                             double momentum, double eps) {
+  static const auto op = typed_op<BatchNormFwd>("pyoptim::batch_norm_fwd");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static constexpr bool is_traceable = true;
 
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                const optional<Tensor>& running_var, bool training, double momentum, double eps) {
-    static const auto op = typed_op<BatchNormFwd>("pyoptim::batch_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
     auto [out, save_mean, save_invstd, new_mean, new_var] =
-        op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+        batch_norm_fwd_below(input, weight, bias, running_mean, running_var, training, momentum, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), save_mean, save_invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["has_bias"] = given(bias);
@@ -215,9 +237,7 @@ Tensor5 batch_norm_fwd_autograd(const Tensor& input, const optional<Tensor>& wei
                                 const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
                                 bool training, double momentum, double eps) {
   if (!records_graph(input, weight, bias)) {
-    static const auto op = typed_op<BatchNormFwd>("pyoptim::batch_norm_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+    return batch_norm_fwd_below(input, weight, bias, running_mean, running_var, training, momentum, eps);
   }
   auto r = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps);
   return {r[0], r[1].detach(), r[2].detach(), r[3].detach(), r[4].detach()};
@@ -227,19 +247,17 @@ Tensor5 batch_norm_fwd_autograd(const Tensor& input, const optional<Tensor>& wei
 
 Tensor3 layer_norm_fwd_autocast(const Tensor& input, c10::IntArrayRef normalized_shape,
                                 const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
-  static const auto op = typed_op<LayerNormFwd>("pyoptim::layer_norm_fwd");
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   using at::autocast::cached_cast;
-  return op.call(cached_cast(at::kFloat, input), normalized_shape, cached_cast(at::kFloat, weight),
+  return layer_norm_fwd_op().call(cached_cast(at::kFloat, input), normalized_shape, cached_cast(at::kFloat, weight),
                  cached_cast(at::kFloat, bias), eps);
 }
 
 Tensor2 rms_norm_fwd_autocast(const Tensor& input, c10::IntArrayRef normalized_shape, const optional<Tensor>& weight,
                               optional<double> eps) {
-  static const auto op = typed_op<RmsNormFwd>("pyoptim::rms_norm_fwd");
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   using at::autocast::cached_cast;
-  return op.call(cached_cast(at::kFloat, input), normalized_shape, cached_cast(at::kFloat, weight), eps);
+  return rms_norm_fwd_op().call(cached_cast(at::kFloat, input), normalized_shape, cached_cast(at::kFloat, weight), eps);
 }
 
 // Whether this torch gives aten op `name` a CUDA autocast kernel.

@@ -155,9 +155,8 @@ if _backends.EXTENSION_LOADED:
 # below and their autograd in C++ (note [C++ autograd] in
 # csrc/norm_dispatch.cpp), so torch.compile traces them whole. The Python
 # backends (triton, reference), and every backend inside torch.func transforms
-# (note [torch.func]), run under _NormFunction, whose backward comes from
-# _norm_backward, through _norm_fwd/_norm_bwd, which give the two ops of each
-# norm one calling convention: LayerNorm's.
+# (note [torch.func]), run under _NormFunction, through _norm_fwd/_norm_bwd,
+# which give the two ops of each norm one calling convention: LayerNorm's.
 
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 _COMPILED = ("cpu", "cuda")
@@ -177,13 +176,6 @@ def _norm_bwd(rms: bool, impl, grad_out, input, normalized_shape, mean, rstd, we
         dx, dw = impl(grad_out, input, normalized_shape, rstd, weight, list(output_mask[:2]))
         return dx, dw, None
     return impl(grad_out, input, normalized_shape, mean, rstd, weight, bias, list(output_mask))
-
-
-def _norm_backward(rms: bool, impl, ctx, grad_out, needs_input, needs_weight, needs_bias):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = [needs_input, weight is not None and needs_weight, bias is not None and needs_bias]
-    dx, dw, db = _norm_bwd(rms, impl, grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, mask)
-    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
 
 
 class _NormFunction(torch.autograd.Function):
@@ -209,16 +201,11 @@ class _NormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # as the C++ backends: no second derivative
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         bwd = _backends.get("rms_norm_bwd" if ctx.rms else "layer_norm_bwd", ctx.backend)
+        input, weight, bias, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db = _norm_backward(ctx.rms, bwd, ctx, grad_out, need[2], need[4], need[5])
-        return None, None, dx, None, dw, db, None
-
-
-def _check_transformable(name: str) -> None:
-    """The Triton launchers take raw pointers, which the wrapped tensors of torch.func transforms do not have."""
-    if name == "triton" and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        raise RuntimeError("pyoptim: the triton backend cannot run inside torch.func transforms (grad, vmap, ...); "
-                           "use backend='cuda' (the default on GPUs) or 'reference'")
+        mask = [need[2], weight is not None and need[4], bias is not None and need[5]]
+        dx, dw, db = _norm_bwd(ctx.rms, bwd, grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, mask)
+        return None, None, dx if mask[0] else None, None, dw if mask[1] else None, db if mask[2] else None, None
 
 
 def _dispatched(name: str) -> bool:
@@ -229,8 +216,14 @@ def _dispatched(name: str) -> bool:
     Python autograd.Function (_NormFunction, _BatchNormFunction), whose
     forward calls the ops with grad off (csrc/norm_dispatch.cpp, note [no
     graph, no Function]). Under torch.compile the dispatcher op is traced.
+    The Triton launchers take raw pointers, which the wrapped tensors of a
+    transform do not have: there that backend refuses with a clear error.
     """
-    return name in _COMPILED and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+    in_transform = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    if in_transform and name == "triton":
+        raise RuntimeError("pyoptim: the triton backend cannot run inside torch.func transforms (grad, vmap, ...); "
+                           "use backend='cuda' (the default on GPUs) or 'reference'")
+    return name in _COMPILED and not in_transform
 
 
 @torch.compiler.assume_constant_result
@@ -253,7 +246,6 @@ def _torch_autocasts(aten_op: str) -> bool:
 def _python_norm(rms: bool, name: str, input, shape, weight, bias, eps):
     """The Python backends' norm under torch's CUDA autocast policy (note [autocast] in csrc/norm_dispatch.cpp:
     the C++ backends get it from the dispatcher)."""
-    _check_transformable(name)
     if (input.device.type == "cuda" and torch.is_autocast_enabled("cuda")
             and _torch_autocasts("aten::rms_norm" if rms else "aten::layer_norm")):
         input, weight, bias = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
@@ -330,14 +322,6 @@ if _backends.EXTENSION_LOADED:
 # them in place.
 
 
-def _batch_norm_backward(bwd, grad_out, input, weight, save_mean, save_invstd, training, needs_input, needs_weight,
-                         needs_bias):
-    """(grad_input, grad_weight, grad_bias), None where not needed, from a batch_norm_bwd implementation."""
-    mask = [bool(needs_input), weight is not None and bool(needs_weight), bool(needs_bias)]
-    dx, dw, db = bwd(grad_out, input, weight, save_mean, save_invstd, training, mask)
-    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
-
-
 class _BatchNormFunction(torch.autograd.Function):
     """Autograd of batch_norm_fwd for the Python backends (triton, reference), and for every backend inside
     torch.func transforms (note [torch.func]); forward returns (out, new running mean, new running var)."""
@@ -364,9 +348,11 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_new_mean, _grad_new_var, _grad_mean, _grad_invstd):
         input, weight, save_mean, save_invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db = _batch_norm_backward(_backends.get("batch_norm_bwd", ctx.backend), grad_out, input, weight,
-                                          save_mean, save_invstd, ctx.training, need[1], need[2], need[3])
-        return None, dx, dw, db, None, None, None, None, None
+        mask = [need[1], weight is not None and need[2], need[3]]
+        dx, dw, db = _backends.get("batch_norm_bwd", ctx.backend)(grad_out, input, weight, save_mean, save_invstd,
+                                                                  ctx.training, mask)
+        grads = (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
+        return (None, *grads, None, None, None, None, None)
 
 
 def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
@@ -378,7 +364,6 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
         out, _, _, new_mean, new_var = torch.ops.pyoptim.batch_norm_fwd(input, weight, bias, running_mean,
                                                                        running_var, training, momentum, eps)
         return out, new_mean, new_var
-    _check_transformable(name)
     return _BatchNormFunction.apply(name, input, weight, bias, running_mean, running_var, training, momentum,
                                     eps)[:3]
 

@@ -154,7 +154,7 @@ Tensors5 batch_norm_fwd_cpu(const at::Tensor& input, const std::optional<at::Ten
   const auto math_opts = input.options().dtype(math);
   const bool running = given(running_mean);
   at::Tensor out = empty_output_like(x);  // note [huge-page outputs]
-  at::Tensor new_mean = input.new_empty({0}), new_var = input.new_empty({0});
+  const auto none = [&] { return input.new_empty({0}); };  // new running statistics not moved
 
   if (!training) {
     // save_mean is a copy (an op's output may not alias its input).
@@ -162,23 +162,16 @@ Tensors5 batch_norm_fwd_cpu(const at::Tensor& input, const std::optional<at::Ten
     save_mean.copy_(running_mean->reshape({-1}));
     at::Tensor save_invstd = eval_invstd(*running_var, eps, math);
     normalize_into(out, x, d, weight, bias, save_mean, save_invstd, math);
-    return {out, save_mean, save_invstd, new_mean, new_var};
+    return {out, save_mean, save_invstd, none(), none()};
   }
 
   at::Tensor save_mean = at::empty({d.C}, math_opts), save_invstd = at::empty({d.C}, math_opts);
-  if (d.count() == 0) {
+  if (d.count() == 0 || d.C == 0) {
     // torch leaves the running statistics as they were; the saved ones are 0.
     save_mean.zero_();
     save_invstd.zero_();
-    if (running) {
-      new_mean = running_mean->clone();
-      new_var = running_var->clone();
-    }
-    return {out, save_mean, save_invstd, new_mean, new_var};
-  }
-  if (d.C == 0) {
-    return {out, save_mean, save_invstd, running ? running_mean->clone() : new_mean,
-            running ? running_var->clone() : new_var};
+    return {out, save_mean, save_invstd, running ? running_mean->clone() : none(),
+            running ? running_var->clone() : none()};
   }
   const at::Tensor w = per_channel(weight, math), b = per_channel(bias, math);
   const at::Tensor rm = per_channel(running_mean, math), rv = per_channel(running_var, math);
@@ -203,11 +196,11 @@ Tensors5 batch_norm_fwd_cpu(const at::Tensor& input, const std::optional<at::Ten
   L.new_running_mean = running ? new_mean_m.data_ptr() : nullptr;
   L.new_running_var = running ? new_var_m.data_ptr() : nullptr;
   run_stats(L);
-  if (running) {
-    new_mean = as_dtype(new_mean_m, running_mean->scalar_type());
-    new_var = as_dtype(new_var_m, running_var->scalar_type());
+  if (!running) {
+    return {out, save_mean, save_invstd, none(), none()};
   }
-  return {out, save_mean, save_invstd, new_mean, new_var};
+  return {out, save_mean, save_invstd, as_dtype(new_mean_m, running_mean->scalar_type()),
+          as_dtype(new_var_m, running_var->scalar_type())};
 }
 
 // The backward's launch: the sums (when want_sums) and dx (when want_dx) of

@@ -28,6 +28,10 @@ struct MathOps<float> {
     // NaN-propagating like torch.maximum (fmaxf would drop the NaN).
     return (a != a || a > b) ? a : b;
   }
+  // torch.sign: -1, 0 or 1 (sign(0) = 0, NaN stays NaN).
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float sign(float x) {
+    return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
+  }
 };
 
 template <>
@@ -40,6 +44,7 @@ struct MathOps<double> {
   static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double max(double a, double b) {
     return (a != a || a > b) ? a : b;
   }
+  static PYOPTIM_HOST_DEVICE PYOPTIM_INLINE double sign(double x) { return x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : x); }
 };
 
 // torch.lerp's formula (ATen/native/Lerp.h), written so that the weight's side
@@ -49,6 +54,15 @@ struct MathOps<double> {
 template <typename M>
 PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M lerp(M start, M end, M weight, M one_minus_weight, bool lerp_low) {
   return lerp_low ? start + weight * (end - start) : end - (end - start) * one_minus_weight;
+}
+
+// L1 regularization folded into a gradient: the gradient of l1 * |p| is
+// l1 * sign(p), with sign(0) = 0 as torch's abs backward gives. Every
+// optimizer's per-element update calls this right after scaling the grad
+// (before its L2 weight decay), when its `l1_weight_decay` is nonzero.
+template <typename M>
+PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M add_l1(M g, M p, M l1) {
+  return g + l1 * MathOps<M>::sign(p);
 }
 
 }  // namespace PYOPTIM_ISA

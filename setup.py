@@ -110,7 +110,7 @@ def _extension():
     sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/cpu_isa.cpp",
                "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp",
                "csrc/norm_host.cpp", "csrc/norm_dispatch.cpp", "csrc/cpu/norm_cpu.cpp", "csrc/batch_norm_host.cpp", "csrc/cpu/batch_norm_cpu.cpp",
-               "csrc/cpu/fresh_output.cpp"]
+               "csrc/cpu/fresh_output.cpp", "csrc/step_plan.cpp"]
     kwargs = dict(
         name="pyoptim._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "step_plan.h"
 
 namespace pyoptim {
 namespace {
@@ -23,13 +24,25 @@ std::vector<int64_t> cuda_archs() { return {PYOPTIM_CUDA_ARCH_LIST}; }
 }  // namespace
 }  // namespace pyoptim
 
-// An empty module `pyoptim._C`, so `import pyoptim._C` loads this library and
-// runs the registrations below (the pytorch/extension-cpp pattern).
+// The module `pyoptim._C`: `import pyoptim._C` loads this library and runs the
+// registrations below (the pytorch/extension-cpp pattern). Its one Python
+// binding is the optimizers' step plan (note [step plan]); every op is a
+// dispatcher op, torch.ops.pyoptim.*.
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "pyoptim's compiled kernels (see torch.ops.pyoptim)", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+    try {
+      pyoptim::bind_step_plan(module);
+    } catch (const std::exception& e) {
+      Py_DECREF(module);
+      PyErr_SetString(PyExc_ImportError, e.what());
+      return nullptr;
+    }
+  }
+  return module;
 }
 }
 

@@ -8,13 +8,21 @@ param groups, state_dict, hooks and zero_grad.
 
 from __future__ import annotations
 
-import operator
+import os
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from pyoptim import _backends, functional
+
+# Backends the step plan replays (dispatcher ops); the Python ones take the ordinary path.
+_DISPATCHED = ("cpu", "cuda")
+# The op keywords a plan keeps as recorded (group_sizes) or fills itself (the clip's).
+_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm")
+# Param types the plan reads in C++; a tensor subclass (DTensor) takes the ordinary path.
+_PLAIN = (Tensor, torch.nn.Parameter)
+
 
 def _as_float(x: Union[float, Tensor]) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
@@ -123,12 +131,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        if self._run_plan(grad_scale, found_inf):
+            return loss
 
-        buckets = self._gather_cached()
-        new_state: dict[Tensor, dict[str, Tensor]] = {}
-        if buckets is None:
-            buckets, new_state = self._gather()
-
+        buckets, new_state, replayable = self._gather()
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
         if self.max_grad_norm is not None and calls:
             self._fuse_clip(calls, grad_scale)
@@ -141,22 +147,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         for op, backend, args, kwargs in calls:
             getattr(functional, op)(*args, **kwargs, backend=backend)
         self.state.update(new_state)
+        self._plan = (self._record_plan(buckets, calls, replayable)
+                      if replayable is not None and not new_state and calls else None)
         return loss
 
-    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]]]:
+    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]], Optional[list]]:
         """Every param with a grad, in buckets of one device, dtype and set of call-wide flags; and new state.
 
         Within a bucket tensors stay ordered by param group and each group's
-        hyperparameters ride along, so many groups still make one call.
-        Records the plan _gather_cached() reuses when the step qualifies.
+        hyperparameters ride along, so many groups still make one call. The
+        third result, per bucket, lists its params and their state dicts when
+        the step can be recorded as a plan (note [step plan]), else is None.
         """
         buckets: dict[tuple, _Bucket] = {}
         new_state: dict[Tensor, dict[str, Tensor]] = {}
-        plan: Optional[list] = []  # (key, bucket, params, state dicts) of a step that can be replayed
+        replayable: Optional[list] = []  # per bucket: (params, state dicts, state keys)
         state_of = self.state.get
         for group in self.param_groups:
             # Per group, not per param: this loop is the Python cost of a step
-            # over thousands of small tensors.
+            # that has no plan.
             seen = set()
             keys = self._state_keys(group)
             flags = {False: self._call_flags(group, False), True: self._call_flags(group, True)}
@@ -164,7 +173,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
-                    plan = None  # a param without a grad: the next step may differ
+                    replayable = None  # a param without a grad: the next step may differ
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(self._sparse_message())
@@ -178,8 +187,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(self._lists)
-                    if plan is not None:
-                        plan.append((key, bucket, [], [], keys))
+                    if replayable is not None:
+                        replayable.append(([], [], keys))
                 if key not in seen:
                     seen.add(key)
                     bucket.groups.append(group)
@@ -187,65 +196,86 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.group_sizes[-1] += 1
                 lists = bucket.lists
                 if p.is_complex():  # as torch: the update of a complex param is that of its real view
-                    plan = None
+                    replayable = None
                     lists["params"].append(torch.view_as_real(p))
                     lists["grads"].append(torch.view_as_real(grad))
                     for name, k in keys:
                         t = state[k]
                         lists[name].append(torch.view_as_real(t) if t.is_complex() else t)
                 else:
+                    if type(p) not in _PLAIN:
+                        replayable = None  # a tensor subclass (DTensor ...): the ordinary path only
                     lists["params"].append(p)
                     lists["grads"].append(grad)
                     for name, k in keys:
                         lists[name].append(state[k])
-                    if plan is not None:
-                        entry = next(e for e in plan if e[0] == key) if plan[-1][0] != key else plan[-1]
-                        entry[2].append(p)
-                        entry[3].append(state)
-        # note [step plan]: a step that created no state, saw every param with
-        # a grad and no complex one is recorded; the next steps reuse its
-        # buckets and read only the grads and (by key) the state tensors anew.
-        self._plan = None
-        if plan is not None and not new_state:
-            self._plan = (self._plan_signature(), tuple(self.state.values()),
-                          [(key, b.groups, b.group_sizes, params, states, keys)
-                           for key, b, params, states, keys in plan])
-        return buckets, new_state
+                    if replayable is not None:
+                        entry = replayable[list(buckets).index(key)]
+                        entry[0].append(p)
+                        entry[1].append(state)
+        return buckets, new_state, replayable
+
+    # -- the step plan (note [step plan] in csrc/step_plan.cpp) -------------------------
 
     def _plan_signature(self) -> tuple:
-        """What a recorded plan depends on besides the state: the groups, their params, backend and flags."""
-        return (id(self.state), len(self.state), tuple(
-            (id(g), id(g["params"]), len(g["params"]), g["backend"], self._call_flags(g, False))
-            for g in self.param_groups))
+        """What a recorded plan depends on besides the params and state it checks itself: the groups' structure,
+        backend and flags, the clip, and the backend the environment asks for."""
+        return (os.environ.get("PYOPTIM_BACKEND"), self.max_grad_norm is None, tuple(
+            (id(g["params"]), g["backend"], self._call_flags(g, False)) for g in self.param_groups))
 
-    def _gather_cached(self) -> Optional[dict[tuple, _Bucket]]:
-        """The buckets of the recorded plan with this step's grads, or None when the plan does not apply."""
-        plan = self.__dict__.get("_plan")
-        if plan is None:
+    def _record_plan(self, buckets: dict[tuple, _Bucket], calls: list, replayable: list) -> Optional[tuple]:
+        """The plan of this step's calls, or None where it cannot be replayed in C++."""
+        if not _backends.EXTENSION_LOADED or torch.compiler.is_compiling():
             return None
-        signature, state_values, entries = plan
-        if signature != self._plan_signature() or not all(map(operator.is_, self.state.values(), state_values)):
-            return None  # groups changed, or a param's state dict was replaced
-        buckets: dict[tuple, _Bucket] = {}
-        for key, groups, group_sizes, params, states, keys in entries:
-            grads = [p.grad for p in params]
-            for g in grads:
-                if g is None:
-                    return None
-                if g.is_sparse:
-                    raise RuntimeError(self._sparse_message())
-            b = _Bucket(self._lists)
-            b.groups, b.group_sizes = groups, group_sizes
-            b.lists["params"] = params
-            b.lists["grads"] = grads
-            for name, k in keys:
-                b.lists[name] = [st[k] for st in states]
-            buckets[key] = b
-        return buckets
+        for op, backend, args, _ in calls:
+            if _backends.select(op, args[0][0].device, backend) not in _DISPATCHED:
+                return None
+        from pyoptim import _C
+
+        cpp = _C.StepPlan(self.state)
+        cpp.set_groups([g["params"] for g in self.param_groups])
+        metas = []
+        for (key, b), (op, _, args, kwargs), (params, states, keys) in zip(buckets.items(), calls, replayable):
+            state_keys = [k for _, k in keys]
+            members = [cpp.add_member(p, st, state_keys) for p, st in zip(params, states)]
+            cpp.add_call(f"pyoptim::{op}", args, kwargs, "grads", members, 
+                         [k for k in kwargs if k not in _RECORDED])
+            metas.append((key[0], key[3:], b.groups))
+        return self._plan_signature(), cpp, metas
+
+    def _run_plan(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
+        """The step by the recorded plan; False (nothing written) when there is none or it no longer applies."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or torch.compiler.is_compiling():
+            return False
+        signature, cpp, metas = plan
+        if signature != self._plan_signature():
+            return False
+        kwargs = [self._step_kwargs(device, flags, groups, grad_scale, found_inf) for device, flags, groups in metas]
+        if len(kwargs) > 1:
+            # note [exception safety]: the ops check the hyperparameters each
+            # call; with several calls, check every call's first (with no
+            # tensors, a check costs nothing per tensor).
+            for (_, _, groups), kw in zip(metas, kwargs):
+                type(self)._check_args(*([] for _ in self._lists), **kw, group_sizes=[0] * len(groups))
+        ok, total = cpp.run([g["params"] for g in self.param_groups], self.state, kwargs, self.max_grad_norm)
+        if not ok:
+            self._plan = None
+            return False
+        if total is not None:
+            self.grad_norm = self._unscaled_norm(total, grad_scale)
+        return True
 
     def _call(self, key: tuple, b: _Bucket, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
-        device, _, backend = key[:3]
-        lrs = [g["lr"] for g in b.groups]
+        args = tuple(b.lists[name] for name in self._lists)
+        kwargs = self._step_kwargs(key[0], key[3:], b.groups, grad_scale, found_inf)
+        kwargs["group_sizes"] = b.group_sizes
+        return self._op, key[2], args, kwargs
+
+    def _step_kwargs(self, device: torch.device, flags: tuple, groups: list[dict[str, Any]],
+                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> dict[str, Any]:
+        """The op's keywords that may change from step to step: the groups' hyperparameters and GradScaler's."""
+        lrs = [g["lr"] for g in groups]
         lr_tensor = None
         if device.type != "cpu" and any(isinstance(lr, Tensor) and lr.device.type != "cpu" for lr in lrs):
             # Read lr on the device (capturable, no host sync): one float64
@@ -262,10 +292,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_scale = grad_scale.to(device, non_blocking=True)
         if found_inf is not None and found_inf.device != device:
             found_inf = found_inf.to(device, non_blocking=True)
-        args = tuple(b.lists[name] for name in self._lists)
-        kwargs = dict(self._call_kwargs(key[3:], b.groups), lr=lr_floats, group_sizes=b.group_sizes,
-                      lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
-        return self._op, backend, args, kwargs
+        return dict(self._call_kwargs(flags, groups), lr=lr_floats, lr_tensor=lr_tensor, grad_scale=grad_scale,
+                    found_inf=found_inf)
+
+    @staticmethod
+    def _unscaled_norm(total: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+        """The norm of the unscaled grads, from that of the grads as GradScaler scaled them."""
+        if grad_scale is None:
+            return total
+        return total * grad_scale.double().reciprocal().float().to(total.device)
 
     def _fuse_clip(self, calls: list, grad_scale: Optional[Tensor]) -> None:
         """One norm pass over all grads; the clip factor is applied inside each step kernel."""
@@ -281,6 +316,4 @@ class FusedOptimizer(torch.optim.Optimizer):
         for _, _, args, kwargs in calls:
             kwargs["grad_norm"] = total if total.device == args[0][0].device else total.to(args[0][0].device)
             kwargs["max_grad_norm"] = float(self.max_grad_norm)
-        if grad_scale is not None:
-            total = total * grad_scale.double().reciprocal().float().to(device0)  # the unscaled grads' norm
-        self.grad_norm = total
+        self.grad_norm = self._unscaled_norm(total, grad_scale)

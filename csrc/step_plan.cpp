@@ -1,0 +1,312 @@
+// The step plan: a steady-state optimizer step with no per-tensor Python.
+//
+// note [step plan]: FusedOptimizer.step() (pyoptim/optim/_base.py) gathers
+// params, grads and state into op calls in Python, which costs about a
+// microsecond per tensor. Once a step has run with no new state, it records
+// that step's calls here: the op handles, every argument but the grads and
+// the per-group hyperparameters, and what each call depends on (the groups'
+// param lists, each param's dtype and device, its state dict and the state
+// tensors in it). Each later step hands over only what may change (the
+// hyperparameters, GradScaler's tensors, the clip's max norm); run() checks
+// the dependencies, reads every grad in C++ (at::Tensor::grad(), so grads
+// made anew by every backward are fine), and calls the ops through the
+// dispatcher with the cached lists. Any dependency that moved (a grad set to
+// None or of another shape, a param's dtype or device changed, a param
+// replaced in its group, a state tensor replaced) makes run() return False
+// before anything is written, and the caller takes the ordinary path, which
+// raises torch's errors and records a new plan. The checks that the ops
+// make themselves (shapes of state against params, hyperparameter values)
+// are not repeated here: the ops still make them (one place per check).
+//
+// Flat storage (note [flat storage] in pyoptim/optim/_base.py) adds members
+// whose grads must be views of one flat grad buffer, which the calls then
+// pass as one tensor: run() checks that each such param's data is still at
+// its slot, re-links a grad that a set_to_none zero_grad replaced (one copy
+// into the slot) and, after the calls, copies the shared step counter of each
+// flat unit into the per-param step tensors.
+//
+// This is an eager-mode fast path bound with pybind11, not an op: under
+// torch.compile, for tensor subclasses (DTensor) and for the Python backends
+// the optimizer takes the ordinary path, which calls the registered ops.
+#include "step_plan.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/irange.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/extension.h>
+
+namespace py = pybind11;
+
+namespace pyoptim {
+namespace {
+
+// One param the plan depends on.
+struct Member {
+  PyObject* object;                 // the Parameter as group["params"] lists it (held in StepPlan::keep_)
+  at::Tensor param;
+  at::ScalarType dtype;
+  at::Device device;
+  PyObject* state_dict;             // state[param] (a reference held in StepPlan::keep_)
+  std::vector<PyObject*> values;    // state_dict[key] for each key (same)
+  at::Tensor grad_slot;             // flat storage: the view p.grad must be (undefined: not flat)
+  const void* data = nullptr;       // flat storage: where p's data must stay
+};
+
+struct Call {
+  c10::OperatorHandle op;
+  std::vector<c10::IValue> stack;       // every argument, as last recorded
+  int64_t grads_index;                  // position of the grads list in `stack`
+  std::vector<int64_t> grad_members;    // per grads entry: the member whose grad it is, or -1 (fixed: flat)
+  std::vector<at::Tensor> fixed_grads;  // per grads entry with -1: the flat grad buffer
+  std::vector<std::pair<py::object, int64_t>> kwarg_index;  // per-step keyword name -> position
+  int64_t grad_norm_index = -1;
+  int64_t max_grad_norm_index = -1;
+  at::Device device = at::kCPU;         // the call's tensors' device
+};
+
+int64_t argument_index(const c10::FunctionSchema& schema, const std::string& name) {
+  const auto index = schema.argumentIndexWithName(name);
+  TORCH_CHECK(index.has_value(), "StepPlan: ", schema.name(), " has no argument ", name);
+  return static_cast<int64_t>(*index);
+}
+
+class StepPlan {
+ public:
+  explicit StepPlan(py::object state) : state_(std::move(state)) {}
+
+  // The params of every group, in order (group["params"] objects as listed).
+  void set_groups(const py::list& param_lists) {
+    groups_.clear();
+    for (const py::handle lst : param_lists) {
+      std::vector<PyObject*> items;
+      for (const py::handle p : lst.cast<py::list>()) {
+        items.push_back(p.ptr());
+        keep_.push_back(py::reinterpret_borrow<py::object>(p));
+      }
+      groups_.push_back(std::move(items));
+    }
+  }
+
+  // A param the plan reads: its state dict and the values of `keys` in it
+  // must stay the same objects; grad_slot (flat storage) is the view its grad
+  // must be. Returns the member's index.
+  int64_t add_member(const py::object& param, const py::object& state_dict, const py::list& keys,
+                     const std::optional<at::Tensor>& grad_slot) {
+    Member m{param.ptr(), THPVariable_Unpack(param.ptr()), at::kFloat, at::kCPU, state_dict.ptr(), {}, {}, nullptr};
+    keep_.push_back(param);
+    m.dtype = m.param.scalar_type();
+    m.device = m.param.device();
+    keep_.push_back(state_dict);
+    for (const py::handle k : keys) {
+      keys_of_.push_back(py::reinterpret_borrow<py::object>(k));
+      PyObject* v = PyDict_GetItem(state_dict.ptr(), k.ptr());
+      TORCH_CHECK(v != nullptr, "StepPlan: state has no key ", py::str(k).cast<std::string>());
+      m.values.push_back(v);
+      keep_.push_back(py::reinterpret_borrow<py::object>(v));
+    }
+    member_keys_.push_back(keys_of_.size() - keys.size());
+    if (grad_slot.has_value()) {
+      m.grad_slot = *grad_slot;
+      m.data = m.param.const_data_ptr();
+    }
+    members_.push_back(std::move(m));
+    return static_cast<int64_t>(members_.size()) - 1;
+  }
+
+  // One op call: `op` (e.g. "pyoptim::adam_step_") with `args` and `kwargs`
+  // as the ordinary path made it; grads_arg names its grads list, whose entry
+  // j is member grad_members[j]'s grad (or, where -1, the fixed tensor in
+  // args). `per_step` names the keywords each run() passes anew.
+  void add_call(const std::string& op, const py::tuple& args, const py::dict& kwargs, const std::string& grads_arg,
+                const std::vector<int64_t>& grad_members, const py::list& per_step) {
+    Call c{c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), ""), {}, 0, grad_members, {}, {}};
+    const c10::FunctionSchema& schema = c.op.schema();
+    c.stack = torch::jit::createStackForSchema(schema, args, kwargs, std::nullopt);
+    c.grads_index = argument_index(schema, grads_arg);
+    const std::vector<at::Tensor> grads = c.stack[c.grads_index].toTensorVector();
+    TORCH_CHECK(!grads.empty() && grads.size() == grad_members.size(), "StepPlan: ", grads.size(), " grads for ",
+                grad_members.size(), " members");
+    c.device = grads[0].device();
+    for (const auto j : c10::irange(grads.size())) {
+      c.fixed_grads.push_back(grad_members[j] < 0 ? grads[j] : at::Tensor());
+    }
+    // Not the recorded step's grads: holding them would keep a set_to_none
+    // zero_grad from freeing them.
+    c.stack[c.grads_index] = c10::IValue(c10::List<at::Tensor>());
+    for (const py::handle k : per_step) {
+      const std::string key = k.cast<std::string>();
+      c.kwarg_index.emplace_back(py::reinterpret_borrow<py::object>(k), argument_index(schema, key));
+    }
+    if (schema.argumentIndexWithName("grad_norm").has_value()) {
+      c.grad_norm_index = argument_index(schema, "grad_norm");
+      c.max_grad_norm_index = argument_index(schema, "max_grad_norm");
+    }
+    calls_.push_back(std::move(c));
+  }
+
+  // After the calls, step_all[1:] takes step_all[0]'s value (a flat unit's
+  // per-param step counters, advanced as one by the op).
+  void add_step_sync(const at::Tensor& step_all) { step_syncs_.push_back(step_all); }
+
+  // One step, or False (nothing written) when the plan no longer applies.
+  // kwargs[c]: call c's per-step keywords. With max_grad_norm, one norm pass
+  // over all grads clips them inside the calls; returns (True, total norm).
+  py::tuple run(const py::list& param_lists, const py::object& state, const py::list& kwargs,
+                const std::optional<double>& max_grad_norm) {
+    const py::tuple miss = py::make_tuple(false, py::none());
+    if (state.ptr() != state_.ptr() || !same_groups(param_lists)) {
+      return miss;
+    }
+    std::vector<at::Tensor> grads(members_.size());
+    std::vector<int64_t> relink;  // flat members whose grad is to be copied into its slot
+    for (const auto i : c10::irange(members_.size())) {
+      const Member& m = members_[i];
+      const at::Tensor& p = m.param;
+      if (p.scalar_type() != m.dtype || p.device() != m.device ||
+          PyDict_GetItem(state.ptr(), m.object) != m.state_dict) {
+        return miss;
+      }
+      const int64_t k0 = member_keys_[i];
+      for (const auto k : c10::irange(m.values.size())) {
+        if (PyDict_GetItem(m.state_dict, keys_of_[k0 + k].ptr()) != m.values[k]) {
+          return miss;
+        }
+      }
+      const at::Tensor& g = p.grad();
+      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != m.dtype || g.device() != m.device ||
+          g.sizes() != p.sizes()) {
+        return miss;  // the ordinary path skips it, or raises torch's error
+      }
+      if (m.grad_slot.defined()) {
+        if (p.const_data_ptr() != m.data || p.strides() != m.grad_slot.strides()) {
+          return miss;  // p.data was replaced: the flat layout no longer holds it
+        }
+        if (!g.is_same(m.grad_slot)) {
+          relink.push_back(static_cast<int64_t>(i));
+        }
+      } else {
+        grads[i] = g;
+      }
+    }
+    std::vector<std::vector<c10::IValue>> stacks;
+    stacks.reserve(calls_.size());
+    for (const auto c : c10::irange(calls_.size())) {
+      const Call& call = calls_[c];
+      std::vector<c10::IValue> stack = call.stack;
+      const py::dict kw = kwargs[c].cast<py::dict>();
+      const auto& args = call.op.schema().arguments();
+      for (const auto& [key, index] : call.kwarg_index) {
+        stack[index] = torch::jit::toIValue(kw[key], args[index].type());
+      }
+      c10::List<at::Tensor> call_grads;
+      call_grads.reserve(call.grad_members.size());
+      for (const auto j : c10::irange(call.grad_members.size())) {
+        const int64_t mi = call.grad_members[j];
+        call_grads.push_back(mi < 0 ? call.fixed_grads[j] : grads[mi]);
+      }
+      stack[call.grads_index] = c10::IValue(std::move(call_grads));
+      stacks.push_back(std::move(stack));
+    }
+
+    // Everything checked: from here on the step writes.
+    at::NoGradGuard no_grad;
+    for (const int64_t i : relink) {
+      Member& m = members_[i];
+      m.grad_slot.copy_(m.param.grad());
+      m.param.mutable_grad() = m.grad_slot;
+    }
+    py::object total = py::none();
+    if (max_grad_norm.has_value()) {
+      total = py::cast(clip(stacks, *max_grad_norm));
+    }
+    for (const auto c : c10::irange(calls_.size())) {
+      calls_[c].op.callBoxed(&stacks[c]);
+    }
+    for (const at::Tensor& s : step_syncs_) {
+      if (s.numel() > 1) {
+        s.narrow(0, 1, s.numel() - 1).copy_(s.narrow(0, 0, 1).expand({s.numel() - 1}));
+      }
+    }
+    return py::make_tuple(true, total);
+  }
+
+ private:
+  bool same_groups(const py::list& param_lists) const {
+    if (static_cast<size_t>(py::len(param_lists)) != groups_.size()) {
+      return false;
+    }
+    for (const auto k : c10::irange(groups_.size())) {
+      PyObject* lst = PyList_GET_ITEM(param_lists.ptr(), k);
+      if (!PyList_Check(lst) || static_cast<size_t>(PyList_GET_SIZE(lst)) != groups_[k].size()) {
+        return false;
+      }
+      for (const auto j : c10::irange(groups_[k].size())) {
+        if (PyList_GET_ITEM(lst, j) != groups_[k][j]) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
+  // The fused clip's norm pass: each call's grads in one multi_tensor_norm,
+  // the totals combined on the first call's device; each call then scales
+  // its grads by the clip factor in its kernel (as _fuse_clip does).
+  at::Tensor clip(std::vector<std::vector<c10::IValue>>& stacks, double max_grad_norm) {
+    static const auto norm = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("pyoptim::multi_tensor_norm", "")
+                                 .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double)>();
+    std::vector<at::Tensor> totals;
+    for (const auto c : c10::irange(calls_.size())) {
+      totals.push_back(std::get<0>(norm.call(stacks[c][calls_[c].grads_index].toTensorVector(), 2.0)));
+    }
+    at::Tensor total = totals[0];
+    if (totals.size() > 1) {
+      std::vector<at::Tensor> on0;
+      for (const at::Tensor& t : totals) {
+        on0.push_back(t.to(totals[0].device(), /*non_blocking=*/true));
+      }
+      total = at::linalg_vector_norm(at::stack(on0), 2.0);
+    }
+    for (const auto c : c10::irange(calls_.size())) {
+      const Call& call = calls_[c];
+      TORCH_INTERNAL_ASSERT(call.grad_norm_index >= 0);
+      stacks[c][call.grad_norm_index] = total.device() == call.device ? total : total.to(call.device);
+      stacks[c][call.max_grad_norm_index] = max_grad_norm;
+    }
+    return total;
+  }
+
+  py::object state_;
+  std::vector<std::vector<PyObject*>> groups_;
+  std::vector<Member> members_;
+  std::vector<int64_t> member_keys_;   // per member: its first key in keys_of_
+  std::vector<py::object> keys_of_;
+  std::vector<Call> calls_;
+  std::vector<at::Tensor> step_syncs_;
+  std::vector<py::object> keep_;       // references that keep every borrowed pointer above alive
+};
+
+}  // namespace
+
+void bind_step_plan(PyObject* module) {
+  py::module_ m = py::reinterpret_borrow<py::module_>(module);
+  py::class_<StepPlan>(m, "StepPlan", "A recorded optimizer step (note [step plan] in csrc/step_plan.cpp).")
+      .def(py::init<py::object>(), py::arg("state"))
+      .def("set_groups", &StepPlan::set_groups)
+      .def("add_member",
+&StepPlan::add_member, py::arg("param"), py::arg("state_dict"), py::arg("keys"), py::arg("grad_slot") = py::none())
+      .def("add_call", &StepPlan::add_call, py::arg("op"), py::arg("args"), py::arg("kwargs"),
+           py::arg("grads_arg"), py::arg("grad_members"), py::arg("per_step"))
+      .def("add_step_sync", &StepPlan::add_step_sync)
+      .def("run", &StepPlan::run, py::arg("param_lists"), py::arg("state"), py::arg("kwargs"),
+           py::arg("max_grad_norm") = py::none());
+}
+
+}  // namespace pyoptim

@@ -48,12 +48,11 @@ namespace {
 
 // One param the plan depends on.
 struct Member {
-  PyObject* object;                 // the Parameter as group["params"] lists it (held in StepPlan::keep_)
   at::Tensor param;
   at::ScalarType dtype;
   at::Device device;
-  PyObject* state_dict;             // state[param] (a reference held in StepPlan::keep_)
-  std::vector<PyObject*> values;    // state_dict[key] for each key (same)
+  PyObject* state_dict;             // state[param] (held in StepPlan::keep_)
+  std::vector<PyObject*> items;     // its keys and values, in order (held by it and checked each step)
   at::Tensor grad_slot;             // flat storage: the view p.grad must be (undefined: not flat)
   const void* data = nullptr;       // flat storage: where p's data must stay
 };
@@ -70,6 +69,37 @@ struct Call {
   at::Device device = at::kCPU;         // the call's tensors' device
 };
 
+// A dict's keys and values in iteration order. Comparing these pointers
+// finds a replaced entry without hashing: a Tensor key's __hash__ is Python
+// code, ~0.1 us a lookup.
+std::vector<PyObject*> items(PyObject* dict) {
+  std::vector<PyObject*> out;
+  out.reserve(2 * PyDict_GET_SIZE(dict));
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(dict, &pos, &key, &value)) {
+    out.push_back(key);
+    out.push_back(value);
+  }
+  return out;
+}
+
+bool same_items(PyObject* dict, const std::vector<PyObject*>& expected) {
+  if (static_cast<size_t>(2 * PyDict_GET_SIZE(dict)) != expected.size()) {
+    return false;
+  }
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  size_t j = 0;
+  while (PyDict_Next(dict, &pos, &key, &value)) {
+    if (key != expected[j] || value != expected[j + 1]) {
+      return false;
+    }
+    j += 2;
+  }
+  return true;
+}
+
 int64_t argument_index(const c10::FunctionSchema& schema, const std::string& name) {
   const auto index = schema.argumentIndexWithName(name);
   TORCH_CHECK(index.has_value(), "StepPlan: ", schema.name(), " has no argument ", name);
@@ -78,7 +108,10 @@ int64_t argument_index(const c10::FunctionSchema& schema, const std::string& nam
 
 class StepPlan {
  public:
-  explicit StepPlan(py::object state) : state_(std::move(state)) {}
+  // `state`: the optimizer's state, as complete for this plan's step.
+  explicit StepPlan(py::object state) : state_(std::move(state)), state_items_(items(state_.ptr())) {
+    hold(state_items_);
+  }
 
   // The params of every group, in order (group["params"] objects as listed).
   void set_groups(const py::list& param_lists) {
@@ -93,24 +126,19 @@ class StepPlan {
     }
   }
 
-  // A param the plan reads: its state dict and the values of `keys` in it
-  // must stay the same objects; grad_slot (flat storage) is the view its grad
-  // must be. Returns the member's index.
-  int64_t add_member(const py::object& param, const py::object& state_dict, const py::list& keys,
+  // A param the plan reads: its state dict (state[param]) and every value in
+  // it must stay the same objects; grad_slot (flat storage) is the view its
+  // grad must be. Returns the member's index.
+  int64_t add_member(const py::object& param, const py::object& state_dict,
                      const std::optional<at::Tensor>& grad_slot) {
-    Member m{param.ptr(), THPVariable_Unpack(param.ptr()), at::kFloat, at::kCPU, state_dict.ptr(), {}, {}, nullptr};
-    keep_.push_back(param);
+    TORCH_CHECK(PyDict_Check(state_dict.ptr()), "StepPlan: a param's state must be a dict");
+    Member m{THPVariable_Unpack(param.ptr()), at::kFloat, at::kCPU, state_dict.ptr(), items(state_dict.ptr()), {},
+             nullptr};
     m.dtype = m.param.scalar_type();
     m.device = m.param.device();
+    keep_.push_back(param);
     keep_.push_back(state_dict);
-    for (const py::handle k : keys) {
-      keys_of_.push_back(py::reinterpret_borrow<py::object>(k));
-      PyObject* v = PyDict_GetItem(state_dict.ptr(), k.ptr());
-      TORCH_CHECK(v != nullptr, "StepPlan: state has no key ", py::str(k).cast<std::string>());
-      m.values.push_back(v);
-      keep_.push_back(py::reinterpret_borrow<py::object>(v));
-    }
-    member_keys_.push_back(keys_of_.size() - keys.size());
+    hold(m.items);
     if (grad_slot.has_value()) {
       m.grad_slot = *grad_slot;
       m.data = m.param.const_data_ptr();
@@ -160,7 +188,9 @@ class StepPlan {
   py::tuple run(const py::list& param_lists, const py::object& state, const py::list& kwargs,
                 const std::optional<double>& max_grad_norm) {
     const py::tuple miss = py::make_tuple(false, py::none());
-    if (state.ptr() != state_.ptr() || !same_groups(param_lists)) {
+    // Every state entry the same object: none added, replaced or removed
+    // (load_state_dict replaces the whole dict).
+    if (state.ptr() != state_.ptr() || !same_items(state.ptr(), state_items_) || !same_groups(param_lists)) {
       return miss;
     }
     std::vector<at::Tensor> grads(members_.size());
@@ -168,15 +198,8 @@ class StepPlan {
     for (const auto i : c10::irange(members_.size())) {
       const Member& m = members_[i];
       const at::Tensor& p = m.param;
-      if (p.scalar_type() != m.dtype || p.device() != m.device ||
-          PyDict_GetItem(state.ptr(), m.object) != m.state_dict) {
+      if (p.scalar_type() != m.dtype || p.device() != m.device || !same_items(m.state_dict, m.items)) {
         return miss;
-      }
-      const int64_t k0 = member_keys_[i];
-      for (const auto k : c10::irange(m.values.size())) {
-        if (PyDict_GetItem(m.state_dict, keys_of_[k0 + k].ptr()) != m.values[k]) {
-          return miss;
-        }
       }
       const at::Tensor& g = p.grad();
       if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != m.dtype || g.device() != m.device ||
@@ -237,6 +260,13 @@ class StepPlan {
   }
 
  private:
+  // Pointers compared later must not be freed and reused meanwhile.
+  void hold(const std::vector<PyObject*>& objects) {
+    for (PyObject* o : objects) {
+      keep_.push_back(py::reinterpret_borrow<py::object>(o));
+    }
+  }
+
   bool same_groups(const py::list& param_lists) const {
     if (static_cast<size_t>(py::len(param_lists)) != groups_.size()) {
       return false;
@@ -284,10 +314,9 @@ class StepPlan {
   }
 
   py::object state_;
+  std::vector<PyObject*> state_items_;  // state's params and their state dicts, as recorded
   std::vector<std::vector<PyObject*>> groups_;
   std::vector<Member> members_;
-  std::vector<int64_t> member_keys_;   // per member: its first key in keys_of_
-  std::vector<py::object> keys_of_;
   std::vector<Call> calls_;
   std::vector<at::Tensor> step_syncs_;
   std::vector<py::object> keep_;       // references that keep every borrowed pointer above alive
@@ -301,7 +330,7 @@ void bind_step_plan(PyObject* module) {
       .def(py::init<py::object>(), py::arg("state"))
       .def("set_groups", &StepPlan::set_groups)
       .def("add_member",
-&StepPlan::add_member, py::arg("param"), py::arg("state_dict"), py::arg("keys"), py::arg("grad_slot") = py::none())
+&StepPlan::add_member, py::arg("param"), py::arg("state_dict"), py::arg("grad_slot") = py::none())
       .def("add_call", &StepPlan::add_call, py::arg("op"), py::arg("args"), py::arg("kwargs"),
            py::arg("grads_arg"), py::arg("grad_members"), py::arg("per_step"))
       .def("add_step_sync", &StepPlan::add_step_sync)

@@ -1,6 +1,9 @@
 // The CPU Adam kernel. setup.py builds this file once per instruction set
 // (with CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512 and the matching -m
 // flags); adam_cpu.cpp calls the one the running CPU supports.
+#include <cstring>
+#include <optional>
+
 #include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
@@ -41,7 +44,26 @@ void adam_all(const AdamCpuLaunch& L) {
   // per-tensor fork/join is what holds torch's CPU foreach/fused paths to a
   // third of the bandwidth on many small tensors.
   parallel_chunks(L.plan, kAdamCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
-    const Op op{VecAndScalar<AdamCoeffs, S>(adam_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul))};
+    // Consecutive tensors of one group at one step share their coefficients:
+    // each thread computes them (two pow() calls) once per such run, which is
+    // most of the per-tensor cost of a step over thousands of tiny tensors.
+    struct Key {
+      AdamHyper hyper;
+      double lr, step;
+      bool operator==(const Key& o) const {
+        return std::memcmp(this, &o, sizeof(Key)) == 0;
+      }
+    };
+    thread_local Key last{};
+    thread_local double last_grad_mul = 0.0;
+    thread_local std::optional<Op> cached;
+    const Key key{L.hyper[i], L.lr[i], L.step[i]};
+    if (!cached.has_value() || !(key == last) || std::memcmp(&last_grad_mul, &L.grad_mul, sizeof(double)) != 0) {
+      cached.emplace(Op{VecAndScalar<AdamCoeffs, S>(adam_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul))});
+      last = key;
+      last_grad_mul = L.grad_mul;
+    }
+    const Op& op = *cached;
     T* const ptr[5] = {static_cast<T*>(L.p[i]), static_cast<T*>(const_cast<void*>(L.g[i])),
                        static_cast<T*>(L.m[i]), static_cast<T*>(L.v[i]),
                        AMSGRAD ? static_cast<T*>(L.vm[i]) : nullptr};

@@ -161,7 +161,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         buckets: dict[tuple, _Bucket] = {}
         new_state: dict[Tensor, dict[str, Tensor]] = {}
-        replayable: Optional[list] = []  # per bucket: (params, state dicts, state keys)
+        replayable: Optional[list] = []  # per bucket: (params, state dicts)
         state_of = self.state.get
         for group in self.param_groups:
             # Per group, not per param: this loop is the Python cost of a step
@@ -188,7 +188,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(self._lists)
                     if replayable is not None:
-                        replayable.append(([], [], keys))
+                        replayable.append(([], []))
                 if key not in seen:
                     seen.add(key)
                     bucket.groups.append(group)
@@ -235,9 +235,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         cpp = _C.StepPlan(self.state)
         cpp.set_groups([g["params"] for g in self.param_groups])
         metas = []
-        for (key, b), (op, _, args, kwargs), (params, states, keys) in zip(buckets.items(), calls, replayable):
-            state_keys = [k for _, k in keys]
-            members = [cpp.add_member(p, st, state_keys) for p, st in zip(params, states)]
+        for (key, b), (op, _, args, kwargs), (params, states) in zip(buckets.items(), calls, replayable):
+            members = [cpp.add_member(p, st) for p, st in zip(params, states)]
             cpp.add_call(f"pyoptim::{op}", args, kwargs, "grads", members, 
                          [k for k in kwargs if k not in _RECORDED])
             metas.append((key[0], key[3:], b.groups))

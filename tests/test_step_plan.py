@@ -1,0 +1,323 @@
+"""The step plan (note [step plan] in csrc/step_plan.cpp): every change a recorded plan depends on is seen.
+
+Each test runs a pyoptim optimizer beside torch's for-loop twin, applies the
+same change to both mid-run, and compares params and state after more steps.
+`plan_steps` counts the steps the plan served, so a test also fails when the
+plan silently stopped being used (or was never used) where it should be.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pyoptim
+from pyoptim.optim import _base
+
+from .conftest import TOL
+
+PLAN_BACKENDS = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def plan_steps(monkeypatch):
+    """A dict whose "served" entry counts steps the plan ran, and "ordinary" those that took the ordinary path."""
+    counts = {"served": 0, "ordinary": 0}
+    run_plan = _base.FusedOptimizer._run_plan
+    gather = _base.FusedOptimizer._gather
+
+    def counting_run(self, *args):
+        ok = run_plan(self, *args)
+        counts["served"] += ok
+        return ok
+
+    def counting_gather(self):
+        counts["ordinary"] += 1
+        return gather(self)
+
+    monkeypatch.setattr(_base.FusedOptimizer, "_run_plan", counting_run)
+    monkeypatch.setattr(_base.FusedOptimizer, "_gather", counting_gather)
+    return counts
+
+
+def _pair(kind, device, n=6, dtype=torch.float32, **kw):
+    """(ours, torch's, our params, torch's params) over n params of assorted shapes."""
+    shapes = [(3, 5), (7,), (), (2, 3, 4), (1,), (65,)][:n]
+    init = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    if kind == "adamw":
+        ours = pyoptim.optim.AdamW(a, lr=1e-2, weight_decay=0.1, backend=device.type, **kw)
+        theirs = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    else:
+        ours = pyoptim.optim.SGD(a, lr=0.1, momentum=0.9, weight_decay=0.01, backend=device.type, **kw)
+        theirs = torch.optim.SGD(b, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False)
+    return ours, theirs, a, b
+
+
+def _grads(a, b, same=None):
+    """New grad tensors for both (or, with `same`, the same values written into the existing grads)."""
+    for p, q in zip(a, b):
+        g = torch.randn_like(p)
+        if same and p.grad is not None:
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        else:
+            p.grad, q.grad = g.clone(), g.clone()
+
+
+def _steps(ours, theirs, a, b, k, same=False):
+    for _ in range(k):
+        _grads(a, b, same)
+        ours.step()
+        theirs.step()
+
+
+def _assert_same(ours, theirs, a, b):
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    for p, q in zip(a, b):
+        for key, t in theirs.state[q].items():
+            torch.testing.assert_close(ours.state[p][key].cpu().reshape(t.shape).to(t.dtype), t.cpu(),
+                                       **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", PLAN_BACKENDS)
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("same_grads", [False, True], ids=["new-grads", "same-grads"])
+def test_steady_state_is_served_by_the_plan(kind, device, same_grads, plan_steps):
+    ours, theirs, a, b = _pair(kind, torch.device(device))
+    _steps(ours, theirs, a, b, 12, same_grads)
+    _assert_same(ours, theirs, a, b)
+    # The first step makes the state, the second records the plan.
+    assert plan_steps["ordinary"] == 2 and plan_steps["served"] == 10
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_grad_set_to_none_skips_that_param(kind, plan_steps):
+    ours, theirs, a, b = _pair(kind, torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    _grads(a, b)
+    a[2].grad = b[2].grad = None
+    before = a[2].detach().clone()
+    ours.step()
+    theirs.step()
+    assert torch.equal(a[2], before)
+    _assert_same(ours, theirs, a, b)
+    _steps(ours, theirs, a, b, 3)
+    _assert_same(ours, theirs, a, b)
+    assert plan_steps["served"] >= 2  # a plan again once every param has a grad
+
+
+def test_param_data_replaced_is_seen(plan_steps):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    fresh = torch.randn_like(a[0])
+    with torch.no_grad():
+        a[0].data = fresh.clone()
+        b[0].data = fresh.clone()
+    _steps(ours, theirs, a, b, 3)
+    _assert_same(ours, theirs, a, b)
+
+
+def test_param_data_of_another_shape_raises_before_writing():
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    a[1].data = torch.randn(9)
+    for p in a:
+        p.grad = torch.randn_like(p)
+    snap = [p.detach().clone() for p in a], copy.deepcopy(ours.state_dict()["state"])
+    with pytest.raises(RuntimeError, match="shape"):
+        ours.step()
+    for p, s in zip(a, snap[0]):
+        assert torch.equal(p, s)
+    for i, st in snap[1].items():
+        for k, t in st.items():
+            assert torch.equal(ours.state_dict()["state"][i][k], t)
+
+
+def test_param_dtype_change_takes_the_ordinary_path(plan_steps):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    served = plan_steps["served"]
+    a[3].data = a[3].data.double()
+    if hasattr(a[3], "grad_dtype"):  # torch >= 2.14 ties a grad's dtype to the param's creation dtype
+        a[3].grad_dtype = None
+    for p in a:
+        p.grad = torch.randn_like(p)
+    # As without a plan: the op refuses float64 params with float32 state.
+    with pytest.raises(RuntimeError, match="dtype"):
+        ours.step()
+    assert plan_steps["served"] == served
+
+
+def test_params_added_removed_and_replaced_in_groups(plan_steps):
+    device = torch.device("cpu")
+    ours, theirs, a, b = _pair("sgd", device)
+    _steps(ours, theirs, a, b, 3)
+    extra_a = torch.randn(4, requires_grad=True)
+    extra_b = extra_a.detach().clone().requires_grad_()
+    ours.add_param_group({"params": [extra_a], "lr": 0.05})
+    theirs.add_param_group({"params": [extra_b], "lr": 0.05})
+    a, b = a + [extra_a], b + [extra_b]
+    _steps(ours, theirs, a, b, 3)
+    _assert_same(ours, theirs, a, b)
+    # Removed from its group: no longer stepped.
+    ours.param_groups[0]["params"].pop(0)
+    theirs.param_groups[0]["params"].pop(0)
+    frozen = a[0].detach().clone()
+    _steps(ours, theirs, a, b, 3)
+    assert torch.equal(a[0], frozen)
+    _assert_same(ours, theirs, a[1:], b[1:])
+    # Replaced in place in the list (same length): the new param is stepped.
+    new_a = torch.randn(3, requires_grad=True)
+    new_b = new_a.detach().clone().requires_grad_()
+    ours.param_groups[0]["params"][1] = new_a
+    theirs.param_groups[0]["params"][1] = new_b
+    a[2], b[2] = new_a, new_b
+    _steps(ours, theirs, a, b, 3)
+    assert "exp_avg" not in ours.state[new_a] and "momentum_buffer" in ours.state[new_a]
+    _assert_same(ours, theirs, a[1:], b[1:])
+    # Each change costs one or two ordinary steps (new state, then the recording one).
+    assert plan_steps["served"] == 5
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_load_state_dict_mid_run(kind, plan_steps):
+    ours, theirs, a, b = _pair(kind, torch.device("cpu"))
+    _steps(ours, theirs, a, b, 4)
+    # Hand torch's state (perturbed, so a stale plan would be caught) to ours.
+    sd = copy.deepcopy(theirs.state_dict())
+    for st in sd["state"].values():
+        for k, t in st.items():
+            if k != "step":
+                t.mul_(0.5)
+    theirs.load_state_dict(copy.deepcopy(sd))
+    ours.load_state_dict(sd)
+    _steps(ours, theirs, a, b, 4)
+    _assert_same(ours, theirs, a, b)
+    assert plan_steps["served"] >= 4
+
+
+def test_state_tensor_replaced_is_read(plan_steps):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 4)
+    ours.state[a[1]]["exp_avg"] = torch.ones_like(a[1])
+    theirs.state[b[1]]["exp_avg"] = torch.ones_like(b[1])
+    _steps(ours, theirs, a, b, 3)
+    _assert_same(ours, theirs, a, b)
+
+
+def test_hyperparameters_changing_every_step(plan_steps):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10) for o in (ours, theirs)]
+    for k in range(10):
+        for o in (ours, theirs):
+            o.param_groups[0]["betas"] = (0.9 - 0.01 * k, 0.999)
+            o.param_groups[0]["weight_decay"] = 0.1 * k
+        _steps(ours, theirs, a, b, 1)
+        for s in sched:
+            s.step()
+    _assert_same(ours, theirs, a, b)
+    assert plan_steps["served"] >= 8
+
+
+def test_tensor_lr_changed_in_place(plan_steps):
+    device = torch.device("cpu")
+    init = [torch.randn(5) for _ in range(3)]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    lr_a, lr_b = torch.tensor(0.01), torch.tensor(0.01)
+    ours = pyoptim.optim.Adam(a, lr=lr_a, backend=device.type)
+    theirs = torch.optim.Adam(b, lr=lr_b, foreach=False)
+    for k in range(6):
+        lr_a.fill_(0.01 * (k + 1))
+        lr_b.fill_(0.01 * (k + 1))
+        _steps(ours, theirs, a, b, 1)
+    _assert_same(ours, theirs, a, b)
+    assert plan_steps["served"] >= 4
+
+
+def test_max_grad_norm_switched_on_mid_run(plan_steps):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    ours.max_grad_norm = 0.5
+    for _ in range(4):
+        _grads(a, b)
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(b, 0.5)
+        theirs.step()
+    _assert_same(ours, theirs, a, b)
+    assert plan_steps["served"] >= 2
+
+
+def test_grad_scaler_skips_inf_steps(plan_steps):
+    device = torch.device("cpu")
+    ours, theirs, a, b = _pair("adamw", device)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    _steps(ours, theirs, a, b, 2)
+    for k in range(5):
+        loss = sum((p * torch.randn_like(p)).sum() for p in a)
+        for p in a:
+            p.grad = None
+        scaler.scale(loss).backward()
+        if k == 2:
+            a[0].grad[...] = float("inf")
+        snap = [p.detach().clone() for p in a], ours.state[a[0]]["step"].clone()
+        scaler.step(ours)
+        scaler.update()
+        if k == 2:
+            assert all(torch.equal(p, s) for p, s in zip(a, snap[0]))
+            assert torch.equal(ours.state[a[0]]["step"], snap[1])
+        else:
+            assert not torch.equal(a[0], snap[0][0])
+    assert plan_steps["served"] >= 3
+
+
+def test_several_calls_check_every_call_before_writing(plan_steps):
+    # Two buckets (float32 and float64 params); a bad lr in the second group
+    # must raise before the first call writes.
+    p32 = [torch.randn(4, requires_grad=True) for _ in range(2)]
+    p64 = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    opt = pyoptim.optim.AdamW([{"params": p32}, {"params": p64}], backend="cpu")
+    for _ in range(3):
+        for p in p32 + p64:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert plan_steps["served"] == 1
+    opt.param_groups[1]["lr"] = -1.0
+    snap = [p.detach().clone() for p in p32 + p64]
+    with pytest.raises(RuntimeError, match="Invalid learning rate"):
+        opt.step()
+    assert all(torch.equal(p, s) for p, s in zip(p32 + p64, snap))
+
+
+def test_backend_from_the_environment_is_honoured(plan_steps, monkeypatch):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    ours.param_groups[0]["backend"] = None
+    _steps(ours, theirs, a, b, 3)
+    served = plan_steps["served"]
+    monkeypatch.setenv("PYOPTIM_BACKEND", "reference")
+    calls = []
+    monkeypatch.setattr(pyoptim.reference, "adam_step_ref",
+                        (lambda f: lambda *x, **k: calls.append(1) or f(*x, **k))(pyoptim.reference.adam_step_ref))
+    pyoptim._backends.get.cache_clear()
+    try:
+        _steps(ours, theirs, a, b, 2)
+    finally:
+        pyoptim._backends.get.cache_clear()
+    assert plan_steps["served"] == served and len(calls) == 2
+    _assert_same(ours, theirs, a, b)
+
+
+def test_plan_does_not_keep_old_grads_alive():
+    import weakref
+
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    refs = [weakref.ref(p.grad) for p in a]
+    for p in a:
+        p.grad = None
+    assert all(r() is None for r in refs)

@@ -30,6 +30,7 @@
 // the optimizer takes the ordinary path, which calls the registered ops.
 #include "step_plan.h"
 
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,29 +46,6 @@ namespace py = pybind11;
 
 namespace pyoptim {
 namespace {
-
-// One param the plan depends on.
-struct Member {
-  at::Tensor param;
-  at::ScalarType dtype;
-  at::Device device;
-  PyObject* state_dict;             // state[param] (held in StepPlan::keep_)
-  std::vector<PyObject*> items;     // its keys and values, in order (held by it and checked each step)
-  at::Tensor grad_slot;             // flat storage: the view p.grad must be (undefined: not flat)
-  const void* data = nullptr;       // flat storage: where p's data must stay
-};
-
-struct Call {
-  c10::OperatorHandle op;
-  std::vector<c10::IValue> stack;       // every argument, as last recorded
-  int64_t grads_index;                  // position of the grads list in `stack`
-  std::vector<int64_t> grad_members;    // per grads entry: the member whose grad it is, or -1 (fixed: flat)
-  std::vector<at::Tensor> fixed_grads;  // per grads entry with -1: the flat grad buffer
-  std::vector<std::pair<py::object, int64_t>> kwarg_index;  // per-step keyword name -> position
-  int64_t grad_norm_index = -1;
-  int64_t max_grad_norm_index = -1;
-  at::Device device = at::kCPU;         // the call's tensors' device
-};
 
 // A dict's keys and values in iteration order. Comparing these pointers
 // finds a replaced entry without hashing: a Tensor key's __hash__ is Python
@@ -100,6 +78,64 @@ bool same_items(PyObject* dict, const std::vector<PyObject*>& expected) {
   return true;
 }
 
+// A dict's version: CPython 3.11 to 3.13 give a dict a new ma_version_tag at
+// every change (PEP 509), so an equal tag means unchanged items, in one load.
+// 0 where that is not so (3.14 dropped the tag): the items are compared.
+uint64_t dict_version(PyObject* dict) {
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wdeprecated-declarations\"")
+  return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+  _Pragma("GCC diagnostic pop")
+#else
+  (void)dict;
+  return 0;
+#endif
+}
+
+// A dict whose items a plan depends on.
+struct WatchedDict {
+  PyObject* dict = nullptr;
+  uint64_t version = 0;
+  std::vector<PyObject*> items;
+
+  explicit WatchedDict(PyObject* d) : dict(d), version(dict_version(d)), items(pyoptim::items(d)) {}
+
+  bool unchanged() {
+    const uint64_t v = dict_version(dict);
+    if (v != 0 && v == version) {
+      return true;
+    }
+    if (!same_items(dict, items)) {
+      return false;
+    }
+    version = v;  // changed and changed back (or no tag): the same items
+    return true;
+  }
+};
+
+// One param the plan depends on.
+struct Member {
+  at::Tensor param;
+  at::ScalarType dtype;
+  at::Device device;
+  WatchedDict state;                // state[param] and its items (held in StepPlan::keep_)
+  at::Tensor grad_slot;             // flat storage: the view p.grad must be (undefined: not flat)
+  const c10::StorageImpl* storage = nullptr;  // flat storage: where p's data must stay (the buffer's storage ...
+  int64_t offset = 0;                         // ... at this offset): read from p's TensorImpl alone
+};
+
+struct Call {
+  c10::OperatorHandle op;
+  std::vector<c10::IValue> stack;       // every argument, as last recorded
+  int64_t grads_index;                  // position of the grads list in `stack`
+  std::vector<int64_t> grad_members;    // per grads entry: the member whose grad it is, or -1 (fixed: flat)
+  std::vector<at::Tensor> fixed_grads;  // per grads entry with -1: the flat grad buffer
+  std::vector<std::pair<py::object, int64_t>> kwarg_index;  // per-step keyword name -> position
+  int64_t grad_norm_index = -1;
+  int64_t max_grad_norm_index = -1;
+  at::Device device = at::kCPU;         // the call's tensors' device
+};
+
 int64_t argument_index(const c10::FunctionSchema& schema, const std::string& name) {
   const auto index = schema.argumentIndexWithName(name);
   TORCH_CHECK(index.has_value(), "StepPlan: ", schema.name(), " has no argument ", name);
@@ -109,8 +145,8 @@ int64_t argument_index(const c10::FunctionSchema& schema, const std::string& nam
 class StepPlan {
  public:
   // `state`: the optimizer's state, as complete for this plan's step.
-  explicit StepPlan(py::object state) : state_(std::move(state)), state_items_(items(state_.ptr())) {
-    hold(state_items_);
+  explicit StepPlan(py::object state) : state_(std::move(state)), state_items_(state_.ptr()) {
+    hold(state_items_.items);
   }
 
   // The params of every group, in order (group["params"] objects as listed).
@@ -132,16 +168,16 @@ class StepPlan {
   int64_t add_member(const py::object& param, const py::object& state_dict,
                      const std::optional<at::Tensor>& grad_slot) {
     TORCH_CHECK(PyDict_Check(state_dict.ptr()), "StepPlan: a param's state must be a dict");
-    Member m{THPVariable_Unpack(param.ptr()), at::kFloat, at::kCPU, state_dict.ptr(), items(state_dict.ptr()), {},
-             nullptr};
+    Member m{THPVariable_Unpack(param.ptr()), at::kFloat, at::kCPU, WatchedDict(state_dict.ptr()), {}, nullptr, 0};
     m.dtype = m.param.scalar_type();
     m.device = m.param.device();
     keep_.push_back(param);
     keep_.push_back(state_dict);
-    hold(m.items);
+    hold(m.state.items);
     if (grad_slot.has_value()) {
       m.grad_slot = *grad_slot;
-      m.data = m.param.const_data_ptr();
+      m.storage = m.param.storage().unsafeGetStorageImpl();
+      m.offset = m.param.storage_offset();
     }
     members_.push_back(std::move(m));
     return static_cast<int64_t>(members_.size()) - 1;
@@ -190,31 +226,38 @@ class StepPlan {
     const py::tuple miss = py::make_tuple(false, py::none());
     // Every state entry the same object: none added, replaced or removed
     // (load_state_dict replaces the whole dict).
-    if (state.ptr() != state_.ptr() || !same_items(state.ptr(), state_items_) || !same_groups(param_lists)) {
+    if (state.ptr() != state_.ptr() || !state_items_.unchanged() || !same_groups(param_lists)) {
       return miss;
     }
     std::vector<at::Tensor> grads(members_.size());
     std::vector<int64_t> relink;  // flat members whose grad is to be copied into its slot
     for (const auto i : c10::irange(members_.size())) {
-      const Member& m = members_[i];
+      Member& m = members_[i];
       const at::Tensor& p = m.param;
-      if (p.scalar_type() != m.dtype || p.device() != m.device || !same_items(m.state_dict, m.items)) {
-        return miss;
-      }
       const at::Tensor& g = p.grad();
-      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != m.dtype || g.device() != m.device ||
-          g.sizes() != p.sizes()) {
-        return miss;  // the ordinary path skips it, or raises torch's error
-      }
       if (m.grad_slot.defined()) {
-        if (p.const_data_ptr() != m.data || p.strides() != m.grad_slot.strides()) {
-          return miss;  // p.data was replaced: the flat layout no longer holds it
+        // Flat storage: the data still at its slot says the layout holds
+        // (the update writes the slot, nothing else); a grad that is its slot
+        // needs no other check.
+        const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+        if (impl->storage().unsafeGetStorageImpl() != m.storage || impl->storage_offset() != m.offset ||
+            impl->dtype() != m.dtype) {
+          return miss;  // p.data was replaced
         }
         if (!g.is_same(m.grad_slot)) {
+          if (!usable_grad(g, m) || p.strides() != m.grad_slot.strides()) {
+            return miss;
+          }
           relink.push_back(static_cast<int64_t>(i));
         }
       } else {
+        if (p.scalar_type() != m.dtype || p.device() != m.device || !usable_grad(g, m)) {
+          return miss;  // the ordinary path skips the param, or raises torch's error
+        }
         grads[i] = g;
+      }
+      if (!m.state.unchanged()) {
+        return miss;
       }
     }
     std::vector<std::vector<c10::IValue>> stacks;
@@ -239,11 +282,7 @@ class StepPlan {
 
     // Everything checked: from here on the step writes.
     at::NoGradGuard no_grad;
-    for (const int64_t i : relink) {
-      Member& m = members_[i];
-      m.grad_slot.copy_(m.param.grad());
-      m.param.mutable_grad() = m.grad_slot;
-    }
+    relink_grads(relink);
     py::object total = py::none();
     if (max_grad_norm.has_value()) {
       total = py::cast(clip(stacks, *max_grad_norm));
@@ -260,6 +299,33 @@ class StepPlan {
   }
 
  private:
+  // A grad the op can take for member m's param as the ordinary path would pass it.
+  static bool usable_grad(const at::Tensor& g, const Member& m) {
+    return g.defined() && g.layout() == at::kStrided && g.scalar_type() == m.dtype && g.device() == m.device &&
+           g.sizes() == m.param.sizes();
+  }
+
+  // Copies each listed flat member's grad into its slot and makes the slot
+  // its grad again: on CPU a memcpy where the layouts agree (at::copy_ costs
+  // a microsecond a tensor), else one multi-tensor copy.
+  void relink_grads(const std::vector<int64_t>& relink) {
+    std::vector<at::Tensor> slots, grads;
+    for (const int64_t i : relink) {
+      Member& m = members_[i];
+      const at::Tensor g = m.param.grad();
+      if (g.is_cpu() && g.strides() == m.grad_slot.strides() && g.is_non_overlapping_and_dense()) {
+        std::memcpy(m.grad_slot.data_ptr(), g.const_data_ptr(), g.nbytes());
+      } else {
+        slots.push_back(m.grad_slot);
+        grads.push_back(g);
+      }
+      m.param.mutable_grad() = m.grad_slot;
+    }
+    if (!slots.empty()) {
+      at::_foreach_copy_(slots, grads);
+    }
+  }
+
   // Pointers compared later must not be freed and reused meanwhile.
   void hold(const std::vector<PyObject*>& objects) {
     for (PyObject* o : objects) {
@@ -314,7 +380,7 @@ class StepPlan {
   }
 
   py::object state_;
-  std::vector<PyObject*> state_items_;  // state's params and their state dicts, as recorded
+  WatchedDict state_items_;  // state's params and their state dicts, as recorded
   std::vector<std::vector<PyObject*>> groups_;
   std::vector<Member> members_;
   std::vector<Call> calls_;

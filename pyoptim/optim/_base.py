@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pyoptim import _backends, functional
+from pyoptim.optim._flat import FlatUnit, can_flatten
 
 # Backends the step plan replays (dispatcher ops); the Python ones take the ordinary path.
 _DISPATCHED = ("cpu", "cuda")
@@ -48,8 +49,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     _lists: tuple[str, ...]  # the op's tensor lists, in order
     _torch_defaults: dict[str, Any]  # group keys torch's twin keeps, and their defaults
 
+    # The update is elementwise, so one call over a flat buffer equals the
+    # calls over its params (note [flat storage]); False where it is not (LAMB's per-tensor trust ratio).
+    _supports_flat = True
+
     def __init__(self, params: Any, defaults: dict[str, Any], max_grad_norm: Optional[float],
-                 backend: Optional[str]) -> None:
+                 backend: Optional[str], flat: bool = False) -> None:
         if backend is not None and backend not in _backends.BACKENDS:
             raise ValueError(f"pyoptim: unknown backend {backend!r}; expected one of {_backends.BACKENDS}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -59,6 +64,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                                f"(use torch.optim.{type(self).__name__})")
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if flat and not self._supports_flat:
+            raise ValueError(f"pyoptim.optim.{type(self).__name__} does not support flat=True")
+        #: note [flat storage]: each group's params, grads and state as views of one buffer per (device, dtype)
+        self.flat = bool(flat)
+        self._flat_units: dict[int, FlatUnit] = {}  # id(param) -> its unit
         #: clip the grads' global L2 norm to this inside the step (None: no clip)
         self.max_grad_norm = max_grad_norm
         #: the grads' global L2 norm before clipping, of the last step (0-d tensor), when max_grad_norm is set
@@ -73,11 +83,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             # torch only warns, then updates the parameter twice per step.
             raise ValueError("optimizer contains a parameter group with duplicate parameters")
         super().add_param_group(param_group)
+        if self.__dict__.get("flat"):
+            by_kind: dict[tuple, list[Tensor]] = {}
+            for p in self.param_groups[-1]["params"]:
+                if can_flatten(p) and id(p) not in self._flat_units:
+                    by_kind.setdefault((p.device, p.dtype), []).append(p)
+            for members in by_kind.values():
+                unit = FlatUnit(members)
+                self._flat_units.update(dict.fromkeys(map(id, members), unit))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("flat", False)
+        self.__dict__.setdefault("_flat_units", {})
         for group in self.param_groups:
             for key, value in self._torch_defaults.items():
                 group.setdefault(key, value)
@@ -86,6 +106,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and "step" in st:
                     st["step"] = self._step_tensor(st["step"], p)
+                unit = self._flat_units.get(id(p))
+                if st and unit is not None:
+                    unit.rehome(p, st)  # loaded state into the flat buffers
 
     @staticmethod
     def _step_tensor(step: Union[float, Tensor], p: Tensor) -> Tensor:
@@ -119,6 +142,24 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _sparse_message(self) -> str:
         return f"{type(self).__name__} does not support sparse gradients"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; with flat storage and set_to_none=False, one fill per group's grad buffer."""
+        if set_to_none or not self._flat_units:
+            return super().zero_grad(set_to_none)
+        units = {id(u): u for u in self._flat_units.values()}.values()
+        done = {id(p) for u in units if u.zero_grads() for p in u.params}
+        if len(done) == sum(len(g["params"]) for g in self.param_groups):
+            return None
+        for group in self.param_groups:  # the others as torch zeroes them
+            for p in group["params"]:
+                if id(p) not in done and p.grad is not None:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+        return None
 
     # -- the step ------------------------------------------------------------------
 
@@ -183,6 +224,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state = self._new_state(p, group)
                     if state:
                         new_state[p] = state
+                        unit = self._flat_units.get(id(p))
+                        if unit is not None:
+                            unit.rehome(p, state)
                 key = (p.device, p.dtype, backend) + flags[fresh]
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -224,7 +268,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             (id(g["params"]), g["backend"], self._call_flags(g, False)) for g in self.param_groups))
 
     def _record_plan(self, buckets: dict[tuple, _Bucket], calls: list, replayable: list) -> Optional[tuple]:
-        """The plan of this step's calls, or None where it cannot be replayed in C++."""
+        """The plan of this step's calls, or None where it cannot be replayed in C++.
+
+        With flat storage, the params of a unit that is wholly in place
+        (note [flat storage]) become one entry of the recorded call: its buffers.
+        """
         if not _backends.EXTENSION_LOADED or torch.compiler.is_compiling():
             return None
         for op, backend, args, _ in calls:
@@ -236,11 +284,48 @@ class FusedOptimizer(torch.optim.Optimizer):
         cpp.set_groups([g["params"] for g in self.param_groups])
         metas = []
         for (key, b), (op, _, args, kwargs), (params, states) in zip(buckets.items(), calls, replayable):
-            members = [cpp.add_member(p, st) for p, st in zip(params, states)]
-            cpp.add_call(f"pyoptim::{op}", args, kwargs, "grads", members, 
-                         [k for k in kwargs if k not in _RECORDED])
+            lists = {name: [] for name in self._lists}
+            members, group_sizes = [], []
+            flat_ok: dict[int, bool] = {}  # id(unit) -> served as one entry
+            flat_done: set[int] = set()
+            i = 0
+            for group, size in zip(b.groups, b.group_sizes):
+                state_keys = self._state_keys(group)
+                entries = 0
+                for p, st in zip(params[i:i + size], states[i:i + size]):
+                    unit = self._flat_units.get(id(p))
+                    if unit is not None and id(unit) in flat_done:
+                        members.append(None)
+                        cpp.add_member(p, st, unit.grad_slot(unit.index[id(p)]))
+                        continue
+                    if unit is not None and flat_ok.setdefault(id(unit), self._unit_in_call(unit, params, state_keys)):
+                        flat_done.add(id(unit))
+                        cpp.add_member(p, st, unit.grad_slot(unit.index[id(p)]))
+                        for name, t in unit.call_entries(state_keys).items():
+                            lists[name].append(t)
+                        members.append(-1)
+                        if unit.steps is not None:
+                            cpp.add_step_sync(unit.steps)
+                    else:
+                        members.append(cpp.add_member(p, st))
+                        lists["params"].append(p)
+                        lists["grads"].append(p.grad)
+                        for name, k in state_keys:
+                            lists[name].append(st[k])
+                    entries += 1
+                group_sizes.append(entries)
+                i += size
+            grad_members = [m for m in members if m is not None]
+            call_kwargs = dict(kwargs, group_sizes=group_sizes)
+            cpp.add_call(f"pyoptim::{op}", tuple(lists[name] for name in self._lists), call_kwargs, "grads",
+                         grad_members, [k for k in kwargs if k not in _RECORDED])
             metas.append((key[0], key[3:], b.groups))
         return self._plan_signature(), cpp, metas
+
+    def _unit_in_call(self, unit: FlatUnit, params: list[Tensor], state_keys) -> bool:
+        """Every param of `unit` is in this call and in place in the unit's buffers."""
+        in_call = {id(p) for p in params}
+        return all(id(p) in in_call for p in unit.params) and unit.in_place(self.state.get, [k for _, k in state_keys])
 
     def _run_plan(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
         """The step by the recorded plan; False (nothing written) when there is none or it no longer applies."""

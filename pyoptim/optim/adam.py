@@ -47,6 +47,7 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         max_grad_norm: Optional[float] = None,
         backend: Optional[str] = None,
+        flat: bool = False,
     ) -> None:
         # torch.optim.Adam's checks and messages.
         if isinstance(lr, Tensor):
@@ -72,7 +73,7 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend)
+        super().__init__(params, defaults, max_grad_norm, backend, flat)
 
     def _sparse_message(self) -> str:
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -128,9 +129,10 @@ class AdamW(Adam):
         fused: Optional[bool] = None,
         max_grad_norm: Optional[float] = None,
         backend: Optional[str] = None,
+        flat: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            max_grad_norm=max_grad_norm, backend=backend,
+            max_grad_norm=max_grad_norm, backend=backend, flat=flat,
         )

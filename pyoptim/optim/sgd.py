@@ -41,6 +41,7 @@ class SGD(FusedOptimizer):
         fused: Optional[bool] = None,
         max_grad_norm: Optional[float] = None,
         backend: Optional[str] = None,
+        flat: bool = False,
     ) -> None:
         # torch.optim.SGD's checks and messages.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -55,7 +56,7 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, max_grad_norm, backend)
+        super().__init__(params, defaults, max_grad_norm, backend, flat)
 
     def _sparse_message(self) -> str:
         return "SGD does not support sparse gradients"

@@ -112,8 +112,8 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *
                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The p-norm of many tensors of one device and dtype, as (total, per-tensor norms), in float32, in one pass."""
     tensors = list(tensors)
-    check_norm_args(tensors, float(norm_type))
     if not tensors:
+        check_norm_args(tensors, float(norm_type))  # no tensor to dispatch on: check and return zeros
         return torch.zeros(()), torch.zeros(0)
     return _impl("multi_tensor_norm", tensors, backend)(tensors, float(norm_type))
 

@@ -54,6 +54,11 @@ fi
 
 if [[ " $PHASES " == *" bench "* ]]; then
   echo "== benchmark $(elapsed)"
+  # The host path's three numbers first (AdamW: 2,000 x 8k and the transformer layout against torch
+  # fused, one large tensor against the bandwidth), then the step's host cost over tiny tensors.
+  timeout ${BENCH_HOST_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops adam --quick \
+    --impls pyoptim-cuda,torch-fused,torch-foreach && $PY benchmarks/host_verdict.py || status=1
+  timeout ${BENCH_HOST_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops host --quick || status=1
   if [[ -n "${BENCH_ARGS:-}" ]]; then
     timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" $BENCH_ARGS || status=1
   else

@@ -20,8 +20,10 @@ class Adam(FusedOptimizer):
     $PYOPTIM_BACKEND, else the fastest present for the params' device) and
     `max_grad_norm` (clip the grads' global L2 norm inside the step, as
     torch.nn.utils.clip_grad_norm_ would, without writing the grads; the
-    pre-clip norm is kept in `optimizer.grad_norm`). `foreach` and `fused` are
-    accepted for compatibility and change nothing.
+    pre-clip norm is kept in `optimizer.grad_norm`) and `flat` (keep each
+    group's params, grads and state as views of one buffer per device and
+    dtype, so a step is one kernel over it: note [flat storage]). `foreach`
+    and `fused` are accepted for compatibility and change nothing.
     """
 
     _op = "adam_step_"

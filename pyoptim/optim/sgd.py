@@ -16,7 +16,7 @@ __all__ = ["SGD"]
 class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments, state and semantics, with each step one fused kernel call per (device, dtype).
 
-    Extra keywords `backend` and `max_grad_norm` as in pyoptim.optim.Adam.
+    Extra keywords `backend`, `max_grad_norm` and `flat` as in pyoptim.optim.Adam.
     `foreach` and `fused` are accepted for compatibility and change nothing.
     """
 

@@ -119,15 +119,19 @@ def _lamb_moments_kernel(
         g = add_l1(g, p, l1)
     m = m * beta1 + one_minus_beta1 * g
     v = v * beta2 + one_minus_beta2 * g * g
-    u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay, has_weight_decay)
-    pid = chunk_base + tl.program_id(0).to(tl.int64)
-    tl.store(P_SQ + pid, tl.sum(p * p, axis=0).to(tl.float64))
-    tl.store(U_SQ + pid, tl.sum(u * u, axis=0).to(tl.float64))
     if P.dtype.element_ty == tl.bfloat16:
         m = bf16_rne(m)
         v = bf16_rne(v)
-    tl.store(M + offs, m.to(P.dtype.element_ty), mask=mask)
-    tl.store(V + offs, v.to(P.dtype.element_ty), mask=mask)
+    else:
+        m = m.to(P.dtype.element_ty)
+        v = v.to(P.dtype.element_ty)
+    tl.store(M + offs, m, mask=mask)
+    tl.store(V + offs, v, mask=mask)
+    # u from m and v as stored (lamb.h)
+    u = _lamb_direction(p, m.to(COMPUTE), v.to(COMPUTE), bc1, bc2, eps, weight_decay, has_weight_decay)
+    pid = chunk_base + tl.program_id(0).to(tl.int64)
+    tl.store(P_SQ + pid, tl.sum(p * p, axis=0).to(tl.float64))
+    tl.store(U_SQ + pid, tl.sum(u * u, axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -166,7 +170,7 @@ def _lamb_apply_kernel(
     # lamb.h's lamb_trust_ratio, in fp64
     p_norm = tl.sqrt(tl.load(P_SQ + i))
     u_norm = tl.sqrt(tl.load(U_SQ + i))
-    ratio = tl.where((p_norm > 0.0) & (u_norm > 0.0), p_norm / u_norm, 1.0)
+    ratio = tl.where((p_norm > 0.0) & (u_norm > 0.0), p_norm / tl.where(u_norm > 0.0, u_norm, 1.0), 1.0)
     neg_lr_ratio = (neg_lr * ratio).to(COMPUTE)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel

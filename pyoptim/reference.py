@@ -250,8 +250,10 @@ def lamb_step_ref(
         l1 = group_l1(l1_weight_decay, k)
         if l1 != 0:
             grad = grad + l1 * torch.sign(param)
-        exp_avg = exp_avgs[i].to(ct) * b1 + (1 - b1) * grad
-        exp_avg_sq = exp_avg_sqs[i].to(ct) * b2 + (1 - b2) * grad * grad
+        exp_avgs[i].copy_(exp_avgs[i].to(ct) * b1 + (1 - b1) * grad)
+        exp_avg_sq_i = exp_avg_sqs[i].copy_(exp_avg_sqs[i].to(ct) * b2 + (1 - b2) * grad * grad)
+        # u from m and v as stored, so that r is the ratio of the u applied
+        exp_avg, exp_avg_sq = exp_avgs[i].to(ct), exp_avg_sq_i.to(ct)
         update = (exp_avg / (1 - b1**step)) / ((exp_avg_sq / (1 - b2**step)).sqrt() + eps[k])
         if weight_decay[k] != 0:
             update = update + weight_decay[k] * param
@@ -259,8 +261,6 @@ def lamb_step_ref(
         u_norm = torch.linalg.vector_norm(update.double())
         ratio = (p_norm / u_norm).item() if p_norm > 0 and u_norm > 0 else 1.0
         p.copy_(param + (-lrs[k] * ratio) * update)
-        exp_avgs[i].copy_(exp_avg)
-        exp_avg_sqs[i].copy_(exp_avg_sq)
 
 
 def multi_tensor_norm_ref(tensors: Sequence[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,8 @@
 // The CPU LAMB kernels (lamb.h's two passes), built once per instruction set
 // (see cpu_isa.h).
+#include <tuple>
+#include <type_traits>
+
 #include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
@@ -19,10 +22,25 @@ namespace pyoptim::cpu::CPU_CAPABILITY {
 
 namespace {
 
+// x as stored in T and read back (the identity when T is the math type).
+template <typename T, typename S>
+S as_stored(S x) {
+  return static_cast<S>(static_cast<T>(x));
+}
+
+template <typename T, typename S>
+at::vec::Vectorized<S> as_stored(const at::vec::Vectorized<S>& x) {
+  if constexpr (std::is_same_v<T, S>) {
+    return x;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(x, x)));
+  }
+}
+
 // The arrays of one LAMB element: p, g, m, v.
 // Pass 1: m, v written; p * p and u * u summed into per-lane accumulators
 // (one op per chunk, so a chunk's sums are the same whatever thread runs it).
-template <typename S>
+template <typename T, typename S>
 struct LambMomentsOp {
   using Vec = at::vec::Vectorized<S>;
   static constexpr unsigned kLoad = 0b1111u;
@@ -42,8 +60,9 @@ struct LambMomentsOp {
 
   template <typename M>
   void operator()(M (&x)[4]) const {
-    const M u = lamb_moments(x[0], x[1], x[2], x[3], coeffs.get(static_cast<const M*>(nullptr)));
-    add(x[0], u);
+    const LambCoeffs<M>& c = coeffs.get(static_cast<const M*>(nullptr));
+    lamb_moments(x[0], x[1], x[2], x[3], c);
+    add(x[0], lamb_direction(x[0], as_stored<T>(x[2]), as_stored<T>(x[3]), c));
   }
 
   // The chunk's sums, in double.
@@ -85,7 +104,7 @@ void pointers(const LambCpuLaunch& L, int64_t i, T* (&ptr)[4]) {
 template <typename T>
 void moments_all(const LambCpuLaunch& L, double* partial) {
   using S = at::opmath_type<T>;
-  using Op = LambMomentsOp<S>;
+  using Op = LambMomentsOp<T, S>;
   parallel_each_chunk(L.plan, kLambCpuChunk, L.numel.data(), [&](int64_t i, int64_t c, int64_t begin, int64_t end) {
     const Op op{VecAndScalar<LambCoeffs, S>(lamb_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, 1.0))};
     T* ptr[4];

@@ -69,7 +69,10 @@ struct LambMomentsFunctor {
                        static_cast<T*>(meta.ptr[2][slot]), static_cast<T*>(meta.ptr[3][slot])};
     S p_sq = S(0), u_sq = S(0);
     elementwise_chunk<T, 4, 0b1111u, 0b1100u>(ptr, begin, end, [&](S(&x)[4]) {
-      const S u = lamb_moments(x[0], x[1], x[2], x[3], coeffs);
+      lamb_moments(x[0], x[1], x[2], x[3], coeffs);
+      // u from m and v as stored (lamb.h)
+      const S u = lamb_direction(x[0], static_cast<S>(static_cast<T>(x[2])), static_cast<S>(static_cast<T>(x[3])),
+                                 coeffs);
       p_sq += x[0] * x[0];
       u_sq += u * u;
     });

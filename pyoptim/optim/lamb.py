@@ -34,7 +34,8 @@ class LAMB(FusedOptimizer):
     them in a group of their own to change their lr or weight_decay). The op
     makes two passes over memory: the first writes m and v and reduces each
     tensor's ||p||^2 and ||u||^2 in a fixed order (deterministic), the second
-    recomputes u and moves p. Extra keywords `backend` and `l1_weight_decay`
+    recomputes u and moves p; u is computed from m and v as stored (in the
+    params' dtype), so r is the ratio of the u applied. Extra keywords `backend` and `l1_weight_decay`
     as in pyoptim.optim.Adam; `foreach`, `fused` and `capturable` are
     accepted and change nothing.
     """

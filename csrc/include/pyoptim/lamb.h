@@ -8,9 +8,11 @@
 //   u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * p
 //   r = ||p|| / ||u||   (r = 1 where either norm is 0)
 //   p = p - lr * r * u
-// in two passes: lamb_moments (m, v written; p*p and u*u summed per tensor)
-// and, once each tensor's r is known, lamb_apply (u recomputed from the new m,
-// v and p, never stored).
+// in two passes: lamb_moments (m, v written) with lamb_direction (u, from m
+// and v as stored, i.e. rounded to the storage type; p*p and u*u summed per
+// tensor) and, once each tensor's r is known, lamb_apply (u recomputed from
+// the stored m, v and p, never stored itself): r is the ratio of the very u
+// that is applied, in every storage type.
 #pragma once
 
 #include <cmath>
@@ -94,16 +96,16 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M lamb_direction(M p, M m, M v, const LambCoe
   return u;
 }
 
-// First pass: the moments, and u for the norms (returned).
+// First pass: the moments (the caller then takes u = lamb_direction(p, m, v)
+// from m and v as it stores them).
 template <typename M>
-PYOPTIM_HOST_DEVICE PYOPTIM_INLINE M lamb_moments(M p, M g, M& m, M& v, const LambCoeffs<M>& c) {
+PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void lamb_moments(M p, M g, M& m, M& v, const LambCoeffs<M>& c) {
   g = g * c.grad_mul;
   if (c.has_l1) {
     g = add_l1(g, p, c.l1);
   }
   m = m * c.beta1 + c.one_minus_beta1 * g;
   v = v * c.beta2 + c.one_minus_beta2 * g * g;
-  return lamb_direction(p, m, v, c);
 }
 
 // Second pass: p moved by -lr * r along u.

@@ -5,7 +5,8 @@
         [--out DIR] [--quick] [--no-plot] [--threads N] [--default-allocator] [--list]
 
 See harness.py for what is measured and how, and bench_adam.py for an op. The ops are found, not listed:
-every benchmarks/bench_<op>.py that defines OP (adam, sgd, clip, clip_adamw, layer_norm, batch_norm).
+every benchmarks/bench_<op>.py that defines OP (adam, sgd, lion, lamb, clip, clip_adamw, layer_norm,
+batch_norm).
 """
 
 import sys

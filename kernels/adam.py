@@ -35,9 +35,9 @@ import triton.language as tl
 
 from pyoptim._validation import check_adam_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma, interpret,
-                            on_device, program_chunk, step_count_kernel, step_flags, step_inputs, tensor_tables,
-                            tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma,
+                            interpret, on_device, program_chunk, step_count_kernel, step_flags, step_inputs,
+                            tensor_tables, tl_types, via_cpu)
 
 __all__ = ["adam_step_triton"]
 
@@ -200,12 +200,12 @@ def _adam_kernel(
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _adam_chunk(P, G, M, V, VM, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight, c_m_weight_minus_one,
-                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1, lerp_low,
-                    COMPUTE, AMSGRAD, DECOUPLED, False)
+                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1,
+                    lerp_low, COMPUTE, AMSGRAD, DECOUPLED, False)
     else:
         _adam_chunk(P, G, M, V, VM, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight, c_m_weight_minus_one,
-                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1, lerp_low,
-                    COMPUTE, AMSGRAD, DECOUPLED, True)
+                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1,
+                    lerp_low, COMPUTE, AMSGRAD, DECOUPLED, True)
 
 
 # -- host code -----------------------------------------------------------------
@@ -271,7 +271,8 @@ def adam_step_triton(
                     (True, False, True, True, True), ([s.data_ptr() for s in state_steps], group_of))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
-                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)))
+                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k],
+                                       group_l1(l1_weight_decay, k)))
         hyper = float_table(_hyper_tables, device, hyper_values, lambda: _hyper_rows(hyper_values))
 
         meta = tensors.views["meta"]

@@ -25,8 +25,9 @@ import triton.language as tl
 
 from pyoptim._validation import check_sgd_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma, interpret,
-                            on_device, program_chunk, step_flags, step_inputs, tensor_tables, tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma,
+                            interpret, on_device, program_chunk, step_flags, step_inputs, tensor_tables, tl_types,
+                            via_cpu)
 
 __all__ = ["sgd_step_triton"]
 
@@ -38,9 +39,9 @@ _HYPER_COLS = 5  # columns of the hyperparameter table: lr, momentum, dampening,
 
 
 @triton.jit
-def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1, has_weight_decay,
-               has_l1, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
-               MASKED: tl.constexpr):
+def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1,
+               has_weight_decay, has_l1, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               FIRST_STEP: tl.constexpr, MASKED: tl.constexpr):
     # sgd.h's sgd_update over one chunk, op for op as torch computes each op.
     # Unmasked (a whole chunk) the accesses can be vectorized; masked (a
     # tensor's last, partial chunk) they cannot.

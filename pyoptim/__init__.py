@@ -13,4 +13,5 @@ from pyoptim.optim import LAMB, Lion
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB", "backend_info", "functional", "nn", "optim", "reference", "__version__"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB", "backend_info", "functional", "nn", "optim", "reference",
+           "__version__"]

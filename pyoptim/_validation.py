@@ -144,8 +144,8 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 
 
 def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
-                   l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0,
-                   device_type=None, **_unused) -> None:
+                   l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
+                   max_grad_norm=0.0, device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of sgd_step_."""
     op = "sgd_step_"
     check_tensor_lists(op, "params", params, {"grads": grads, "momentum_buffers": momentum_buffers}, device_type)

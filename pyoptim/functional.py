@@ -18,11 +18,11 @@ from pyoptim import _backends
 from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
                                  check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
                                  check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
-                                 check_clip_scale_args, check_lamb_args, check_lion_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
-                                 check_sgd_args, norm_stat_dtype)
+                                 check_clip_scale_args, check_lamb_args, check_lion_args, check_norm_args,
+                                 check_norm_bwd_args, check_norm_fwd_args, check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "multi_tensor_norm", "clip_scale_", "layer_norm", "rms_norm", "batch_norm",
-           "instance_norm"]
+__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "multi_tensor_norm", "clip_scale_", "layer_norm",
+           "rms_norm", "batch_norm", "instance_norm"]
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):

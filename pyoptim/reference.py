@@ -75,8 +75,8 @@ def adam_step_ref(
     """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
     check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                     beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, amsgrad=amsgrad,
-                    l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                    max_grad_norm=max_grad_norm)
+                    l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                    grad_norm=grad_norm, max_grad_norm=max_grad_norm)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -137,9 +137,9 @@ def sgd_step_ref(
 ) -> None:
     """One SGD step over many tensors, in place (the contract of torch.ops.pyoptim.sgd_step_)."""
     check_sgd_args(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-                   weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov, l1_weight_decay=l1_weight_decay,
-                   lr_tensor=lr_tensor,
-                   grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                   weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov,
+                   l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                   grad_norm=grad_norm, max_grad_norm=max_grad_norm)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:

@@ -24,8 +24,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
-  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1_weight_decay, group_sizes, nesterov,
-                     maximize, is_first_step, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1_weight_decay,
+                     group_sizes, nesterov, maximize, is_first_step,
+                     StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_sgd_args(args, c10::DeviceType::CPU);
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;

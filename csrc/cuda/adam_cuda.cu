@@ -96,7 +96,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     meta.ptr[4][s] = amsgrad ? work.lists[4][i].data_ptr() : nullptr;
     meta.ptr[5][s] = step_ptr[i];
     const int64_t k = work.group_of[i];
-    meta.extra.hyper[meta.group[s]] = AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)};
+    meta.extra.hyper[meta.group[s]] =
+        AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)};
   };
   auto count_steps = [&](const AdamMeta& meta) {
     step_count_kernel<5><<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, aux);

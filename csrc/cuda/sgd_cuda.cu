@@ -68,8 +68,9 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
-  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1_weight_decay, group_sizes, nesterov,
-                     maximize, is_first_step, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1_weight_decay,
+                     group_sizes, nesterov, maximize, is_first_step,
+                     StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_sgd_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
@@ -83,7 +84,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only (kStore)
     meta.ptr[2][s] = has_momentum ? work.lists[2][i].data_ptr() : nullptr;
     const int64_t k = work.group_of[i];
-    meta.extra.hyper[meta.group[s]] = SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)};
+    meta.extra.hyper[meta.group[s]] =
+        SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)};
   };
   auto nothing_before = [](const SgdMeta&) {};
   const StepDeviceAux dev = StepDeviceAux::from(args.aux, maximize);

@@ -10,7 +10,7 @@ import torch
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import TOL, device_of, hand_over_state_dict
+from tests.conftest import TOL, device_of, hand_over_state_dict, requires_cuda
 
 SHAPES = [(), (1,), (17,), (4, 5), (1025,)]  # 0-d, one element, a vector width + 1, 2-D, a Triton block + 1
 
@@ -316,3 +316,42 @@ def test_every_backend_agrees_with_reference():
         for xs, ys in zip(args, ref):
             for x, y in zip(xs, ys):
                 torch.testing.assert_close(x, y, **TOL[torch.float32])
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture(backend):
+    # capturable: a Tensor lr and the steps read on the device, one captured step replayed against eager steps.
+    if backend not in _backends.available("lamb_step_", "cuda"):
+        pytest.skip(f"{backend} is not built here")
+    device = torch.device("cuda")
+    init = [torch.randn(s, device=device) for s in [(1000,), (65537,), (3, 7)]]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    oa = pyoptim.optim.LAMB(a, lr=torch.tensor(1e-2, device=device), capturable=True, backend=backend)
+    ob = pyoptim.optim.LAMB(b, lr=1e-2, backend="reference")
+    grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (the state is made here)
+        for p, g in zip(a, grads[0]):
+            p.grad.copy_(g)
+        oa.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        oa.step()
+    for i, gs in enumerate(grads):
+        if i > 0:
+            for p, g in zip(a, gs):
+                p.grad.copy_(g)
+            graph.replay()
+        for p, g in zip(b, gs):
+            p.grad = g.clone()
+        ob.step()
+    torch.cuda.synchronize()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])
+        assert float(oa.state[x]["step"]) == float(ob.state[y]["step"]) == 6

@@ -10,7 +10,7 @@ import torch
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import TOL, device_of, hand_over_state_dict
+from tests.conftest import TOL, device_of, hand_over_state_dict, requires_cuda
 
 lion_pytorch = pytest.importorskip("lion_pytorch", reason="the oracle, lion-pytorch, is not installed "
                                    "(the Makefile installs it)")
@@ -263,3 +263,42 @@ def test_torch_compile_fullgraph():
     for xs, ys in zip(args, expected):
         for x, y in zip(xs, ys):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture(backend):
+    # capturable: a Tensor lr read on the device, one captured step replayed against lion-pytorch's eager steps.
+    if backend not in _backends.available("lion_step_", "cuda"):
+        pytest.skip(f"{backend} is not built here")
+    device = torch.device("cuda")
+    init = [torch.randn(s, device=device) for s in [(1000,), (65537,), (3, 7)]]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    oa = pyoptim.optim.Lion(a, lr=torch.tensor(1e-3, device=device), weight_decay=0.1, capturable=True,
+                            backend=backend)
+    ob = Oracle(b, lr=1e-3, weight_decay=0.1)
+    grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (the state is made here)
+        for p, g in zip(a, grads[0]):
+            p.grad.copy_(g)
+        oa.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        oa.step()
+    for i, gs in enumerate(grads):
+        if i > 0:
+            for p, g in zip(a, gs):
+                p.grad.copy_(g)
+            graph.replay()
+        for p, g in zip(b, gs):
+            p.grad = g.clone()
+        ob.step()
+    torch.cuda.synchronize()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])

@@ -23,7 +23,7 @@ all: build
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib
+	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib lion-pytorch
 	touch $@
 
 venv: $(VENV)/.deps

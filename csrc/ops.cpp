@@ -62,10 +62,12 @@ TORCH_LIBRARY(pyoptim, m) {
   // the grads being clipped, as passed), grads are scaled by
   // min(1, max_grad_norm / (unscaled norm + 1e-6)) inside the kernel, as
   // torch.nn.utils.clip_grad_norm_ would scale them. grads are never written.
+  // l1_weight_decay (one per group, or empty: none) adds l1 * sign(p) to the
+  // grads right after they are scaled, before weight_decay (math.h's add_l1).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
-      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, "
+      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
@@ -75,11 +77,43 @@ TORCH_LIBRARY(pyoptim, m) {
   // adam_step_. momentum_buffers is empty when no group has momentum; with
   // is_first_step they are written with the (decayed) grads, as torch's SGD
   // clones the grad into a new buffer. lr_tensor, grad_scale, found_inf,
-  // grad_norm and max_grad_norm as in adam_step_.
+  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_.
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
-      "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, int[] group_sizes, "
+      "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, float[] l1_weight_decay=[], "
+      "int[] group_sizes, "
       "bool nesterov, bool maximize, bool is_first_step, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
+  // One Lion step (Chen et al., 2023) over many tensors of one device and
+  // dtype, in place, with per-group hyperparameters as in adam_step_:
+  //   p = p * (1 - lr * weight_decay); p -= lr * sign(beta1 * m + (1 - beta1) * g);
+  //   m = beta2 * m + (1 - beta2) * g
+  // (csrc/include/pyoptim/lion.h). Lion keeps no step count. lr_tensor,
+  // grad_scale, found_inf, grad_norm, max_grad_norm and l1_weight_decay as in
+  // adam_step_.
+  m.def(
+      "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, "
+      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] l1_weight_decay=[], "
+      "int[] group_sizes, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
+  // One LAMB step (You et al., 2019) over many tensors of one device and
+  // dtype, in place, with per-group hyperparameters as in adam_step_: Adam's
+  // moments with bias correction, u = m_hat / (sqrt(v_hat) + eps) + wd * p,
+  // and p -= lr * r * u with r = ||p|| / ||u|| per tensor (1 where either is
+  // 0), in two passes over memory (csrc/include/pyoptim/lamb.h); the norms'
+  // partial sums are reduced in a fixed order (deterministic, no atomics).
+  // grad_norm/max_grad_norm is the global clip of the grads before the
+  // moments. state_steps, lr_tensor, grad_scale, found_inf and
+  // l1_weight_decay as in adam_step_.
+  m.def(
+      "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] state_steps, *, "
+      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
+      "int[] group_sizes, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
 

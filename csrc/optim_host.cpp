@@ -41,6 +41,40 @@ std::vector<double> cpu_group_lrs(const StepAux& aux, c10::ArrayRef<double> lr) 
   return std::vector<double>(v, v + values.numel());
 }
 
+namespace {
+
+void check_state_steps(const char* op, at::TensorList state_steps, at::TensorList params) {
+  for (const auto i : c10::irange(params.size())) {
+    const at::Tensor& s = state_steps[i];
+    PYOPTIM_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
+                "] must be a float32 tensor of one element");
+    PYOPTIM_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
+                " but params[", i, "] is on ", params[i].device());
+  }
+}
+
+// torch.optim's beta check: 0 <= beta < 1.
+void check_betas(const char* op, c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2, size_t k) {
+  PYOPTIM_CHECK(beta1[k] >= 0.0 && beta1[k] < 1.0, op, ": Invalid beta parameter at index 0: ", beta1[k], " (group ",
+                k, ")");
+  PYOPTIM_CHECK(beta2[k] >= 0.0 && beta2[k] < 1.0, op, ": Invalid beta parameter at index 1: ", beta2[k], " (group ",
+                k, ")");
+}
+
+}  // namespace
+
+void check_l1_weight_decay(const char* op, c10::ArrayRef<double> l1_weight_decay, int64_t groups) {
+  if (l1_weight_decay.empty()) {
+    return;
+  }
+  PYOPTIM_CHECK(static_cast<int64_t>(l1_weight_decay.size()) == groups, op, ": l1_weight_decay has ",
+                l1_weight_decay.size(), " values for ", groups, " groups; one value per group (or none)");
+  for (const auto k : c10::irange(groups)) {
+    PYOPTIM_CHECK(l1_weight_decay[k] >= 0.0, op, ": Invalid l1_weight_decay value: ", l1_weight_decay[k], " (group ",
+                  k, ")");
+  }
+}
+
 void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
   const char* op = "adam_step_";
   check_tensor_lists(op, device_type, {"params", a.params},
@@ -69,13 +103,8 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
     PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
                 ")");
   }
-  for (const auto i : c10::irange(n)) {
-    const at::Tensor& s = a.state_steps[i];
-    PYOPTIM_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
-                "] must be a float32 tensor of one element");
-    PYOPTIM_CHECK(s.device() == a.params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
-                " but params[", i, "] is on ", a.params[i].device());
-  }
+  check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
+  check_state_steps(op, a.state_steps, a.params);
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
 }
 
@@ -101,6 +130,52 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
     PYOPTIM_CHECK(!a.nesterov || (a.momentum[k] > 0.0 && a.dampening[k] == 0.0), op,
                 ": Nesterov momentum requires a momentum and zero dampening (group ", k, ")");
   }
+  check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
+  check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+}
+
+void check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
+  const char* op = "lion_step_";
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}});
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n, op,
+                ": params, grads and exp_avgs must have the same length, got ", n, ", ", a.grads.size(), ", ",
+                a.exp_avgs.size());
+  check_group_lists(op, a.group_sizes,
+                    {{"lr", a.lr}, {"beta1", a.beta1}, {"beta2", a.beta2}, {"weight_decay", a.weight_decay}}, n);
+  for (const auto k : c10::irange(a.group_sizes.size())) {
+    PYOPTIM_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    check_betas(op, a.beta1, a.beta2, k);
+    PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
+                  ")");
+  }
+  check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
+  check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+}
+
+void check_lamb_args(const LambArgs& a, c10::DeviceType device_type) {
+  const char* op = "lamb_step_";
+  check_tensor_lists(op, device_type, {"params", a.params},
+                     {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}});
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n &&
+                    static_cast<int64_t>(a.exp_avg_sqs.size()) == n &&
+                    static_cast<int64_t>(a.state_steps.size()) == n,
+                op, ": params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",
+                a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ", a.state_steps.size());
+  check_group_lists(op, a.group_sizes,
+                    {{"lr", a.lr}, {"beta1", a.beta1}, {"beta2", a.beta2}, {"weight_decay", a.weight_decay},
+                     {"eps", a.eps}},
+                    n);
+  for (const auto k : c10::irange(a.group_sizes.size())) {
+    PYOPTIM_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    PYOPTIM_CHECK(a.eps[k] >= 0.0, op, ": Invalid epsilon value: ", a.eps[k], " (group ", k, ")");
+    check_betas(op, a.beta1, a.beta2, k);
+    PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
+                  ")");
+  }
+  check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
+  check_state_steps(op, a.state_steps, a.params);
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
 }
 

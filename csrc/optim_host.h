@@ -35,9 +35,17 @@ bool cpu_found_inf(const StepAux& aux);
 // One lr per group: lr_tensor's values when given (a CPU tensor here), else lr.
 std::vector<double> cpu_group_lrs(const StepAux& aux, c10::ArrayRef<double> lr);
 
+// l1_weight_decay: one value per group, or empty (none); each >= 0.
+void check_l1_weight_decay(const char* op, c10::ArrayRef<double> l1_weight_decay, int64_t groups);
+
+// Group k's l1_weight_decay (0 when the list is empty).
+inline double group_l1(c10::ArrayRef<double> l1_weight_decay, int64_t k) {
+  return l1_weight_decay.empty() ? 0.0 : l1_weight_decay[k];
+}
+
 struct AdamArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
-  c10::ArrayRef<double> lr, beta1, beta2, weight_decay, eps;
+  c10::ArrayRef<double> lr, beta1, beta2, weight_decay, eps, l1_weight_decay;
   c10::IntArrayRef group_sizes;
   bool amsgrad, maximize, decoupled_weight_decay;
   StepAux aux;
@@ -47,12 +55,32 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type);
 
 struct SgdArgs {
   at::TensorList params, grads, momentum_buffers;
-  c10::ArrayRef<double> lr, momentum, dampening, weight_decay;
+  c10::ArrayRef<double> lr, momentum, dampening, weight_decay, l1_weight_decay;
   c10::IntArrayRef group_sizes;
   bool nesterov, maximize, is_first_step;
   StepAux aux;
 };
 
 void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type);
+
+struct LionArgs {
+  at::TensorList params, grads, exp_avgs;
+  c10::ArrayRef<double> lr, beta1, beta2, weight_decay, l1_weight_decay;
+  c10::IntArrayRef group_sizes;
+  bool maximize;
+  StepAux aux;
+};
+
+void check_lion_args(const LionArgs& a, c10::DeviceType device_type);
+
+struct LambArgs {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, state_steps;
+  c10::ArrayRef<double> lr, beta1, beta2, weight_decay, eps, l1_weight_decay;
+  c10::IntArrayRef group_sizes;
+  bool maximize;
+  StepAux aux;
+};
+
+void check_lamb_args(const LambArgs& a, c10::DeviceType device_type);
 
 }  // namespace pyoptim

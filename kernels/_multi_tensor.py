@@ -109,6 +109,18 @@ def exact_sqrt(x):
 
 
 @triton.jit
+def sign(x):
+    # torch.sign: -1, 0 or 1, NaN kept (math.h's MathOps::sign).
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x)).to(x.dtype)
+
+
+@triton.jit
+def add_l1(g, p, l1):
+    # math.h's add_l1: g + l1 * sign(p), the gradient of l1 * |p| (sign(0) = 0).
+    return g + l1 * sign(p)
+
+
+@triton.jit
 def bf16_rne(x):
     # fp32 -> bf16 rounding to nearest even, in integer ops (note [bf16 rounding]).
     bits = x.to(tl.uint32, bitcast=True)
@@ -159,6 +171,28 @@ def step_inputs(HYPER_ROW, LR, k, GRAD_SCALE, GRAD_NORM, max_grad_norm, HAS_LR_T
     if MAXIMIZE:
         mul = -mul
     return lr, mul
+
+
+@triton.jit
+def step_count_kernel(
+    META,  # [n_tensors, COLS] int64: a tensor table (column STEP_COL: the address of each tensor's float32 step)
+    FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
+    n_tensors,  # rows of META
+    COLS: tl.constexpr,
+    STEP_COL: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,  # tensors per program
+):
+    # step += 1 for every tensor, unless found_inf is nonzero. Runs before a
+    # step's update kernel, which reads the advanced step (as csrc's
+    # step_count_kernel does).
+    if HAS_FOUND_INF:
+        n_tensors = tl.where(tl.load(FOUND_INF) == 0.0, n_tensors, 0)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_tensors
+    STEP = tl.load(META + offs * COLS + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(STEP, mask=mask)
+    tl.store(STEP, step + 1.0, mask=mask)
 
 
 # -- host code -----------------------------------------------------------------

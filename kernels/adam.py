@@ -33,16 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from pyoptim._validation import check_adam_args
+from pyoptim._validation import check_adam_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, bf16_rne, device_type_required, float_table, fma, interpret,
-                            on_device, program_chunk, step_flags, step_inputs, tensor_tables, tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma,
+                            interpret, on_device, program_chunk, step_count_kernel, step_flags, step_inputs,
+                            tensor_tables, tl_types, via_cpu)
 
 __all__ = ["adam_step_triton"]
 
 _COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
 _META_COLS = 8  # columns of the tensor table: p, g, m, v, vm, numel, step, group
-_HYPER_COLS = 8  # columns of the hyperparameter table: lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), 0
+_HYPER_COLS = 8  # columns of the hyperparameter table: lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), l1
 
 
 # -- device code ---------------------------------------------------------------
@@ -50,11 +51,13 @@ _HYPER_COLS = 8  # columns of the hyperparameter table: lr, beta1, beta2, eps, w
 
 @triton.jit
 def _adam_update(p, g, m, v, vm, grad_mul, decay, weight_decay, m_weight, m_weight_minus_one, beta2,
-                 one_minus_beta2, neg_step_size, bc2_sqrt, eps, has_weight_decay, lerp_low, AMSGRAD: tl.constexpr,
-                 DECOUPLED: tl.constexpr):
+                 one_minus_beta2, neg_step_size, bc2_sqrt, eps, l1, has_weight_decay, has_l1, lerp_low,
+                 AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr):
     # adam.h's adam_update, op for op as torch computes each op (note [torch's
     # fmas]); `vm` is read and returned only when AMSGRAD.
     g = g * grad_mul
+    if has_l1:
+        g = add_l1(g, p, l1)
     if has_weight_decay:
         if DECOUPLED:
             p = p * decay
@@ -82,7 +85,7 @@ def _adam_update(p, g, m, v, vm, grad_mul, decay, weight_decay, m_weight, m_weig
 
 @triton.jit
 def _adam_chunk(P, G, M, V, VM, offs, numel, grad_mul, decay, weight_decay, m_weight, m_weight_minus_one, beta2,
-                one_minus_beta2, neg_step_size, bc2_sqrt, eps, has_weight_decay, lerp_low,
+                one_minus_beta2, neg_step_size, bc2_sqrt, eps, l1, has_weight_decay, has_l1, lerp_low,
                 COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASKED: tl.constexpr):
     # Load, update and store one chunk. Unmasked (a whole chunk) the accesses
     # can be vectorized; masked (a tensor's last, partial chunk) they cannot,
@@ -104,8 +107,8 @@ def _adam_chunk(P, G, M, V, VM, offs, numel, grad_mul, decay, weight_decay, m_we
     else:
         vm = v  # unused
     p, m, v, vm = _adam_update(p, g, m, v, vm, grad_mul, decay, weight_decay, m_weight, m_weight_minus_one, beta2,
-                               one_minus_beta2, neg_step_size, bc2_sqrt, eps, has_weight_decay, lerp_low,
-                               AMSGRAD, DECOUPLED)
+                               one_minus_beta2, neg_step_size, bc2_sqrt, eps, l1, has_weight_decay, has_l1,
+                               lerp_low, AMSGRAD, DECOUPLED)
     if P.dtype.element_ty == tl.bfloat16:
         p = bf16_rne(p)
         m = bf16_rne(m)
@@ -120,29 +123,10 @@ def _adam_chunk(P, G, M, V, VM, offs, numel, grad_mul, decay, weight_decay, m_we
 
 
 @triton.jit
-def _adam_count_kernel(
-    META,  # [n_tensors, 8] int64: the tensor table (column 6: the address of each tensor's float32 step)
-    FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
-    n_tensors,  # rows of META
-    HAS_FOUND_INF: tl.constexpr,
-    BLOCK: tl.constexpr,  # tensors per program
-):
-    # step += 1 for every tensor, unless found_inf is nonzero. Runs before
-    # _adam_kernel, which reads the advanced step (as adam_cuda.cu does).
-    if HAS_FOUND_INF:
-        n_tensors = tl.where(tl.load(FOUND_INF) == 0.0, n_tensors, 0)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_tensors
-    STEP = tl.load(META + offs * 8 + 6, mask=mask, other=0).to(tl.pointer_type(tl.float32))
-    step = tl.load(STEP, mask=mask)
-    tl.store(STEP, step + 1.0, mask=mask)
-
-
-@triton.jit
 def _adam_kernel(
     META,  # [n_tensors, 8] int64: per tensor the addresses of p, g, m, v, vm (0 without amsgrad), numel, step, group
     CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
-    HYPER,  # [groups, 8] float64: per group lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), 0
+    HYPER,  # [groups, 8] float64: per group lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), l1
     LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
     GRAD_SCALE,  # [1] float32, read when HAS_GRAD_SCALE
     FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
@@ -190,6 +174,7 @@ def _adam_kernel(
     weight_decay = tl.load(hyper + 4)
     log_beta1 = tl.load(hyper + 5)
     log_beta2 = tl.load(hyper + 6)
+    l1 = tl.load(hyper + 7)
     step = tl.load(STEP).to(tl.float64)
     bc1 = 1.0 - tl.exp(step * log_beta1)  # note [bias correction]
     bc2 = 1.0 - tl.exp(step * log_beta2)
@@ -206,19 +191,21 @@ def _adam_kernel(
     c_neg_step_size = (-(lr / bc1)).to(COMPUTE)
     c_bc2_sqrt = tl.sqrt(bc2).to(COMPUTE)
     c_eps = eps.to(COMPUTE)
+    c_l1 = l1.to(COMPUTE)
     has_weight_decay = weight_decay != 0.0
+    has_l1 = l1 != 0.0
     lerp_low = c_m_weight < 0.5  # torch.lerp decides on the rounded weight
 
     start = chunk * BLOCK  # int64: tensors of 2^31 elements and more
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _adam_chunk(P, G, M, V, VM, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight, c_m_weight_minus_one,
-                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, has_weight_decay, lerp_low,
-                    COMPUTE, AMSGRAD, DECOUPLED, False)
+                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1,
+                    lerp_low, COMPUTE, AMSGRAD, DECOUPLED, False)
     else:
         _adam_chunk(P, G, M, V, VM, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight, c_m_weight_minus_one,
-                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, has_weight_decay, lerp_low,
-                    COMPUTE, AMSGRAD, DECOUPLED, True)
+                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1,
+                    lerp_low, COMPUTE, AMSGRAD, DECOUPLED, True)
 
 
 # -- host code -----------------------------------------------------------------
@@ -230,11 +217,11 @@ _hyper_tables = TableCache()
 
 def _hyper_rows(hyper: tuple) -> list[float]:
     rows = []
-    for k in range(0, len(hyper), 5):
-        lr, beta1, beta2, eps, weight_decay = hyper[k:k + 5]
+    for k in range(0, len(hyper), 6):
+        lr, beta1, beta2, eps, weight_decay, l1 = hyper[k:k + 6]
         # log(beta) on the host, so the GPU and the interpreter start from the
         # same value; a beta of 0 becomes 1e-300, whose beta^step leaves bc at 1.
-        rows += (lr, beta1, beta2, eps, weight_decay, math.log(max(beta1, 1e-300)), math.log(max(beta2, 1e-300)), 0.0)
+        rows += (lr, beta1, beta2, eps, weight_decay, math.log(max(beta1, 1e-300)), math.log(max(beta2, 1e-300)), l1)
     return rows
 
 
@@ -251,6 +238,7 @@ def adam_step_triton(
     beta2: Sequence[float],
     weight_decay: Sequence[float],
     eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
     group_sizes: Sequence[int],
     amsgrad: bool,
     maximize: bool,
@@ -262,7 +250,8 @@ def adam_step_triton(
     max_grad_norm: float = 0.0,
 ) -> None:
     """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes,
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                  l1_weight_decay=l1_weight_decay, group_sizes=group_sizes,
                   amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
                   lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
                   max_grad_norm=max_grad_norm)
@@ -282,13 +271,15 @@ def adam_step_triton(
                     (True, False, True, True, True), ([s.data_ptr() for s in state_steps], group_of))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
-                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]))
+                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k],
+                                       group_l1(l1_weight_decay, k)))
         hyper = float_table(_hyper_tables, device, hyper_values, lambda: _hyper_rows(hyper_values))
 
         meta = tensors.views["meta"]
         n = len(params)
-        _adam_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
-            meta, found_inf, n, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK, num_warps=4)
+        step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
+            meta, found_inf, n, COLS=_META_COLS, STEP_COL=6, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
+            num_warps=4)
         for grid, chunk_table, is_aligned, _ in tensors.chunk_launches():
             _adam_kernel[grid](
                 meta, chunk_table, hyper.views["hyper"], lr_tensor, grad_scale, found_inf, grad_norm,

@@ -141,7 +141,7 @@ def _norm_chunks_kernel(
 
 @triton.jit
 def _norm_tensors_kernel(
-    META,  # [n_tensors, 2] int64: per tensor its address and numel
+    META,  # [n_tensors, COLS] int64: a tensor table, column NUMEL_COL each tensor's numel
     FIRSTS,  # [n_tensors] int64: per tensor the index of its first chunk in PARTIAL
     PARTIAL,  # [all chunks] float64: each chunk's accumulation
     PER_TENSOR,  # [n_tensors] float32: out, each tensor's norm
@@ -150,10 +150,12 @@ def _norm_tensors_kernel(
     KIND: tl.constexpr,
     CHUNK: tl.constexpr,  # elements per chunk
     BLOCK: tl.constexpr,  # partials per iteration
+    COLS: tl.constexpr,  # columns of META (2 here: address, numel; other ops reduce over their own tables)
+    NUMEL_COL: tl.constexpr,
 ):
     # One program per tensor: its chunks' partials combined in order.
     i = tl.program_id(0).to(tl.int64)
-    chunks = (tl.load(META + 2 * i + 1) + CHUNK - 1) // CHUNK
+    chunks = (tl.load(META + COLS * i + NUMEL_COL) + CHUNK - 1) // CHUNK
     first = tl.load(FIRSTS + i)
     acc = tl.zeros([BLOCK], tl.float64)
     for c in range(0, chunks, BLOCK):
@@ -265,7 +267,7 @@ def multi_tensor_norm_triton(tensors: Sequence[torch.Tensor], norm_type: float) 
                 BLOCK=_NORM_BLOCK, ITERS=_NORM_ITERS, num_warps=_NORM_WARPS)
         _norm_tensors_kernel[(n,)](
             meta, tables.views["firsts"], partial, per_tensor, tensor_acc, order, KIND=kind, CHUNK=chunk,
-            BLOCK=_REDUCE_BLOCK, num_warps=4)
+            BLOCK=_REDUCE_BLOCK, COLS=_META_COLS, NUMEL_COL=1, num_warps=4)
         _norm_total_kernel[(1,)](tensor_acc, total_norm, n, order, KIND=kind, BLOCK=_REDUCE_BLOCK, num_warps=4)
         work.finish()  # frees the copies of non-dense tensors, after the kernels
     return total_norm, per_tensor

@@ -23,24 +23,25 @@ import torch
 import triton
 import triton.language as tl
 
-from pyoptim._validation import check_sgd_args
+from pyoptim._validation import check_sgd_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, bf16_rne, device_type_required, float_table, fma, interpret,
-                            on_device, program_chunk, step_flags, step_inputs, tensor_tables, tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma,
+                            interpret, on_device, program_chunk, step_flags, step_inputs, tensor_tables, tl_types,
+                            via_cpu)
 
 __all__ = ["sgd_step_triton"]
 
 _META_COLS = 5  # columns of the tensor table: p, g, buf, numel, group
-_HYPER_COLS = 4  # columns of the hyperparameter table: lr, momentum, dampening, weight_decay
+_HYPER_COLS = 5  # columns of the hyperparameter table: lr, momentum, dampening, weight_decay, l1
 
 
 # -- device code ---------------------------------------------------------------
 
 
 @triton.jit
-def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, has_weight_decay,
-               COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
-               MASKED: tl.constexpr):
+def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1,
+               has_weight_decay, has_l1, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               FIRST_STEP: tl.constexpr, MASKED: tl.constexpr):
     # sgd.h's sgd_update over one chunk, op for op as torch computes each op.
     # Unmasked (a whole chunk) the accesses can be vectorized; masked (a
     # tensor's last, partial chunk) they cannot.
@@ -52,6 +53,8 @@ def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus
         zero = None
     p = tl.load(P + offs, mask=mask, other=zero).to(COMPUTE)
     g = tl.load(G + offs, mask=mask, other=zero).to(COMPUTE) * grad_mul
+    if has_l1:
+        g = add_l1(g, p, l1)
     if has_weight_decay:
         g = fma(p, weight_decay, g)  # grad.add(param, alpha=weight_decay)
     if MOMENTUM:
@@ -77,7 +80,7 @@ def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus
 def _sgd_kernel(
     META,  # [n_tensors, 5] int64: per tensor the addresses of p, g, buf (0 without MOMENTUM); numel; group
     CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
-    HYPER,  # [groups, 4] float64: per group lr, momentum, dampening, weight_decay
+    HYPER,  # [groups, 5] float64: per group lr, momentum, dampening, weight_decay, l1
     LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
     GRAD_SCALE,  # [1] float32, read when HAS_GRAD_SCALE
     FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
@@ -112,27 +115,30 @@ def _sgd_kernel(
     k = tl.load(row + 4)
 
     # sgd.h's sgd_scalars: computed in fp64, rounded once to COMPUTE.
-    hyper = HYPER + 4 * k  # _HYPER_COLS
+    hyper = HYPER + 5 * k  # _HYPER_COLS
     lr, grad_mul = step_inputs(hyper, LR, k, GRAD_SCALE, GRAD_NORM, max_grad_norm, HAS_LR_TENSOR, HAS_GRAD_SCALE,
                                HAS_GRAD_NORM, MAXIMIZE)
     momentum = tl.load(hyper + 1)
     dampening = tl.load(hyper + 2)
     weight_decay = tl.load(hyper + 3)
+    l1 = tl.load(hyper + 4)
     c_grad_mul = grad_mul.to(COMPUTE)
     c_weight_decay = weight_decay.to(COMPUTE)
     c_momentum = momentum.to(COMPUTE)
     c_one_minus_dampening = (1.0 - dampening).to(COMPUTE)
     c_neg_lr = (-lr).to(COMPUTE)
+    c_l1 = l1.to(COMPUTE)
     has_weight_decay = weight_decay != 0.0
+    has_l1 = l1 != 0.0
 
     start = chunk * BLOCK  # int64: tensors of 2^31 elements and more
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _sgd_chunk(P, G, B, offs, numel, c_grad_mul, c_weight_decay, c_momentum, c_one_minus_dampening, c_neg_lr,
-                   has_weight_decay, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, False)
+                   c_l1, has_weight_decay, has_l1, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, False)
     else:
         _sgd_chunk(P, G, B, offs, numel, c_grad_mul, c_weight_decay, c_momentum, c_one_minus_dampening, c_neg_lr,
-                   has_weight_decay, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, True)
+                   c_l1, has_weight_decay, has_l1, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, True)
 
 
 # -- host code -----------------------------------------------------------------
@@ -151,6 +157,7 @@ def sgd_step_triton(
     momentum: Sequence[float],
     dampening: Sequence[float],
     weight_decay: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
     group_sizes: Sequence[int],
     nesterov: bool,
     maximize: bool,
@@ -162,7 +169,8 @@ def sgd_step_triton(
     max_grad_norm: float = 0.0,
 ) -> None:
     """One SGD step over many tensors, in place (the contract of torch.ops.pyoptim.sgd_step_)."""
-    kwargs = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, group_sizes=group_sizes,
+    kwargs = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                  l1_weight_decay=l1_weight_decay, group_sizes=group_sizes,
                   nesterov=nesterov, maximize=maximize, is_first_step=is_first_step, lr_tensor=lr_tensor,
                   grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
     lists = (params, grads, momentum_buffers)
@@ -181,7 +189,7 @@ def sgd_step_triton(
         work = Work((params, grads, momentum_buffers if has_momentum else None), (True, False, True), (group_of,))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
-                             for x in (lr[k], momentum[k], dampening[k], weight_decay[k]))
+                             for x in (lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)))
         hyper = float_table(_hyper_tables, device, hyper_values, lambda: list(hyper_values))
         for grid, chunk_table, is_aligned, _ in tensors.chunk_launches():
             _sgd_kernel[grid](

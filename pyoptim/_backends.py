@@ -36,6 +36,8 @@ _IMPLS: dict[str, dict[str, str]] = {
     for op, module in [
         ("adam_step_", "adam"),
         ("sgd_step_", "sgd"),
+        ("lion_step_", "lion"),
+        ("lamb_step_", "lamb"),
         ("multi_tensor_norm", "clip"),
         ("clip_scale_", "clip"),
         ("layer_norm_fwd", "layer_norm"),

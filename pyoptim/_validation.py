@@ -98,9 +98,24 @@ def check_step_aux(op: str, params: Sequence[torch.Tensor], groups: int, lr_tens
     _check(grad_norm is None or max_grad_norm > 0, op, "max_grad_norm must be positive, got ", max_grad_norm)
 
 
+def check_l1_weight_decay(op: str, l1_weight_decay: Sequence[float], groups: int) -> None:
+    """l1_weight_decay: one value per group, or empty (none); each >= 0 (csrc/optim_host.cpp's check)."""
+    if len(l1_weight_decay) == 0:
+        return
+    _check(len(l1_weight_decay) == groups, op, "l1_weight_decay has ", len(l1_weight_decay), " values for ", groups,
+           " groups; one value per group (or none)")
+    for k, l1 in enumerate(l1_weight_decay):
+        _check(l1 >= 0.0, op, "Invalid l1_weight_decay value: ", l1, " (group ", k, ")")
+
+
+def group_l1(l1_weight_decay: Sequence[float], k: int) -> float:
+    """Group k's l1_weight_decay (0 when the list is empty)."""
+    return float(l1_weight_decay[k]) if len(l1_weight_decay) else 0.0
+
+
 def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
-                    weight_decay, eps, group_sizes, amsgrad, lr_tensor=None, grad_scale=None, found_inf=None,
-                    grad_norm=None, max_grad_norm=0.0, device_type=None, **_unused) -> None:
+                    weight_decay, eps, group_sizes, amsgrad, l1_weight_decay=(), lr_tensor=None, grad_scale=None,
+                    found_inf=None, grad_norm=None, max_grad_norm=0.0, device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of adam_step_."""
     op = "adam_step_"
     check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
@@ -119,6 +134,7 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         _check(0.0 <= beta1[k] < 1.0, op, "Invalid beta parameter at index 0: ", beta1[k], " (group ", k, ")")
         _check(0.0 <= beta2[k] < 1.0, op, "Invalid beta parameter at index 1: ", beta2[k], " (group ", k, ")")
         _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
     for i, s in enumerate(state_steps):
         _check(s is not None and s.numel() == 1 and s.dtype == torch.float32, op, "state_steps[", i,
                "] must be a float32 tensor of one element")
@@ -128,8 +144,8 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 
 
 def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
-                   lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0,
-                   device_type=None, **_unused) -> None:
+                   l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
+                   max_grad_norm=0.0, device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of sgd_step_."""
     op = "sgd_step_"
     check_tensor_lists(op, "params", params, {"grads": grads, "momentum_buffers": momentum_buffers}, device_type)
@@ -146,6 +162,62 @@ def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, 
                " but no momentum_buffers were given")
         _check(not nesterov or (momentum[k] > 0.0 and dampening[k] == 0.0), op,
                "Nesterov momentum requires a momentum and zero dampening (group ", k, ")")
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def _check_betas(op: str, beta1: Sequence[float], beta2: Sequence[float], k: int) -> None:
+    # torch.optim's beta check: 0 <= beta < 1.
+    _check(0.0 <= beta1[k] < 1.0, op, "Invalid beta parameter at index 0: ", beta1[k], " (group ", k, ")")
+    _check(0.0 <= beta2[k] < 1.0, op, "Invalid beta parameter at index 1: ", beta2[k], " (group ", k, ")")
+
+
+def _check_state_steps(op: str, state_steps, params) -> None:
+    for i, s in enumerate(state_steps):
+        _check(s is not None and s.numel() == 1 and s.dtype == torch.float32, op, "state_steps[", i,
+               "] must be a float32 tensor of one element")
+        _check(s.device == params[i].device, op, "state_steps[", i, "] is on ", s.device, " but params[", i,
+               "] is on ", params[i].device)
+
+
+def check_lion_args(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, group_sizes, l1_weight_decay=(),
+                    lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0,
+                    device_type=None, **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of lion_step_."""
+    op = "lion_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs}, device_type)
+    n = len(params)
+    _check(len(grads) == n and len(exp_avgs) == n, op, "params, grads and exp_avgs must have the same length, got ",
+           n, ", ", len(grads), ", ", len(exp_avgs))
+    check_group_lists(op, group_sizes, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}, n)
+    for k in range(len(group_sizes)):
+        _check(lr[k] >= 0.0, op, "Invalid learning rate: ", lr[k], " (group ", k, ")")
+        _check_betas(op, beta1, beta2, k)
+        _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
+                    group_sizes, l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
+                    max_grad_norm=0.0, device_type=None, **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of lamb_step_."""
+    op = "lamb_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                       device_type)
+    n = len(params)
+    _check(len(grads) == n and len(exp_avgs) == n and len(exp_avg_sqs) == n and len(state_steps) == n, op,
+           "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",
+           len(grads), ", ", len(exp_avgs), ", ", len(exp_avg_sqs), ", ", len(state_steps))
+    check_group_lists(op, group_sizes, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay,
+                                        "eps": eps}, n)
+    for k in range(len(group_sizes)):
+        _check(lr[k] >= 0.0, op, "Invalid learning rate: ", lr[k], " (group ", k, ")")
+        _check(eps[k] >= 0.0, op, "Invalid epsilon value: ", eps[k], " (group ", k, ")")
+        _check_betas(op, beta1, beta2, k)
+        _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
+    _check_state_steps(op, state_steps, params)
     check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
 
 

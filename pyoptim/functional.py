@@ -18,11 +18,11 @@ from pyoptim import _backends
 from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
                                  check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
                                  check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
-                                 check_clip_scale_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
-                                 check_sgd_args, norm_stat_dtype)
+                                 check_clip_scale_args, check_lamb_args, check_lion_args, check_norm_args,
+                                 check_norm_bwd_args, check_norm_fwd_args, check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "multi_tensor_norm", "clip_scale_", "layer_norm", "rms_norm", "batch_norm",
-           "instance_norm"]
+__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "multi_tensor_norm", "clip_scale_", "layer_norm",
+           "rms_norm", "batch_norm", "instance_norm"]
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
@@ -42,6 +42,7 @@ def adam_step_(
     beta2: Sequence[float],
     weight_decay: Sequence[float],
     eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
     group_sizes: Optional[Sequence[int]] = None,
     amsgrad: bool = False,
     maximize: bool = False,
@@ -58,10 +59,12 @@ def adam_step_(
     Per-group hyperparameters are lists with one value per group; tensors are
     ordered by group and `group_sizes` counts them (default: one group). With
     `grad_norm` (the L2 norm of the grads as passed), grads are clipped to
-    `max_grad_norm` inside the kernel, as torch.nn.utils.clip_grad_norm_ would.
+    `max_grad_norm` inside the kernel, as torch.nn.utils.clip_grad_norm_ would. `l1_weight_decay` (one per
+    group, or empty: none) adds l1 * sign(p) to the scaled grads, before weight_decay.
     """
     lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps)]
     kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
+                  l1_weight_decay=list(l1_weight_decay),
                   group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), amsgrad=amsgrad,
                   maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, lr_tensor=lr_tensor,
                   grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
@@ -80,6 +83,7 @@ def sgd_step_(
     momentum: Sequence[float],
     dampening: Sequence[float],
     weight_decay: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
     group_sizes: Optional[Sequence[int]] = None,
     nesterov: bool = False,
     maximize: bool = False,
@@ -99,6 +103,7 @@ def sgd_step_(
     """
     lists = [list(params), list(grads), list(momentum_buffers)]
     kwargs = dict(lr=list(lr), momentum=list(momentum), dampening=list(dampening), weight_decay=list(weight_decay),
+                  l1_weight_decay=list(l1_weight_decay),
                   group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), nesterov=nesterov,
                   maximize=maximize, is_first_step=is_first_step, lr_tensor=lr_tensor, grad_scale=grad_scale,
                   found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
@@ -106,6 +111,80 @@ def sgd_step_(
         check_sgd_args(*lists, **kwargs)
         return
     _impl("sgd_step_", lists[0], backend)(*lists, **kwargs)
+
+
+def lion_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    weight_decay: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Optional[Sequence[int]] = None,
+    maximize: bool = False,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+    backend: Optional[str] = None,
+) -> None:
+    """One Lion step over many tensors of one device and dtype, in place (csrc/include/pyoptim/lion.h's math).
+
+    Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    """
+    lists = [list(params), list(grads), list(exp_avgs)]
+    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay),
+                  l1_weight_decay=list(l1_weight_decay),
+                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
+                  lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                  max_grad_norm=max_grad_norm)
+    if not lists[0]:
+        check_lion_args(*lists, **kwargs)
+        return
+    _impl("lion_step_", lists[0], backend)(*lists, **kwargs)
+
+
+def lamb_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    weight_decay: Sequence[float],
+    eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Optional[Sequence[int]] = None,
+    maximize: bool = False,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+    backend: Optional[str] = None,
+) -> None:
+    """One LAMB step over many tensors of one device and dtype, in place (csrc/include/pyoptim/lamb.h's math).
+
+    Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_; `grad_norm` with
+    `max_grad_norm` is the global clip of the grads before the moments.
+    """
+    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps)]
+    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
+                  l1_weight_decay=list(l1_weight_decay),
+                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
+                  lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                  max_grad_norm=max_grad_norm)
+    if not lists[0]:
+        check_lamb_args(*lists, **kwargs)
+        return
+    _impl("lamb_step_", lists[0], backend)(*lists, **kwargs)
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,
@@ -137,6 +216,14 @@ if _backends.EXTENSION_LOADED:
     @torch.library.register_fake("pyoptim::sgd_step_")
     def _sgd_step_fake(*args, **kwargs):
         check_sgd_args(*args, **kwargs)
+
+    @torch.library.register_fake("pyoptim::lion_step_")
+    def _lion_step_fake(*args, **kwargs):
+        check_lion_args(*args, **kwargs)
+
+    @torch.library.register_fake("pyoptim::lamb_step_")
+    def _lamb_step_fake(*args, **kwargs):
+        check_lamb_args(*args, **kwargs)
 
     @torch.library.register_fake("pyoptim::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, norm_type):

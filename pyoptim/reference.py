@@ -15,7 +15,8 @@ from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch
                                  check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
                                  check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
                                  check_clip_scale_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
-                                 check_sgd_args, norm_stat_dtype, rms_norm_eps)
+                                 check_lamb_args, check_lion_args, check_sgd_args, group_l1, norm_stat_dtype,
+                                 rms_norm_eps)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +61,7 @@ def adam_step_ref(
     beta2: Sequence[float],
     weight_decay: Sequence[float],
     eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
     group_sizes: Sequence[int],
     amsgrad: bool,
     maximize: bool,
@@ -73,8 +75,8 @@ def adam_step_ref(
     """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
     check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                     beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, amsgrad=amsgrad,
-                    lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                    max_grad_norm=max_grad_norm)
+                    l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                    grad_norm=grad_norm, max_grad_norm=max_grad_norm)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -90,6 +92,9 @@ def adam_step_ref(
         grad = grads[i].to(ct) * grad_mul
         exp_avg = exp_avgs[i].to(ct)
         exp_avg_sq = exp_avg_sqs[i].to(ct)
+        l1 = group_l1(l1_weight_decay, k)
+        if l1 != 0:
+            grad = grad + l1 * torch.sign(param)  # the gradient of l1 * |p| (sign(0) = 0)
         if wd != 0:
             if decoupled_weight_decay:
                 param = param * (1 - lr_k * wd)
@@ -119,6 +124,7 @@ def sgd_step_ref(
     momentum: Sequence[float],
     dampening: Sequence[float],
     weight_decay: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
     group_sizes: Sequence[int],
     nesterov: bool,
     maximize: bool,
@@ -131,8 +137,9 @@ def sgd_step_ref(
 ) -> None:
     """One SGD step over many tensors, in place (the contract of torch.ops.pyoptim.sgd_step_)."""
     check_sgd_args(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-                   weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov, lr_tensor=lr_tensor,
-                   grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                   weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov,
+                   l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                   grad_norm=grad_norm, max_grad_norm=max_grad_norm)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -143,6 +150,9 @@ def sgd_step_ref(
         ct = _opmath(p.dtype)
         param = p.to(ct)
         grad = grads[i].to(ct) * grad_mul
+        l1 = group_l1(l1_weight_decay, k)
+        if l1 != 0:
+            grad = grad + l1 * torch.sign(param)
         if weight_decay[k] != 0:
             grad = grad + weight_decay[k] * param
         if len(momentum_buffers):
@@ -153,6 +163,104 @@ def sgd_step_ref(
             momentum_buffers[i].copy_(buf)
             grad = grad + momentum[k] * buf if nesterov else buf
         p.copy_(param + (-lrs[k]) * grad)
+
+
+def lion_step_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    weight_decay: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Sequence[int],
+    maximize: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """One Lion step over many tensors, in place (the contract of torch.ops.pyoptim.lion_step_)."""
+    check_lion_args(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                    group_sizes=group_sizes, l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor,
+                    grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
+        return
+    grad_mul, group_of, lrs = prelude
+    for i, p in enumerate(params):
+        k = group_of[i]
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        grad = grads[i].to(ct) * grad_mul
+        exp_avg = exp_avgs[i].to(ct)
+        l1 = group_l1(l1_weight_decay, k)
+        if l1 != 0:
+            grad = grad + l1 * torch.sign(param)
+        if weight_decay[k] != 0:
+            param = param * (1 - lrs[k] * weight_decay[k])
+        param = param + (-lrs[k]) * torch.sign(exp_avg * beta1[k] + (1 - beta1[k]) * grad)
+        p.copy_(param)
+        exp_avgs[i].copy_(exp_avg * beta2[k] + (1 - beta2[k]) * grad)
+
+
+def lamb_step_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    weight_decay: Sequence[float],
+    eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Sequence[int],
+    maximize: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """One LAMB step over many tensors, in place (the contract of torch.ops.pyoptim.lamb_step_)."""
+    check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+                    weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, l1_weight_decay=l1_weight_decay,
+                    lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                    max_grad_norm=max_grad_norm)
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
+        return
+    grad_mul, group_of, lrs = prelude
+    for i, p in enumerate(params):
+        k = group_of[i]
+        b1, b2 = beta1[k], beta2[k]
+        state_steps[i].add_(1)
+        step = state_steps[i].item()
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        grad = grads[i].to(ct) * grad_mul
+        l1 = group_l1(l1_weight_decay, k)
+        if l1 != 0:
+            grad = grad + l1 * torch.sign(param)
+        exp_avgs[i].copy_(exp_avgs[i].to(ct) * b1 + (1 - b1) * grad)
+        exp_avg_sq_i = exp_avg_sqs[i].copy_(exp_avg_sqs[i].to(ct) * b2 + (1 - b2) * grad * grad)
+        # u from m and v as stored, so that r is the ratio of the u applied
+        exp_avg, exp_avg_sq = exp_avgs[i].to(ct), exp_avg_sq_i.to(ct)
+        update = (exp_avg / (1 - b1**step)) / ((exp_avg_sq / (1 - b2**step)).sqrt() + eps[k])
+        if weight_decay[k] != 0:
+            update = update + weight_decay[k] * param
+        p_norm = torch.linalg.vector_norm(param.double())
+        u_norm = torch.linalg.vector_norm(update.double())
+        ratio = (p_norm / u_norm).item() if p_norm > 0 and u_norm > 0 else 1.0
+        p.copy_(param + (-lrs[k] * ratio) * update)
 
 
 def multi_tensor_norm_ref(tensors: Sequence[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,18 @@ def sgd_impl(request) -> tuple[str, str]:
     return request.param
 
 
+@pytest.fixture(params=impls("lion_step_"), ids=impl_id)
+def lion_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one lion_step_ implementation."""
+    return request.param
+
+
+@pytest.fixture(params=impls("lamb_step_"), ids=impl_id)
+def lamb_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one lamb_step_ implementation."""
+    return request.param
+
+
 @pytest.fixture(params=impls("multi_tensor_norm"), ids=impl_id)
 def clip_impl(request) -> tuple[str, str]:
     """(device type, backend) of one multi_tensor_norm (and clip_scale_) implementation."""

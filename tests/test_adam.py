@@ -653,3 +653,59 @@ def test_changes_between_steps_match_torch(adam_impl, change):
         ob.step()
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, **TOL[torch.float32])
+
+
+# -- L1 regularization (l1_weight_decay) -------------------------------------------
+
+
+@pytest.mark.parametrize("cls_pair", OPT_PAIRS, ids=lambda p: p[0].__name__)
+@pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, False), (0.1, True)])
+def test_l1_equals_torch_on_the_l1_regularized_loss(adam_impl, cls_pair, weight_decay, maximize):
+    # The step of loss + l1 * sum(|p|): torch fed grad + l1 * sign(p) (with maximize, torch negates what it is fed,
+    # and ours adds l1 * sign(p) after maximize's sign: L1 pulls towards 0 either way). A second group without L1.
+    ours_cls, torch_cls = cls_pair
+    device = _device(adam_impl)
+    init = [torch.randn(s, device=device) for s in [(), (17,), (4, 5), (9,)]]
+    init[1][3] = 0.0  # sign(0) = 0: no pull on a zero
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    l1 = 0.05
+    kw = dict(lr=1e-2, weight_decay=weight_decay, maximize=maximize)
+    oa = ours_cls([{"params": a[:3], "l1_weight_decay": l1}, {"params": a[3:]}], backend=adam_impl[1], **kw)
+    ob = torch_cls([{"params": b[:3]}, {"params": b[3:]}], foreach=False, **kw)
+    for _ in range(10):
+        for i, (x, y) in enumerate(zip(a, b)):
+            g = torch.randn_like(x)
+            x.grad = g.clone()
+            pull = l1 * torch.sign(y.detach()) if i < 3 else 0.0
+            y.grad = g - pull if maximize else g + pull
+        oa.step()
+        ob.step()
+    assert_same(a, b, oa, ob, torch.float32)
+    assert oa.param_groups[1]["l1_weight_decay"] == 0.0
+
+
+def test_bad_l1_weight_decay_raises():
+    for cls in (pyoptim.optim.Adam, pyoptim.optim.AdamW):
+        with pytest.raises(ValueError, match=r"^Invalid l1_weight_decay value: -0.1$"):
+            cls([torch.zeros(2, requires_grad=True)], l1_weight_decay=-0.1)
+
+
+def test_bad_l1_weight_decay_in_a_group_raises_before_writing(adam_impl):
+    device = _device(adam_impl)
+    params = make_params([(4,), (5,)], torch.float32, device)
+    opt = pyoptim.optim.AdamW(params, backend=adam_impl[1])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["l1_weight_decay"] = -1.0  # behind the constructor's check
+    snap = _snapshot(params, opt)
+    with pytest.raises(RuntimeError, match="Invalid l1_weight_decay value: -1"):
+        opt.step()
+    _assert_unchanged(params, opt, snap)
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+def test_opcheck_with_l1():
+    args, kwargs = _op_args()
+    torch.library.opcheck(torch.ops.pyoptim.adam_step_, args, dict(kwargs, l1_weight_decay=[0.01, 0.0]))

@@ -283,3 +283,41 @@ def test_opcheck_and_compile():
     for xs, ys in zip(a, expected):
         for x, y in zip(xs, ys):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("momentum,weight_decay,maximize", [(0.0, 0.0, False), (0.9, 0.01, False), (0.9, 0.0, True)])
+def test_l1_equals_torch_on_the_l1_regularized_loss(sgd_impl, momentum, weight_decay, maximize):
+    # The step of loss + l1 * sum(|p|): torch fed grad + l1 * sign(p) (with maximize, torch negates what it is
+    # fed, and ours adds l1 * sign(p) after maximize's sign: L1 pulls towards 0 either way).
+    device = device_of(sgd_impl)
+    init = [torch.randn(s, device=device) for s in [(), (17,), (4, 5)]]
+    init[1][3] = 0.0  # sign(0) = 0: no pull on a zero
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    l1 = 0.05
+    kw = dict(lr=0.05, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+    oa = pyoptim.optim.SGD(a, l1_weight_decay=l1, backend=sgd_impl[1], **kw)
+    ob = torch.optim.SGD(b, foreach=False, **kw)
+    for _ in range(10):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x)
+            x.grad = g.clone()
+            pull = l1 * torch.sign(y.detach())
+            y.grad = g - pull if maximize else g + pull
+        oa.step()
+        ob.step()
+    assert_same(a, b, oa, ob, torch.float32)
+
+
+def test_bad_l1_weight_decay_raises():
+    with pytest.raises(ValueError, match=r"^Invalid l1_weight_decay value: -0.1$"):
+        pyoptim.optim.SGD([torch.zeros(2, requires_grad=True)], l1_weight_decay=-0.1)
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+def test_opcheck_with_l1():
+    ps = [torch.randn(5), torch.randn(2, 3)]
+    args = (ps, [torch.randn_like(p) for p in ps], [torch.randn_like(p) for p in ps])
+    torch.library.opcheck(torch.ops.pyoptim.sgd_step_, args, dict(
+        lr=[0.1, 0.2], momentum=[0.9, 0.5], dampening=[0.0, 0.1], weight_decay=[0.0, 0.01],
+        l1_weight_decay=[0.01, 0.0], group_sizes=[1, 1], nesterov=False, maximize=False, is_first_step=False))

@@ -20,13 +20,14 @@ void run_adam_kernel(const AdamCpuLaunch& launch) { PYOPTIM_ISA_DISPATCH(adam_ke
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                    at::ArrayRef<double> lr, at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
-                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps, at::IntArrayRef group_sizes,
+                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
+                    at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes,
                    bool amsgrad, bool maximize, bool decoupled_weight_decay,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                    double max_grad_norm) {
   const AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                      weight_decay, eps, group_sizes, amsgrad, maximize, decoupled_weight_decay,
+                      weight_decay, eps, l1_weight_decay, group_sizes, amsgrad, maximize, decoupled_weight_decay,
                       StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_adam_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
@@ -51,7 +52,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       L.vm.push_back(work.lists[4][i].data_ptr());
     }
     const int64_t k = work.group_of[i];
-    L.hyper.push_back(AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]});
+    L.hyper.push_back(AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
     float* step = state_steps[i].data_ptr<float>();
     *step += 1.0f;

@@ -43,15 +43,11 @@ MultiTensorCpuLaunch make_launch(MultiTensorWork& work, at::TensorList tensors) 
 template <NormKind K>
 std::tuple<double, std::vector<double>> reduce_partials(const LaunchGroup& plan, const std::vector<double>& partial,
                                                         double p) {
-  std::vector<double> per_tensor(plan.num_tensors);
+  std::vector<double> per_tensor = combine_chunks<K>(plan, partial.data());
   double total = 0.0;
-  for (const auto s : c10::irange(plan.num_tensors)) {
-    double acc = 0.0;
-    for (int64_t c = plan.chunk_prefix[s]; c < plan.chunk_prefix[s + 1]; ++c) {
-      acc = norm_combine<K>(acc, partial[c]);
-    }
-    per_tensor[s] = norm_finish<K>(acc, p);
+  for (double& acc : per_tensor) {
     total = norm_combine<K>(total, acc);
+    acc = norm_finish<K>(acc, p);
   }
   return {norm_finish<K>(total, p), std::move(per_tensor)};
 }

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <c10/util/irange.h>
+
 #include <c10/core/ScalarType.h>
 
 #include <pyoptim/multi_tensor.h>
@@ -25,6 +27,25 @@ struct MultiTensorCpuLaunch {
   std::vector<int64_t> numel;
   LaunchGroup plan;  // one group holding every tensor
 };
+
+// Each tensor's accumulation of `plan`: norm_combine<K> of its chunks'
+// partials partial[c * stride], in chunk order (deterministic). The norm's
+// reduction, shared with the ops that reduce per-tensor norms in a pass of
+// their own (LAMB's trust ratio).
+inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
+
+template <NormKind K>
+std::vector<double> combine_chunks(const LaunchGroup& plan, const double* partial, int64_t stride = 1) {
+  std::vector<double> acc(plan.num_tensors, 0.0);
+  for (const auto s : c10::irange(plan.num_tensors)) {
+    for (int64_t c = plan.chunk_prefix[s]; c < plan.chunk_prefix[s + 1]; ++c) {
+      acc[s] = norm_combine<K>(acc[s], partial[c * stride]);
+    }
+  }
+  return acc;
+}
+
+}  // namespace PYOPTIM_ISA
 
 // partial[c] = the accumulation (norm_term summed, or maxed) of chunk c.
 PYOPTIM_DECLARE_ISA_KERNELS(void norm_kernel(const MultiTensorCpuLaunch& launch, NormKind kind, double p,

@@ -19,12 +19,14 @@ void run_sgd_kernel(const SgdCpuLaunch& launch) { PYOPTIM_ISA_DISPATCH(sgd_kerne
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   at::ArrayRef<double> lr, at::ArrayRef<double> momentum, at::ArrayRef<double> dampening,
-                  at::ArrayRef<double> weight_decay, at::IntArrayRef group_sizes, bool nesterov, bool maximize,
+                  at::ArrayRef<double> weight_decay, at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes,
+                   bool nesterov, bool maximize,
                   bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
-  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
-                     maximize, is_first_step, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1_weight_decay,
+                     group_sizes, nesterov, maximize, is_first_step,
+                     StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_sgd_args(args, c10::DeviceType::CPU);
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
@@ -45,7 +47,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       L.buf.push_back(work.lists[2][i].data_ptr());
     }
     const int64_t k = work.group_of[i];
-    L.hyper.push_back(SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k]});
+    L.hyper.push_back(SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
   }
   L.numel = work.numel;

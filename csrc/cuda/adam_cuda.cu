@@ -34,16 +34,6 @@ struct AdamExtra {
 // Lists: p, g, m, v, max_v, step.
 using AdamMeta = MultiTensorMeta<6, AdamExtra>;
 
-// Advances every step of the launch unless found_inf is set. Runs before the
-// update kernel, which reads the advanced value (as torch's fused Adam does).
-__global__ void adam_step_count_kernel(const __grid_constant__ AdamMeta meta, StepDeviceAux aux) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= meta.num_tensors || aux.skip()) {
-    return;
-  }
-  *static_cast<float*>(meta.ptr[5][i]) += 1.0f;
-}
-
 template <typename T, bool AMSGRAD, bool DECOUPLED>
 struct AdamFunctor {
   StepDeviceAux aux;
@@ -73,13 +63,14 @@ struct AdamFunctor {
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                     at::ArrayRef<double> lr, at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
-                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps, at::IntArrayRef group_sizes,
+                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
+                    at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes,
                     bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                     double max_grad_norm) {
   const AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                      weight_decay, eps, group_sizes, amsgrad, maximize, decoupled_weight_decay,
+                      weight_decay, eps, l1_weight_decay, group_sizes, amsgrad, maximize, decoupled_weight_decay,
                       StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_adam_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
@@ -105,10 +96,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     meta.ptr[4][s] = amsgrad ? work.lists[4][i].data_ptr() : nullptr;
     meta.ptr[5][s] = step_ptr[i];
     const int64_t k = work.group_of[i];
-    meta.extra.hyper[meta.group[s]] = AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k]};
+    meta.extra.hyper[meta.group[s]] =
+        AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)};
   };
   auto count_steps = [&](const AdamMeta& meta) {
-    adam_step_count_kernel<<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, aux);
+    step_count_kernel<5><<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, aux);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_cuda", [&] {

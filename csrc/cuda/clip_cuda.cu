@@ -19,6 +19,7 @@
 
 #include "../multi_tensor_host.h"
 #include "../message.h"
+#include "block_reduce.cuh"
 #include "multi_tensor_apply.cuh"
 
 namespace pyoptim::cuda {
@@ -33,31 +34,6 @@ struct NormExtra {
 using NormMeta = MultiTensorMeta<1, NormExtra>;
 struct NoExtra {};
 using ScaleMeta = MultiTensorMeta<1, NoExtra>;
-
-// Reduces `v` over the block with `op`; the result is valid in thread 0.
-template <typename Op>
-__device__ __forceinline__ double block_reduce(double v, const Op& op) {
-  __shared__ double warp_part[32];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) {
-    v = op(v, __shfl_down_sync(0xffffffffu, v, o));
-  }
-  if (lane == 0) {
-    warp_part[warp] = v;
-  }
-  __syncthreads();
-  const int warps = (blockDim.x + 31) / 32;
-  v = threadIdx.x < warps ? warp_part[threadIdx.x] : 0.0;
-  if (warp == 0) {
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) {
-      v = op(v, __shfl_down_sync(0xffffffffu, v, o));
-    }
-  }
-  return v;
-}
 
 template <NormKind K>
 struct Combine {

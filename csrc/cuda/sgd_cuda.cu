@@ -63,12 +63,14 @@ void launch_sgd(bool has_momentum, bool first_step, bool nesterov, const StepDev
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    at::ArrayRef<double> lr, at::ArrayRef<double> momentum, at::ArrayRef<double> dampening,
-                   at::ArrayRef<double> weight_decay, at::IntArrayRef group_sizes, bool nesterov, bool maximize,
+                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes,
+                   bool nesterov, bool maximize,
                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
-  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
-                     maximize, is_first_step, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  const SgdArgs args{params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, l1_weight_decay,
+                     group_sizes, nesterov, maximize, is_first_step,
+                     StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
   check_sgd_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
@@ -82,7 +84,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only (kStore)
     meta.ptr[2][s] = has_momentum ? work.lists[2][i].data_ptr() : nullptr;
     const int64_t k = work.group_of[i];
-    meta.extra.hyper[meta.group[s]] = SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k]};
+    meta.extra.hyper[meta.group[s]] =
+        SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)};
   };
   auto nothing_before = [](const SgdMeta&) {};
   const StepDeviceAux dev = StepDeviceAux::from(args.aux, maximize);

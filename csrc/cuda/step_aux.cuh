@@ -44,4 +44,16 @@ struct StepDeviceAux {
   }
 };
 
+// Advances every step of a launch (list STEP of its metadata: float32
+// scalars) unless found_inf is set. Runs before the update kernel, which
+// reads the advanced value (as torch's fused Adam does).
+template <int STEP, typename Meta>
+__global__ void step_count_kernel(const __grid_constant__ Meta meta, StepDeviceAux aux) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= meta.num_tensors || aux.skip()) {
+    return;
+  }
+  *static_cast<float*>(meta.ptr[STEP][i]) += 1.0f;
+}
+
 }  // namespace pyoptim::cuda

@@ -2,5 +2,7 @@
 
 from pyoptim.optim.adam import Adam, AdamW
 from pyoptim.optim.sgd import SGD
+from pyoptim.optim.lion import Lion
+from pyoptim.optim.lamb import LAMB
 
-__all__ = ["Adam", "AdamW", "SGD"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB"]

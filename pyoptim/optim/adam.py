@@ -20,17 +20,21 @@ class Adam(FusedOptimizer):
     $PYOPTIM_BACKEND, else the fastest present for the params' device) and
     `max_grad_norm` (clip the grads' global L2 norm inside the step, as
     torch.nn.utils.clip_grad_norm_ would, without writing the grads; the
-    pre-clip norm is kept in `optimizer.grad_norm`) and `flat` (keep each
-    group's params, grads and state as views of one buffer per device and
-    dtype, so a step is one kernel over it: note [flat storage]). `foreach`
-    and `fused` are accepted for compatibility and change nothing.
+    pre-clip norm is kept in `optimizer.grad_norm`), `l1_weight_decay`
+    (per group: the step is that of loss + l1_weight_decay * sum(|p|), its
+    gradient l1 * sign(p) added to the unscaled, clipped grad, with maximize's
+    sign applied before it, so L1 always pulls towards 0) and `flat` (keep
+    each group's params, grads and state as views of one buffer per device
+    and dtype, so a step is one kernel over it: note [flat storage]).
+    `foreach` and `fused` are accepted for compatibility and change nothing.
     """
 
     _op = "adam_step_"
     _check_args = staticmethod(check_adam_args)
     _lists = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+    # (and pyoptim's own l1_weight_decay, so a state_dict of torch's loads)
     _torch_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
-                           fused=None, decoupled_weight_decay=False)
+                           fused=None, decoupled_weight_decay=False, l1_weight_decay=0.0)
 
     def __init__(
         self,
@@ -48,6 +52,7 @@ class Adam(FusedOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         max_grad_norm: Optional[float] = None,
+        l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
     ) -> None:
@@ -67,6 +72,8 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= l1_weight_decay:
+            raise ValueError(f"Invalid l1_weight_decay value: {l1_weight_decay}")
         if not (
             (isinstance(betas[0], float) and isinstance(betas[1], float))
             or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
@@ -74,8 +81,13 @@ class Adam(FusedOptimizer):
             raise ValueError("betas must be either both floats or both Tensors")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+    pre-clip norm is kept in `optimizer.grad_norm`), `l1_weight_decay`
+    (per group: the step is that of loss + l1_weight_decay * sum(|p|), its
+    gradient l1 * sign(p) added to the unscaled, clipped grad, with maximize's
+    sign applied before it, so L1 always pulls towards 0) and `flat` (keep
+    each group's params, grads and state as views of one buffer per device
+    and dtype, so a step is one kernel over it: note [flat storage]).
+    `foreach` and `fused` are accepted for compatibility and change nothing.
 
     def _sparse_message(self) -> str:
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -104,6 +116,7 @@ class Adam(FusedOptimizer):
             beta2=[_as_float(g["betas"][1]) for g in groups],
             weight_decay=[float(g["weight_decay"]) for g in groups],
             eps=[float(g["eps"]) for g in groups],
+            l1_weight_decay=[float(g["l1_weight_decay"]) for g in groups],
             amsgrad=amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled,
@@ -130,11 +143,18 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         max_grad_norm: Optional[float] = None,
+        l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            max_grad_norm=max_grad_norm, backend=backend, flat=flat,
+    pre-clip norm is kept in `optimizer.grad_norm`), `l1_weight_decay`
+    (per group: the step is that of loss + l1_weight_decay * sum(|p|), its
+    gradient l1 * sign(p) added to the unscaled, clipped grad, with maximize's
+    sign applied before it, so L1 always pulls towards 0) and `flat` (keep
+    each group's params, grads and state as views of one buffer per device
+    and dtype, so a step is one kernel over it: note [flat storage]).
+    `foreach` and `fused` are accepted for compatibility and change nothing.
         )

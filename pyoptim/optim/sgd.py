@@ -16,7 +16,7 @@ __all__ = ["SGD"]
 class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments, state and semantics, with each step one fused kernel call per (device, dtype).
 
-    Extra keywords `backend`, `max_grad_norm` and `flat` as in pyoptim.optim.Adam.
+    Extra keywords `backend`, `max_grad_norm`, `l1_weight_decay` and `flat` as in pyoptim.optim.Adam.
     `foreach` and `fused` are accepted for compatibility and change nothing.
     """
 
@@ -24,7 +24,7 @@ class SGD(FusedOptimizer):
     _check_args = staticmethod(check_sgd_args)
     _lists = ("params", "grads", "momentum_buffers")
     _torch_defaults = dict(momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False, foreach=None,
-                           differentiable=False, fused=None)
+                           differentiable=False, fused=None, l1_weight_decay=0.0)
 
     def __init__(
         self,
@@ -40,6 +40,7 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         max_grad_norm: Optional[float] = None,
+        l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
     ) -> None:
@@ -52,11 +53,12 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= l1_weight_decay:
+            raise ValueError(f"Invalid l1_weight_decay value: {l1_weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+    Extra keywords `backend`, `max_grad_norm`, `l1_weight_decay` and `flat` as in pyoptim.optim.Adam.
 
     def _sparse_message(self) -> str:
         return "SGD does not support sparse gradients"
@@ -82,6 +84,7 @@ class SGD(FusedOptimizer):
             momentum=[float(g["momentum"]) for g in groups],
             dampening=[float(g["dampening"]) for g in groups],
             weight_decay=[float(g["weight_decay"]) for g in groups],
+            l1_weight_decay=[float(g["l1_weight_decay"]) for g in groups],
             nesterov=nesterov,
             maximize=maximize,
             is_first_step=first_step,

@@ -3,6 +3,7 @@
 // The math follows torch.optim's single-tensor Adam (torch/optim/adam.py),
 // op for op, so that fp32 results track torch's foreach=False path:
 //   g  = grad * grad_mul                       (GradScaler unscale, maximize's sign, clip factor)
+//   g  = g + l1 * sign(p)                      (l1 != 0: math.h's add_l1)
 //   p  = p * (1 - lr * wd)                     (AdamW, wd != 0)
 //   g  = g + wd * p                            (Adam, wd != 0)
 //   m  = lerp(m, g, 1 - beta1)
@@ -26,6 +27,7 @@ struct AdamHyper {
   double beta2;
   double eps;
   double weight_decay;
+  double l1_weight_decay = 0.0;
 };
 
 inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
@@ -45,7 +47,9 @@ struct AdamScalars {
   S neg_step_size;   // -lr / bc1
   S bc2_sqrt;        // sqrt(bc2)
   S eps;
+  S l1;             // l1_weight_decay
   bool has_weight_decay;
+  bool has_l1;
   bool lerp_low;     // m_weight < 0.5: which side of torch.lerp's formula
 };
 
@@ -67,7 +71,9 @@ PYOPTIM_HOST_DEVICE inline AdamScalars<S> adam_scalars(
   s.neg_step_size = static_cast<S>(-(lr / bc1));
   s.bc2_sqrt = static_cast<S>(::sqrt(bc2));
   s.eps = static_cast<S>(h.eps);
+  s.l1 = static_cast<S>(h.l1_weight_decay);
   s.has_weight_decay = h.weight_decay != 0.0;
+  s.has_l1 = h.l1_weight_decay != 0.0;
   s.lerp_low = s.m_weight < S(0.5);
   return s;
 }
@@ -78,8 +84,8 @@ template <typename M>
 struct AdamCoeffs {
   using Ops = MathOps<M>;
   M grad_mul, decay, weight_decay, m_weight, m_weight_comp, beta2, one_minus_beta2,
-      neg_step_size, bc2_sqrt, eps;
-  bool has_weight_decay, lerp_low;
+      neg_step_size, bc2_sqrt, eps, l1;
+  bool has_weight_decay, has_l1, lerp_low;
 
   template <typename S>
   PYOPTIM_HOST_DEVICE PYOPTIM_INLINE explicit AdamCoeffs(const AdamScalars<S>& s)
@@ -93,7 +99,9 @@ struct AdamCoeffs {
         neg_step_size(Ops::splat(s.neg_step_size)),
         bc2_sqrt(Ops::splat(s.bc2_sqrt)),
         eps(Ops::splat(s.eps)),
+        l1(Ops::splat(s.l1)),
         has_weight_decay(s.has_weight_decay),
+        has_l1(s.has_l1),
         lerp_low(s.lerp_low) {}
 };
 
@@ -104,6 +112,9 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void adam_update(
     M& p, M g, M& m, M& v, M& vmax, const AdamCoeffs<M>& c) {
   using Ops = MathOps<M>;
   g = g * c.grad_mul;
+  if (c.has_l1) {
+    g = add_l1(g, p, c.l1);
+  }
   if (c.has_weight_decay) {
     if (DECOUPLED) {
       p = p * c.decay;

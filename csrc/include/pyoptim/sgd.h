@@ -2,6 +2,7 @@
 // kernels. The math follows torch.optim's single-tensor SGD
 // (torch/optim/sgd.py), op for op:
 //   g   = grad * grad_mul                 (GradScaler unscale, maximize's sign, clip factor)
+//   g   = g + l1 * sign(p)                (l1 != 0: math.h's add_l1)
 //   g   = g + wd * p                      (wd != 0)
 //   buf = g                               (momentum, first step: torch clones the grad)
 //   buf = buf * momentum + (1 - dampening) * g   (momentum, later steps)
@@ -20,14 +21,15 @@ struct SgdHyper {
   double momentum;
   double dampening;
   double weight_decay;
+  double l1_weight_decay = 0.0;
 };
 
 inline namespace PYOPTIM_ISA {  // note [ISA namespaces]
 
 template <typename S>
 struct SgdScalars {
-  S grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr;
-  bool has_weight_decay;
+  S grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1;
+  bool has_weight_decay, has_l1;
 };
 
 template <typename S>
@@ -38,15 +40,17 @@ PYOPTIM_HOST_DEVICE inline SgdScalars<S> sgd_scalars(const SgdHyper& h, double l
   s.momentum = static_cast<S>(h.momentum);
   s.one_minus_dampening = static_cast<S>(1.0 - h.dampening);
   s.neg_lr = static_cast<S>(-lr);
+  s.l1 = static_cast<S>(h.l1_weight_decay);
   s.has_weight_decay = h.weight_decay != 0.0;
+  s.has_l1 = h.l1_weight_decay != 0.0;
   return s;
 }
 
 template <typename M>
 struct SgdCoeffs {
   using Ops = MathOps<M>;
-  M grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr;
-  bool has_weight_decay;
+  M grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1;
+  bool has_weight_decay, has_l1;
 
   template <typename S>
   PYOPTIM_HOST_DEVICE PYOPTIM_INLINE explicit SgdCoeffs(const SgdScalars<S>& s)
@@ -55,7 +59,9 @@ struct SgdCoeffs {
         momentum(Ops::splat(s.momentum)),
         one_minus_dampening(Ops::splat(s.one_minus_dampening)),
         neg_lr(Ops::splat(s.neg_lr)),
-        has_weight_decay(s.has_weight_decay) {}
+        l1(Ops::splat(s.l1)),
+        has_weight_decay(s.has_weight_decay),
+        has_l1(s.has_l1) {}
 };
 
 // `buf` is read and written only when MOMENTUM (and read only after the first
@@ -63,6 +69,9 @@ struct SgdCoeffs {
 template <bool MOMENTUM, bool NESTEROV, bool FIRST_STEP, typename M>
 PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void sgd_update(M& p, M g, M& buf, const SgdCoeffs<M>& c) {
   g = g * c.grad_mul;
+  if (c.has_l1) {
+    g = add_l1(g, p, c.l1);
+  }
   if (c.has_weight_decay) {
     g = g + c.weight_decay * p;
   }

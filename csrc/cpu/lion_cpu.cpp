@@ -1,0 +1,57 @@
+// lion_step_ on CPU tensors: the launcher, and its TORCH_LIBRARY_IMPL.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "../optim_host.h"
+#include "cpu_isa.h"
+#include "lion_cpu.h"
+
+namespace pyoptim::cpu {
+
+namespace {
+
+void run_lion_kernel(const LionCpuLaunch& launch) { PYOPTIM_ISA_DISPATCH(lion_kernel, launch) }
+
+}  // namespace
+
+void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::ArrayRef<double> lr,
+                   at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> weight_decay,
+                   at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
+                   const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                   double max_grad_norm) {
+  const LionArgs args{params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1_weight_decay, group_sizes, maximize,
+                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  check_lion_args(args, c10::DeviceType::CPU);
+  // A step with inf/nan grads (GradScaler) changes nothing.
+  if (params.empty() || cpu_found_inf(args.aux)) {
+    return;
+  }
+  MultiTensorWork work = prepare_work({params, grads, exp_avgs}, {true, false, true}, group_sizes);
+  LionCpuLaunch L;
+  L.dtype = params[0].scalar_type();
+  L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
+  const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
+  const int64_t n = static_cast<int64_t>(params.size());
+  for (const auto i : c10::irange(n)) {
+    L.p.push_back(work.lists[0][i].data_ptr());
+    L.g.push_back(work.lists[1][i].const_data_ptr());
+    L.m.push_back(work.lists[2][i].data_ptr());
+    const int64_t k = work.group_of[i];
+    L.hyper.push_back(LionHyper{lr[k], beta1[k], beta2[k], weight_decay[k], group_l1(l1_weight_decay, k)});
+    L.lr.push_back(group_lr[k]);
+  }
+  L.numel = work.numel;
+  L.plan = plan_launch_groups(work.numel, kLionCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
+  run_lion_kernel(L);
+  work.finish();
+}
+
+}  // namespace pyoptim::cpu
+
+TORCH_LIBRARY_IMPL(pyoptim, CPU, m) {
+  m.impl("lion_step_", &pyoptim::cpu::lion_step_cpu);
+}

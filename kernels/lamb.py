@@ -1,0 +1,260 @@
+"""lamb_step_ in Triton: lamb.h's two passes as chunked multi-tensor launches, the design of csrc/cuda/lamb_cuda.cu.
+
+Host side: the checks of pyoptim._validation, then the tensor and chunk
+tables of kernels/_multi_tensor.py (one row per tensor: the addresses of p,
+g, m, v, its numel, the address of its step, its param group) and Adam's
+hyperparameter rows (kernels/adam.py: bias correction as note [bias
+correction] computes it). Device side, with no host sync (note [no host
+sync]): the step count; pass 1 (m and v written, each program's sums of p * p
+and u * u to two partials buffers); the per-tensor reduction of
+multi_tensor_norm (kernels/clip.py's _norm_tensors_kernel: each tensor's
+partials in order, deterministic); pass 2 (the trust ratio from the two sums,
+and p moved along u, recomputed from the new m and v). Math op by op as
+lamb.h reads, correctly rounded (note [exact fp32]), no fma.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from pyoptim._validation import check_lamb_args, group_l1
+
+from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div, exact_sqrt,
+                            float_table, interpret, on_device, program_chunk, step_count_kernel, step_flags,
+                            step_inputs, tensor_tables, tl_types, via_cpu)
+from .adam import _hyper_rows
+from .clip import _norm_tensors_kernel
+
+__all__ = ["lamb_step_triton"]
+
+_COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
+_REDUCE_BLOCK = 1024  # partials per iteration of the per-tensor reduction
+_META_COLS = 7  # columns of the tensor table: p, g, m, v, numel, step, group
+_HYPER_COLS = 8  # Adam's: lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), l1
+
+
+# -- device code ---------------------------------------------------------------
+
+
+@triton.jit
+def _lamb_coeffs(row, HYPER, LR, GRAD_SCALE, GRAD_NORM, max_grad_norm, COMPUTE: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                 HAS_GRAD_NORM: tl.constexpr):
+    # lamb.h's lamb_scalars of the tensor at `row` (but the ratio): in fp64,
+    # rounded once to COMPUTE; neg_lr stays fp64 for the ratio's product.
+    STEP = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    k = tl.load(row + 6)
+    hyper = HYPER + 8 * k  # _HYPER_COLS
+    lr, grad_mul = step_inputs(hyper, LR, k, GRAD_SCALE, GRAD_NORM, max_grad_norm, HAS_LR_TENSOR, HAS_GRAD_SCALE,
+                               HAS_GRAD_NORM, MAXIMIZE)
+    beta1 = tl.load(hyper + 1)
+    beta2 = tl.load(hyper + 2)
+    eps = tl.load(hyper + 3)
+    weight_decay = tl.load(hyper + 4)
+    step = tl.load(STEP).to(tl.float64)
+    bc1 = 1.0 - tl.exp(step * tl.load(hyper + 5))  # note [bias correction]
+    bc2 = 1.0 - tl.exp(step * tl.load(hyper + 6))
+    l1 = tl.load(hyper + 7)
+    return (grad_mul.to(COMPUTE), beta1.to(COMPUTE), (1.0 - beta1).to(COMPUTE), beta2.to(COMPUTE),
+            (1.0 - beta2).to(COMPUTE), bc1.to(COMPUTE), bc2.to(COMPUTE), eps.to(COMPUTE), weight_decay.to(COMPUTE),
+            l1.to(COMPUTE), -lr, weight_decay != 0.0, l1 != 0.0)
+
+
+@triton.jit
+def _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay, has_weight_decay):
+    # lamb.h's lamb_direction: u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * p
+    u = exact_div(exact_div(m, bc1), exact_sqrt(exact_div(v, bc2)) + eps)
+    if has_weight_decay:
+        u = u + weight_decay * p
+    return u
+
+
+@triton.jit
+def _lamb_moments_kernel(
+    META,  # [n_tensors, 7] int64: per tensor the addresses of p, g, m, v; numel; the address of its step; group
+    CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
+    HYPER,  # [groups, 8] float64: per group lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), l1
+    LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
+    GRAD_SCALE,  # [1] float32, read when HAS_GRAD_SCALE
+    FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
+    GRAD_NORM,  # [1] float32: the norm of the grads as passed, read when HAS_GRAD_NORM
+    P_SQ,  # [all chunks] float64: out, each chunk's sum of p * p, at chunk_base + program
+    U_SQ,  # [all chunks] float64: out, each chunk's sum of u * u, at chunk_base + program
+    chunk_base,  # int: this launch's first chunk among all launches'
+    max_grad_norm,  # float32: the norm to clip to, when HAS_GRAD_NORM
+    DTYPE: tl.constexpr,  # storage type of p, g, m, v
+    COMPUTE: tl.constexpr,  # math type: float32, or float64 for float64 storage
+    MAXIMIZE: tl.constexpr,
+    HAS_LR_TENSOR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_NORM: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per chunk (one program)
+):
+    if HAS_FOUND_INF:
+        if tl.load(FOUND_INF) != 0.0:
+            return  # a step with inf/nan grads changes nothing
+    row, chunk = program_chunk(META, CHUNKS, 7)  # _META_COLS
+    P = tl.load(row + 0).to(tl.pointer_type(DTYPE))
+    G = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+    M = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+    V = tl.load(row + 3).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + 4)
+    (grad_mul, beta1, one_minus_beta1, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay, l1, _neg_lr,
+     has_weight_decay, has_l1) = _lamb_coeffs(row, HYPER, LR, GRAD_SCALE, GRAD_NORM, max_grad_norm, COMPUTE,
+                                              MAXIMIZE, HAS_LR_TENSOR, HAS_GRAD_SCALE, HAS_GRAD_NORM)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64: tensors of 2^31 elements and more
+    mask = offs < numel
+    # Outside the tensor p = g = m = 0 and v = 1: u = 0 there, and both sums
+    # see zeros.
+    p = tl.load(P + offs, mask=mask, other=0.0).to(COMPUTE)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(COMPUTE) * grad_mul
+    m = tl.load(M + offs, mask=mask, other=0.0).to(COMPUTE)
+    v = tl.load(V + offs, mask=mask, other=1.0).to(COMPUTE)
+    if has_l1:
+        g = add_l1(g, p, l1)
+    m = m * beta1 + one_minus_beta1 * g
+    v = v * beta2 + one_minus_beta2 * g * g
+    if P.dtype.element_ty == tl.bfloat16:
+        m = bf16_rne(m)
+        v = bf16_rne(v)
+    else:
+        m = m.to(P.dtype.element_ty)
+        v = v.to(P.dtype.element_ty)
+    tl.store(M + offs, m, mask=mask)
+    tl.store(V + offs, v, mask=mask)
+    # u from m and v as stored (lamb.h)
+    u = _lamb_direction(p, m.to(COMPUTE), v.to(COMPUTE), bc1, bc2, eps, weight_decay, has_weight_decay)
+    pid = chunk_base + tl.program_id(0).to(tl.int64)
+    tl.store(P_SQ + pid, tl.sum(p * p, axis=0).to(tl.float64))
+    tl.store(U_SQ + pid, tl.sum(u * u, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _lamb_apply_kernel(
+    META,  # [n_tensors, 7] int64: the tensor table of _lamb_moments_kernel
+    CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
+    HYPER,  # [groups, 8] float64: as in _lamb_moments_kernel
+    LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
+    GRAD_SCALE,  # [1] float32, read when HAS_GRAD_SCALE
+    FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
+    GRAD_NORM,  # [1] float32, read when HAS_GRAD_NORM
+    P_SQ,  # [n_tensors] float64: each tensor's sum of p * p
+    U_SQ,  # [n_tensors] float64: each tensor's sum of u * u
+    max_grad_norm,  # float32
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_LR_TENSOR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if HAS_FOUND_INF:
+        if tl.load(FOUND_INF) != 0.0:
+            return
+    i = tl.load(CHUNKS + 2 * tl.program_id(0).to(tl.int64))
+    row, chunk = program_chunk(META, CHUNKS, 7)  # _META_COLS
+    P = tl.load(row + 0).to(tl.pointer_type(DTYPE))
+    M = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+    V = tl.load(row + 3).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + 4)
+    (_grad_mul, _beta1, _omb1, _beta2, _omb2, bc1, bc2, eps, weight_decay, _l1, neg_lr, has_weight_decay,
+     _has_l1) = _lamb_coeffs(row, HYPER, LR, GRAD_SCALE, GRAD_NORM, max_grad_norm, COMPUTE, MAXIMIZE,
+                             HAS_LR_TENSOR, HAS_GRAD_SCALE, HAS_GRAD_NORM)
+    # lamb.h's lamb_trust_ratio, in fp64
+    p_norm = tl.sqrt(tl.load(P_SQ + i))
+    u_norm = tl.sqrt(tl.load(U_SQ + i))
+    ratio = tl.where((p_norm > 0.0) & (u_norm > 0.0), p_norm / tl.where(u_norm > 0.0, u_norm, 1.0), 1.0)
+    neg_lr_ratio = (neg_lr * ratio).to(COMPUTE)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    p = tl.load(P + offs, mask=mask, other=0.0).to(COMPUTE)
+    m = tl.load(M + offs, mask=mask, other=0.0).to(COMPUTE)
+    v = tl.load(V + offs, mask=mask, other=1.0).to(COMPUTE)
+    p = p + neg_lr_ratio * _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay, has_weight_decay)
+    if P.dtype.element_ty == tl.bfloat16:
+        p = bf16_rne(p)
+    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
+
+
+# -- host code -----------------------------------------------------------------
+
+
+_tensor_tables = TableCache()
+_hyper_tables = TableCache()
+
+
+def lamb_step_triton(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    beta1: Sequence[float],
+    beta2: Sequence[float],
+    weight_decay: Sequence[float],
+    eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Sequence[int],
+    maximize: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """One LAMB step over many tensors, in place (the contract of torch.ops.pyoptim.lamb_step_)."""
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                  l1_weight_decay=l1_weight_decay, group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor,
+                  grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    check_lamb_args(*lists, **kwargs, device_type=device_type_required())
+    if len(params) == 0:
+        return
+    device = params[0].device
+    if interpret() and device.type != "cpu":
+        via_cpu(lamb_step_triton, lists, (0, 2, 3, 4), **kwargs)
+        return
+    dtype = params[0].dtype
+    block, num_warps = LAUNCH[dtype]
+    n = len(params)
+    with on_device(device):
+        group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
+        work = Work((params, grads, exp_avgs, exp_avg_sqs), (True, False, True, True),
+                    ([s.data_ptr() for s in state_steps], group_of))
+        tensors = tensor_tables(_tensor_tables, device, work, block)
+        hyper_values = tuple(x for k in range(len(group_sizes))
+                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k],
+                                       group_l1(l1_weight_decay, k)))
+        hyper = float_table(_hyper_tables, device, hyper_values, lambda: _hyper_rows(hyper_values)).views["hyper"]
+        meta = tensors.views["meta"]
+        n_chunks = sum(total for _, _, total in tensors.launches)
+        chunk_p_sq = torch.zeros(max(n_chunks, 1), dtype=torch.float64, device=device)
+        chunk_u_sq = torch.zeros(max(n_chunks, 1), dtype=torch.float64, device=device)
+        p_sq = torch.empty(n, dtype=torch.float64, device=device)
+        u_sq = torch.empty(n, dtype=torch.float64, device=device)
+        norms = torch.empty(n, dtype=torch.float32, device=device)  # the reduction's norms, unused
+        flags = dict(**tl_types(dtype), MAXIMIZE=maximize, **step_flags(lr_tensor, grad_scale, found_inf, grad_norm),
+                     BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)  # note [exact fp32]
+        aux = (lr_tensor, grad_scale, found_inf, grad_norm)
+        step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
+            meta, found_inf, n, COLS=_META_COLS, STEP_COL=5, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
+            num_warps=4)
+        launches = tensors.chunk_launches()
+        for grid, chunk_table, _, first in launches:
+            _lamb_moments_kernel[grid](meta, chunk_table, hyper, *aux, chunk_p_sq, chunk_u_sq, first,
+                                       float(max_grad_norm), **flags)
+        for partial, out in ((chunk_p_sq, p_sq), (chunk_u_sq, u_sq)):
+            _norm_tensors_kernel[(n,)](meta, tensors.views["firsts"], partial, norms, out, hyper, KIND=1,  # L2
+                                       CHUNK=block, BLOCK=_REDUCE_BLOCK, COLS=_META_COLS, NUMEL_COL=4, num_warps=4)
+        for grid, chunk_table, _, _ in launches:
+            _lamb_apply_kernel[grid](meta, chunk_table, hyper, *aux, p_sq, u_sq, float(max_grad_norm), **flags)
+        work.finish()

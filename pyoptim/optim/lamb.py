@@ -1,0 +1,98 @@
+"""LAMB (You et al., 2019): a fused layer-wise adaptive optimizer for large batches."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from pyoptim._validation import check_lamb_args
+from pyoptim.optim._base import FusedOptimizer, _as_float
+from pyoptim.optim.lion import _check_common
+
+__all__ = ["LAMB"]
+
+
+class LAMB(FusedOptimizer):
+    """LAMB, "Large Batch Optimization for Deep Learning" (You et al., 2019), one fused op call per step.
+
+    Per param p (a tensor), with g its grad (unscaled by GradScaler, negated
+    by `maximize`, and scaled by the global clip factor
+    min(1, max_grad_norm / (||all grads|| + 1e-6)) when `max_grad_norm` is
+    set, before the moments), t its advanced `step`, and m, v its `exp_avg`,
+    `exp_avg_sq` states:
+
+        g = g + l1_weight_decay * sign(p)                 (when l1_weight_decay > 0)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        u = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) + weight_decay * p
+        r = ||p|| / ||u||     (L2 norms over the whole tensor; r = 1 where either is 0)
+        p = p - lr * r * u
+
+    The trust ratio applies to every param (biases and norm weights too: put
+    them in a group of their own to change their lr or weight_decay). The op
+    makes two passes over memory: the first writes m and v and reduces each
+    tensor's ||p||^2 and ||u||^2 in a fixed order (deterministic), the second
+    recomputes u and moves p; u is computed from m and v as stored (in the
+    params' dtype), so r is the ratio of the u applied. Extra keywords `backend` and `l1_weight_decay`
+    as in pyoptim.optim.Adam; `foreach`, `fused` and `capturable` are
+    accepted and change nothing.
+    """
+
+    # The trust ratio is per tensor: one call over a flat buffer would take the norms of the whole group.
+    _supports_flat = False
+    _op = "lamb_step_"
+    _check_args = staticmethod(check_lamb_args)
+    _lists = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps")
+    _torch_defaults = dict(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                           l1_weight_decay=0.0)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        max_grad_norm: Optional[float] = None,
+        l1_weight_decay: float = 0.0,
+        backend: Optional[str] = None,
+    ) -> None:
+        _check_common(lr, betas, weight_decay, l1_weight_decay)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        l1_weight_decay=l1_weight_decay)
+        super().__init__(params, defaults, max_grad_norm, backend)
+
+    def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
+        return (bool(group["maximize"]),)
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        return {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        return (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq"), ("state_steps", "step"))
+
+    def _call_kwargs(self, flags: tuple, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        (maximize,) = flags
+        return dict(
+            beta1=[_as_float(g["betas"][0]) for g in groups],
+            beta2=[_as_float(g["betas"][1]) for g in groups],
+            weight_decay=[float(g["weight_decay"]) for g in groups],
+            eps=[float(g["eps"]) for g in groups],
+            l1_weight_decay=[float(g["l1_weight_decay"]) for g in groups],
+            maximize=maximize,
+        )

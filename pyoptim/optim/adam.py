@@ -81,13 +81,8 @@ class Adam(FusedOptimizer):
             raise ValueError("betas must be either both floats or both Tensors")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-    pre-clip norm is kept in `optimizer.grad_norm`), `l1_weight_decay`
-    (per group: the step is that of loss + l1_weight_decay * sum(|p|), its
-    gradient l1 * sign(p) added to the unscaled, clipped grad, with maximize's
-    sign applied before it, so L1 always pulls towards 0) and `flat` (keep
-    each group's params, grads and state as views of one buffer per device
-    and dtype, so a step is one kernel over it: note [flat storage]).
-    `foreach` and `fused` are accepted for compatibility and change nothing.
+                        decoupled_weight_decay=decoupled_weight_decay, l1_weight_decay=l1_weight_decay)
+        super().__init__(params, defaults, max_grad_norm, backend, flat)
 
     def _sparse_message(self) -> str:
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -150,11 +145,5 @@ class AdamW(Adam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-    pre-clip norm is kept in `optimizer.grad_norm`), `l1_weight_decay`
-    (per group: the step is that of loss + l1_weight_decay * sum(|p|), its
-    gradient l1 * sign(p) added to the unscaled, clipped grad, with maximize's
-    sign applied before it, so L1 always pulls towards 0) and `flat` (keep
-    each group's params, grads and state as views of one buffer per device
-    and dtype, so a step is one kernel over it: note [flat storage]).
-    `foreach` and `fused` are accepted for compatibility and change nothing.
+            max_grad_norm=max_grad_norm, l1_weight_decay=l1_weight_decay, backend=backend, flat=flat,
         )

@@ -58,7 +58,9 @@ class SGD(FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-    Extra keywords `backend`, `max_grad_norm`, `l1_weight_decay` and `flat` as in pyoptim.optim.Adam.
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+                        l1_weight_decay=l1_weight_decay)
+        super().__init__(params, defaults, max_grad_norm, backend, flat)
 
     def _sparse_message(self) -> str:
         return "SGD does not support sparse gradients"

@@ -12,14 +12,6 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// A work tensor for `t` in the layout of `layout_of` (a dense tensor).
-at::Tensor in_layout(const at::Tensor& t, const at::Tensor& layout_of) {
-  if (t.strides() == layout_of.strides() && t.is_non_overlapping_and_dense()) {
-    return t;
-  }
-  return at::empty_like(layout_of).copy_(t);
-}
-
 }  // namespace
 
 void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
@@ -58,7 +50,7 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                   params.name, "[", i, "] is on ", p.device());
       PYOPTIM_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(),
                   " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
-      PYOPTIM_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
+      PYOPTIM_CHECK(same_dims(t.sizes(), p.sizes()), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
                   params.name, "[", i, "] has shape ", p.sizes());
     }
   }
@@ -96,40 +88,52 @@ void MultiTensorWork::finish() {
   writeback.clear();
 }
 
+void WorkList::own(size_t i, at::Tensor copy) {
+  if (copy_at_.empty()) {
+    copy_at_.assign(caller_.size(), -1);
+  }
+  copy_at_[i] = static_cast<int32_t>(copies_.size());
+  copies_.push_back(std::move(copy));
+}
+
 MultiTensorWork prepare_work(std::initializer_list<at::TensorList> lists, std::initializer_list<bool> mutated,
                              c10::IntArrayRef group_sizes) {
   TORCH_INTERNAL_ASSERT(lists.size() == mutated.size() && lists.size() > 0);
   MultiTensorWork w;
   const at::TensorList params = *lists.begin();
   const int64_t n = static_cast<int64_t>(params.size());
-  w.lists.resize(lists.size());
-  for (auto& l : w.lists) {
-    l.reserve(n);
+  w.lists.reserve(lists.size());
+  for (const at::TensorList l : lists) {
+    w.lists.emplace_back(l);
   }
   w.numel.reserve(n);
+  w.group_of.reserve(n);
   for (const auto k : c10::irange(group_sizes.size())) {
     w.group_of.insert(w.group_of.end(), group_sizes[k], static_cast<int64_t>(k));
   }
   for (const auto i : c10::irange(n)) {
     const at::Tensor& p = params[i];
+    w.numel.push_back(p.numel());
     // The layout every work tensor of this param shares: the param's own when
     // it is dense (no copy in the common case), else contiguous.
-    const at::Tensor layout_of =
-        p.is_non_overlapping_and_dense() ? p : at::empty_like(p, at::MemoryFormat::Contiguous);
+    const bool dense = p.is_non_overlapping_and_dense();
+    const at::Tensor layout_of = dense ? at::Tensor() : at::empty_like(p, at::MemoryFormat::Contiguous);
+    const at::Tensor& layout = dense ? p : layout_of;
     auto mut = mutated.begin();
-    int64_t k = 0;
+    size_t k = 0;
     for (auto l = lists.begin(); l != lists.end(); ++l, ++mut, ++k) {
       if (l->empty()) {
         continue;
       }
       const at::Tensor& caller = (*l)[i];
-      at::Tensor work = in_layout(caller, layout_of);
-      if (*mut && !work.is_same(caller)) {
-        w.writeback.emplace_back(caller, work);
+      if (&caller != &layout && !(same_dims(caller.strides(), layout.strides()) && caller.is_non_overlapping_and_dense())) {
+        at::Tensor work = at::empty_like(layout).copy_(caller);
+        if (*mut) {
+          w.writeback.emplace_back(caller, work);
+        }
+        w.lists[k].own(i, std::move(work));
       }
-      w.lists[k].push_back(std::move(work));
     }
-    w.numel.push_back(p.numel());
   }
   return w;
 }

@@ -29,6 +29,7 @@
 // torch.compile, for tensor subclasses (DTensor) and for the Python backends
 // the optimizer takes the ordinary path, which calls the registered ops.
 #include "step_plan.h"
+#include "multi_tensor_host.h"
 
 #include <cstring>
 #include <string>
@@ -37,8 +38,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
@@ -245,7 +249,7 @@ class StepPlan {
           return miss;  // p.data was replaced
         }
         if (!g.is_same(m.grad_slot)) {
-          if (!usable_grad(g, m) || p.strides() != m.grad_slot.strides()) {
+          if (!usable_grad(g, m) || !same_dims(p.strides(), m.grad_slot.strides())) {
             return miss;
           }
           relink.push_back(static_cast<int64_t>(i));
@@ -287,8 +291,9 @@ class StepPlan {
     if (max_grad_norm.has_value()) {
       total = py::cast(clip(stacks, *max_grad_norm));
     }
+    const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     for (const auto c : c10::irange(calls_.size())) {
-      calls_[c].op.callBoxed(&stacks[c]);
+      call_op(calls_[c], stacks[c], direct);
     }
     for (const at::Tensor& s : step_syncs_) {
       if (s.numel() > 1) {
@@ -302,7 +307,7 @@ class StepPlan {
   // A grad the op can take for member m's param as the ordinary path would pass it.
   static bool usable_grad(const at::Tensor& g, const Member& m) {
     return g.defined() && g.layout() == at::kStrided && g.scalar_type() == m.dtype && g.device() == m.device &&
-           g.sizes() == m.param.sizes();
+           same_dims(g.sizes(), m.param.sizes());
   }
 
   // Copies each listed flat member's grad into its slot and makes the slot
@@ -313,7 +318,7 @@ class StepPlan {
     for (const int64_t i : relink) {
       Member& m = members_[i];
       const at::Tensor g = m.param.grad();
-      if (g.is_cpu() && g.strides() == m.grad_slot.strides() && g.is_non_overlapping_and_dense()) {
+      if (g.is_cpu() && same_dims(g.strides(), m.grad_slot.strides()) && g.is_non_overlapping_and_dense()) {
         std::memcpy(m.grad_slot.data_ptr(), g.const_data_ptr(), g.nbytes());
       } else {
         slots.push_back(m.grad_slot);
@@ -324,6 +329,25 @@ class StepPlan {
     if (!slots.empty()) {
       at::_foreach_copy_(slots, grads);
     }
+  }
+
+  // The backend kernel of a call on CPU or CUDA tensors, straight from the
+  // dispatcher's table (`direct`: no dispatch mode or tracer is active):
+  // past the keys above the backend, whose kernels for our ops do nothing
+  // under no_grad but look at every tensor (the autograd fallback asks each
+  // whether it requires grad). The profiler still sees the op.
+  static void call_op(const Call& call, std::vector<c10::IValue>& stack, bool direct) {
+    const c10::DeviceType type = call.device.type();
+    if (!direct || (type != c10::DeviceType::CPU && type != c10::DeviceType::CUDA)) {
+      call.op.callBoxed(&stack);
+      return;
+    }
+    RECORD_FUNCTION(call.op.schema().name().c_str(), c10::ArrayRef<const c10::IValue>(stack.data(), stack.size()));
+    call.op.redispatchBoxed(backend_keys(type), &stack);
+  }
+
+  static c10::DispatchKeySet backend_keys(c10::DeviceType type) {
+    return c10::DispatchKeySet(type == c10::DeviceType::CUDA ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
   }
 
   // Pointers compared later must not be freed and reused meanwhile.
@@ -358,9 +382,17 @@ class StepPlan {
     static const auto norm = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("pyoptim::multi_tensor_norm", "")
                                  .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double)>();
+    const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     std::vector<at::Tensor> totals;
     for (const auto c : c10::irange(calls_.size())) {
-      totals.push_back(std::get<0>(norm.call(stacks[c][calls_[c].grads_index].toTensorVector(), 2.0)));
+      const std::vector<at::Tensor> grads = stacks[c][calls_[c].grads_index].toTensorVector();
+      const c10::DeviceType type = calls_[c].device.type();
+      if (direct && (type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA)) {
+        RECORD_FUNCTION("pyoptim::multi_tensor_norm", std::vector<c10::IValue>());
+        totals.push_back(std::get<0>(norm.redispatch(backend_keys(type), grads, 2.0)));  // as call_op
+      } else {
+        totals.push_back(std::get<0>(norm.call(grads, 2.0)));
+      }
     }
     at::Tensor total = totals[0];
     if (totals.size() > 1) {

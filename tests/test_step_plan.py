@@ -321,3 +321,72 @@ def test_plan_does_not_keep_old_grads_alive():
     for p in a:
         p.grad = None
     assert all(r() is None for r in refs)
+
+
+def test_replayed_steps_are_seen_by_the_profiler(plan_steps):
+    """The plan calls the backend kernels past the dispatcher's upper keys; the profiler still names the ops."""
+    ours, _, a, _ = _pair("adamw", torch.device("cpu"), max_grad_norm=1.0)
+    for p in a:
+        p.grad = torch.randn_like(p)
+    ours.step()  # makes the state
+    ours.step()  # records
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ours.step()
+    assert plan_steps["served"] == 1
+    names = {e.name for e in prof.events()}
+    assert "pyoptim::adam_step_" in names and "pyoptim::multi_tensor_norm" in names, sorted(names)[:40]
+
+
+def test_replayed_steps_go_through_an_active_dispatch_mode(plan_steps):
+    """Under a TorchDispatchMode the plan calls the ops through the dispatcher, so the mode sees them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for kind, op in (("adamw", "pyoptim.adam_step_.default"), ("sgd", "pyoptim.sgd_step_.default")):
+        ours, theirs, a, b = _pair(kind, torch.device("cpu"))
+        for _ in range(3):
+            _grads(a, b)
+            ours.step()
+            theirs.step()
+        served = plan_steps["served"]
+        _grads(a, b)
+        with Seen() as mode:
+            ours.step()
+        theirs.step()
+        assert plan_steps["served"] == served + 1
+        assert op in mode.ops, mode.ops
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("numel", [1, 3, 15, 16, 17, 31, 33])
+def test_tails_of_every_length(numel):
+    """Each tensor's last partial vector (masked on AVX512) updates exactly its own elements."""
+    init = [torch.randn(numel) for _ in range(5)]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    # Neighbours in one storage: a tail that wrote past its end would change the next one.
+    flat = torch.zeros(5 * numel + 3)
+    views = [flat[i * numel:(i + 1) * numel] for i in range(5)]
+    for v, p in zip(views, a):
+        v.copy_(p.detach())
+    ours = pyoptim.optim.AdamW(views, lr=1e-2, weight_decay=0.1, backend="cpu")
+    theirs = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        for v, p in zip(views, b):
+            g = torch.randn(numel)
+            v.grad = g.clone()
+            p.grad = g
+        ours.step()
+        theirs.step()
+    for v, p in zip(views, b):
+        torch.testing.assert_close(v, p.detach(), **TOL[torch.float32])
+    assert torch.equal(flat[5 * numel:], torch.zeros(3))

@@ -49,21 +49,22 @@ void adam_all(const AdamCpuLaunch& L) {
     // most of the per-tensor cost of a step over thousands of tiny tensors.
     struct Key {
       AdamHyper hyper;
-      double lr, step;
+      double lr, step, grad_mul;
       bool operator==(const Key& o) const {
         return std::memcmp(this, &o, sizeof(Key)) == 0;
       }
     };
-    thread_local Key last{};
-    thread_local double last_grad_mul = 0.0;
-    thread_local std::optional<Op> cached;
-    const Key key{L.hyper[i], L.lr[i], L.step[i]};
-    if (!cached.has_value() || !(key == last) || std::memcmp(&last_grad_mul, &L.grad_mul, sizeof(double)) != 0) {
-      cached.emplace(Op{VecAndScalar<AdamCoeffs, S>(adam_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul))});
-      last = key;
-      last_grad_mul = L.grad_mul;
+    struct Cache {  // one thread_local: each is a TLS lookup from a shared library
+      Key key{};
+      std::optional<Op> op;
+    };
+    thread_local Cache cache;
+    const Key key{L.hyper[i], L.lr[i], L.step[i], L.grad_mul};
+    if (!cache.op.has_value() || !(key == cache.key)) {
+      cache.op.emplace(Op{VecAndScalar<AdamCoeffs, S>(adam_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul))});
+      cache.key = key;
     }
-    const Op& op = *cached;
+    const Op& op = *cache.op;
     T* const ptr[5] = {static_cast<T*>(L.p[i]), static_cast<T*>(const_cast<void*>(L.g[i])),
                        static_cast<T*>(L.m[i]), static_cast<T*>(L.v[i]),
                        AMSGRAD ? static_cast<T*>(L.vm[i]) : nullptr};

@@ -30,8 +30,9 @@ void run_scale_kernel(const MultiTensorCpuLaunch& L, float coef) { PYOPTIM_ISA_D
 MultiTensorCpuLaunch make_launch(MultiTensorWork& work, at::TensorList tensors) {
   MultiTensorCpuLaunch L;
   L.dtype = tensors[0].scalar_type();
-  for (const at::Tensor& t : work.lists[0]) {
-    L.ptr.push_back(t.data_ptr());
+  L.ptr.reserve(work.lists[0].size());
+  for (const auto i : c10::irange(work.lists[0].size())) {
+    L.ptr.push_back(work.lists[0][i].data_ptr());
   }
   L.numel = work.numel;
   L.plan = plan_launch_groups(work.numel, kNormCpuChunk, static_cast<int64_t>(tensors.size()),

@@ -43,6 +43,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
+  reserve_each(n, L.p, L.g, L.m, L.v, L.hyper, L.lr, L.step);
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
@@ -55,8 +56,8 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     *step += 1.0f;
     L.step.push_back(static_cast<double>(*step));
   }
-  L.numel = work.numel;
-  L.plan = plan_launch_groups(work.numel, kLambCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
+  L.numel = std::move(work.numel);
+  L.plan = plan_launch_groups(L.numel, kLambCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
   // Pass 1, then each tensor's squared norms from its chunks' partials in
   // chunk order (the norm's reduction: deterministic), then pass 2.
   std::vector<double> partial(2 * L.plan.num_chunks());

@@ -33,8 +33,11 @@ void parallel_chunks(const LaunchGroup& plan, int64_t chunk_size, const int64_t*
   const int n = static_cast<int>(plan.num_tensors);
   at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t c_begin, int64_t c_end) {
     int64_t c = c_begin;
+    int slot = find_slot(plan.chunk_prefix.data(), n, c);
     while (c < c_end) {
-      const int slot = find_slot(plan.chunk_prefix.data(), n, c);
+      while (plan.chunk_prefix[slot + 1] <= c) {  // the next tensor with a chunk (a search per tensor costs
+        ++slot;                                   // more than the step of a tiny one)
+      }
       const int64_t i = plan.first_tensor + slot;
       const int64_t last = std::min(c_end, plan.chunk_prefix[slot + 1]);
       const int64_t begin = (c - plan.chunk_prefix[slot]) * chunk_size;
@@ -87,6 +90,23 @@ void elementwise_range(T* const (&ptr)[N], int64_t begin, int64_t end, const Op&
         }
       }
     }
+    if (j < end) {
+      // The tail as one partial vector (masked loads and stores where the
+      // ISA has them): a tiny tensor is all tail, and a scalar loop over it
+      // costs more than the rest of its step.
+      const int64_t count = end - j;
+      Vec x[N];
+      for (int k = 0; k < N; ++k) {
+        x[k] = ((LOAD >> k) & 1u) ? Vec::loadu(ptr[k] + j, count) : Vec(S(0));
+      }
+      op(x);
+      for (int k = 0; k < N; ++k) {
+        if ((STORE >> k) & 1u) {
+          x[k].store(ptr[k] + j, count);
+        }
+      }
+      return;
+    }
   } else {
     // fp16/bf16 storage: one storage vector holds two float vectors.
     using VecT = at::vec::Vectorized<T>;
@@ -108,7 +128,7 @@ void elementwise_range(T* const (&ptr)[N], int64_t begin, int64_t end, const Op&
       }
     }
   }
-  // The tail, on scalars, as the GPU runs it.
+  // The fp16/bf16 tail, on scalars, as the GPU runs it.
   for (; j < end; ++j) {
     S x[N];
     for (int k = 0; k < N; ++k) {

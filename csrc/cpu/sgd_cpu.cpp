@@ -40,6 +40,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
+  reserve_each(n, L.p, L.g, L.buf, L.hyper, L.lr);
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
@@ -50,8 +51,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     L.hyper.push_back(SgdHyper{lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
   }
-  L.numel = work.numel;
-  L.plan = plan_launch_groups(work.numel, kSgdCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
+  L.numel = std::move(work.numel);
+  L.plan = plan_launch_groups(L.numel, kSgdCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
   run_sgd_kernel(L);
   work.finish();
 }

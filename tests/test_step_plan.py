@@ -390,3 +390,52 @@ def test_tails_of_every_length(numel):
     for v, p in zip(views, b):
         torch.testing.assert_close(v, p.detach(), **TOL[torch.float32])
     assert torch.equal(flat[5 * numel:], torch.zeros(3))
+
+
+def test_step_hooks_registered_mid_run_are_called(plan_steps):
+    """The steady-state step skips torch's step wrapper only while no hook is registered."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    ours, theirs, a, b = _pair("sgd", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    seen = []
+
+    def mine(name):
+        def hook(o, args, kwargs):
+            if o is ours:
+                seen.append(name)
+        return hook
+
+    handles = [ours.register_step_pre_hook(lambda o, args, kw: seen.append("pre")),
+               ours.register_step_post_hook(lambda o, args, kw: seen.append("post")),
+               # (global hooks see torch's optimizer too: counted for ours only)
+               register_optimizer_step_pre_hook(mine("global pre")),
+               register_optimizer_step_post_hook(mine("global post"))]
+    try:
+        served = plan_steps["served"]
+        _steps(ours, theirs, a, b, 2)
+        assert seen == ["global pre", "pre", "post", "global post"] * 2
+        assert plan_steps["served"] == served + 2  # the plan still serves the step, inside the wrapper
+    finally:
+        for h in handles:
+            h.remove()
+    _steps(ours, theirs, a, b, 2)
+    assert len(seen) == 8
+    _assert_same(ours, theirs, a, b)
+
+
+def test_grad_mode_is_restored_by_every_step(plan_steps):
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    assert torch.is_grad_enabled() and plan_steps["served"] == 1
+    with torch.no_grad():
+        _steps(ours, theirs, a, b, 1)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+    # A step that raises (the op's check of a hyperparameter, in the plan's step) restores it too.
+    _grads(a, b)
+    served = plan_steps["served"]
+    ours.param_groups[0]["lr"] = -1.0
+    with pytest.raises((RuntimeError, ValueError), match="Invalid learning rate"):
+        ours.step()
+    assert torch.is_grad_enabled() and plan_steps["served"] == served

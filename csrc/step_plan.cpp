@@ -273,6 +273,7 @@ class StepPlan {
       }
     }
     std::vector<std::vector<c10::IValue>> stacks;
+    std::vector<std::vector<at::Tensor>> call_grads(calls_.size());  // moved into the stacks after the clip's norm
     stacks.reserve(calls_.size());
     for (const auto c : c10::irange(calls_.size())) {
       const Call& call = calls_[c];
@@ -282,13 +283,12 @@ class StepPlan {
       for (const auto& [key, index] : call.kwarg_index) {
         stack[index] = torch::jit::toIValue(kw[key], args[index].type());
       }
-      c10::List<at::Tensor> call_grads;
-      call_grads.reserve(call.grad_members.size());
+      std::vector<at::Tensor>& these = call_grads[c];
+      these.reserve(call.grad_members.size());
       for (const auto j : c10::irange(call.grad_members.size())) {
         const int64_t mi = call.grad_members[j];
-        call_grads.push_back(mi < 0 ? call.fixed_grads[j] : *grads[mi]);
+        these.push_back(mi < 0 ? call.fixed_grads[j] : *grads[mi]);
       }
-      stack[call.grads_index] = c10::IValue(std::move(call_grads));
       stacks.push_back(std::move(stack));
     }
 
@@ -297,7 +297,10 @@ class StepPlan {
     relink_grads(relink);
     py::object total = py::none();
     if (max_grad_norm.has_value()) {
-      total = py::cast(clip(stacks, *max_grad_norm));
+      total = py::cast(clip(call_grads, stacks, *max_grad_norm));
+    }
+    for (const auto c : c10::irange(calls_.size())) {
+      stacks[c][calls_[c].grads_index] = c10::IValue(std::move(call_grads[c]));
     }
     const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     for (const auto c : c10::irange(calls_.size())) {
@@ -412,14 +415,15 @@ class StepPlan {
   // The fused clip's norm pass: each call's grads in one multi_tensor_norm,
   // the totals combined on the first call's device; each call then scales
   // its grads by the clip factor in its kernel (as _fuse_clip does).
-  at::Tensor clip(std::vector<std::vector<c10::IValue>>& stacks, double max_grad_norm) {
+  at::Tensor clip(const std::vector<std::vector<at::Tensor>>& call_grads, std::vector<std::vector<c10::IValue>>& stacks,
+                  double max_grad_norm) {
     static const auto norm = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("pyoptim::multi_tensor_norm", "")
                                  .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double)>();
     const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     std::vector<at::Tensor> totals;
     for (const auto c : c10::irange(calls_.size())) {
-      const std::vector<at::Tensor> grads = stacks[c][calls_[c].grads_index].toTensorVector();
+      const std::vector<at::Tensor>& grads = call_grads[c];
       const c10::DeviceType type = calls_[c].device.type();
       if (direct && (type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA)) {
         RECORD_FUNCTION("pyoptim::multi_tensor_norm", std::vector<c10::IValue>());

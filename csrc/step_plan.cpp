@@ -32,6 +32,7 @@
 #include "multi_tensor_host.h"
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -295,14 +296,14 @@ class StepPlan {
     // Everything checked: from here on the step writes.
     at::NoGradGuard no_grad;
     relink_grads(relink);
+    const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     py::object total = py::none();
     if (max_grad_norm.has_value()) {
-      total = py::cast(clip(call_grads, stacks, *max_grad_norm));
+      total = py::cast(clip(call_grads, stacks, *max_grad_norm, direct));
     }
     for (const auto c : c10::irange(calls_.size())) {
       stacks[c][calls_[c].grads_index] = c10::IValue(std::move(call_grads[c]));
     }
-    const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     for (const auto c : c10::irange(calls_.size())) {
       call_op(calls_[c], stacks[c], direct);
     }
@@ -354,7 +355,7 @@ class StepPlan {
     std::vector<at::Tensor> slots, grads;
     for (const int64_t i : relink) {
       Member& m = members_[i];
-      const at::Tensor g = m.param.grad();
+      const at::Tensor g = grad_of(m.param);  // a copy: the slot replaces it below
       if (g.is_cpu() && same_dims(g.strides(), m.grad_slot.strides()) && g.is_non_overlapping_and_dense()) {
         std::memcpy(m.grad_slot.data_ptr(), g.const_data_ptr(), g.nbytes());
       } else {
@@ -374,17 +375,22 @@ class StepPlan {
   // under no_grad but look at every tensor (the autograd fallback asks each
   // whether it requires grad). The profiler still sees the op.
   static void call_op(const Call& call, std::vector<c10::IValue>& stack, bool direct) {
-    const c10::DeviceType type = call.device.type();
-    if (!direct || (type != c10::DeviceType::CPU && type != c10::DeviceType::CUDA)) {
+    const std::optional<c10::DispatchKeySet> keys = backend_keys(call.device, direct);
+    if (!keys.has_value()) {
       call.op.callBoxed(&stack);
       return;
     }
     RECORD_FUNCTION(call.op.schema().name().c_str(), c10::ArrayRef<const c10::IValue>(stack.data(), stack.size()));
-    call.op.redispatchBoxed(backend_keys(type), &stack);
+    call.op.redispatchBoxed(*keys, &stack);
   }
 
-  static c10::DispatchKeySet backend_keys(c10::DeviceType type) {
-    return c10::DispatchKeySet(type == c10::DeviceType::CUDA ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+  // The backend key a call on `device` redispatches to, or none where it
+  // goes through the dispatcher (not `direct`, or not a CPU/CUDA device).
+  static std::optional<c10::DispatchKeySet> backend_keys(const at::Device& device, bool direct) {
+    if (!direct || (!device.is_cpu() && !device.is_cuda())) {
+      return std::nullopt;
+    }
+    return c10::DispatchKeySet(device.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
   }
 
   // Pointers compared later must not be freed and reused meanwhile.
@@ -416,18 +422,16 @@ class StepPlan {
   // the totals combined on the first call's device; each call then scales
   // its grads by the clip factor in its kernel (as _fuse_clip does).
   at::Tensor clip(const std::vector<std::vector<at::Tensor>>& call_grads, std::vector<std::vector<c10::IValue>>& stacks,
-                  double max_grad_norm) {
+                  double max_grad_norm, bool direct) {
     static const auto norm = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("pyoptim::multi_tensor_norm", "")
                                  .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double)>();
-    const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     std::vector<at::Tensor> totals;
     for (const auto c : c10::irange(calls_.size())) {
       const std::vector<at::Tensor>& grads = call_grads[c];
-      const c10::DeviceType type = calls_[c].device.type();
-      if (direct && (type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA)) {
+      if (const std::optional<c10::DispatchKeySet> keys = backend_keys(calls_[c].device, direct)) {
         RECORD_FUNCTION("pyoptim::multi_tensor_norm", std::vector<c10::IValue>());
-        totals.push_back(std::get<0>(norm.redispatch(backend_keys(type), grads, 2.0)));  // as call_op
+        totals.push_back(std::get<0>(norm.redispatch(*keys, grads, 2.0)));  // as call_op
       } else {
         totals.push_back(std::get<0>(norm.call(grads, 2.0)));
       }

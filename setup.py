@@ -72,6 +72,15 @@ def _cuda_archs() -> list[int]:
 class BuildExt(cpp_extension.BuildExtension):
     """BuildExtension, plus the per-instruction-set CPU kernel objects."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # pip's editable install (`make build`) hands build_ext a fresh temporary
+        # directory each time, so every source recompiled on every `make`. The
+        # objects and ninja's logs live under build/ instead: ninja recompiles
+        # what changed (sources, headers through its depfiles, or flags).
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{platform.machine()}-{tag}")
+
     def build_extension(self, ext):
         isa_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
         os.makedirs(isa_dir, exist_ok=True)
@@ -106,8 +115,15 @@ def _extension():
     arch_list = ",".join(map(str, _cuda_archs())) if with_cuda else ""
     # -fopenmp: at::parallel_for is inline, and runs its body on one thread
     # unless the calling code is compiled with OpenMP (as torch's CPU build is).
-    cxx = opt + defines + [f"-DPYOPTIM_HAVE_{isa}=1" for isa in ISAS] + ["-fopenmp", f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno", "-Wall",
-                           "-Wno-unused-function", "-Wno-maybe-uninitialized"]
+    # -ffp-contract=off (and --fmad=false below): no multiply-add fused behind
+    # the code's back. GCC contracts a*b - c into one fma by default where the
+    # ISA has one, which turns an exact cancellation (LayerNorm's dx over a
+    # row of one element: d*w - mean(d*w) == 0) into the rounding error of a*b
+    # scaled by rstd, and makes each ISA's build round differently. Where a
+    # kernel wants an fma it writes one. The kernels are memory-bound: the
+    # extra instructions cost nothing measurable.
+    cxx = opt + defines + [f"-DPYOPTIM_HAVE_{isa}=1" for isa in ISAS] + ["-fopenmp", f"-DPYOPTIM_CUDA_ARCH_LIST={arch_list}", "-fno-math-errno",
+                           "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/cpu_isa.cpp",
                "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp",
                "csrc/norm_host.cpp", "csrc/norm_dispatch.cpp", "csrc/cpu/norm_cpu.cpp", "csrc/batch_norm_host.cpp", "csrc/cpu/batch_norm_cpu.cpp",
@@ -126,7 +142,8 @@ def _extension():
         return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     # No --use_fast_math: its approximate sqrt and division would part the GPU's
     # results from the CPU path's and from torch's.
-    nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr"]
+    # --fmad=false: the GPU rounds as the CPU path that tests its math does.
+    nvcc = opt + defines + ["-lineinfo", "--expt-relaxed-constexpr", "--fmad=false"]
     if os.environ.get("PYOPTIM_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     print(f"pyoptim: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)

@@ -71,16 +71,14 @@ at::ScalarType norm_stat_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// torch's default (aten's rms_norm): the epsilon of the math type, not of the
+// stored one: float's for half, bfloat16 and float input (F.rms_norm's docs
+// say finfo(input.dtype); its code uses opmath_t), double's for double.
 double rms_norm_eps(std::optional<double> eps, at::ScalarType dtype) {
   if (eps.has_value()) {
     return *eps;
   }
-  switch (dtype) {
-    case at::kDouble: return std::numeric_limits<double>::epsilon();
-    case at::kHalf: return 0.0009765625;  // torch.finfo(torch.float16).eps
-    case at::kBFloat16: return 0.0078125;  // torch.finfo(torch.bfloat16).eps
-    default: return std::numeric_limits<float>::epsilon();
-  }
+  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
 }
 
 NormDims check_norm_fwd_args(const char* op, bool rms, const at::Tensor& input, c10::IntArrayRef normalized_shape,

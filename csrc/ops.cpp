@@ -144,7 +144,8 @@ TORCH_LIBRARY(pyoptim, m) {
       "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, Tensor rstd, "
       "Tensor? weight, Tensor? bias, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // RMSNorm; mirrors aten::_fused_rms_norm: returns (out, rstd). eps=None is
-  // torch.finfo(input.dtype).eps, as in F.rms_norm.
+  // the epsilon of the math dtype (float's, double's for double input), as
+  // in aten's rms_norm.
   m.def("rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)");
   // Mirrors aten::_fused_rms_norm_backward: (grad_input, grad_weight), with
   // layer_norm_bwd's conventions.

@@ -111,8 +111,7 @@ def _store(P, v, mask):
 @triton.jit
 def _invstd(var, eps):
     # batch_norm_invstd: 1 / sqrt(max(var, 0) + eps), each step correctly
-    # rounded; a nan variance stays nan, as torch's batch norm keeps it (where
-    # norm_rstd's `var > 0 ? var : 0` would make it 1 / sqrt(eps)).
+    # rounded; a nan variance stays nan, as torch's batch norm keeps it.
     return exact_div(tl.full(var.shape, 1.0, var.dtype), exact_sqrt(tl.where(var < 0, 0.0, var) + eps))
 
 

@@ -11,7 +11,7 @@ of partials column by column, in order (note [deterministic weight grads]:
 no atomics, the same bits on every run).
 
 The per-row math is csrc/include/pyoptim/layer_norm.h's, in the same names:
-  mean = sum(x) / N (0 for RMSNorm), var = sum((x - mean)^2) / N
+  mean = x0 + sum(x - x0) / N (x0 = x[0]; 0 for RMSNorm), var = sum((x - mean)^2) / N
   rstd = 1 / sqrt(var + eps), xhat = (x - mean) * rstd, y = xhat * w + b
   g = dy * w, c1 = sum(g) / N (0 for RMSNorm), c2 = sum(g * xhat) / N
   dx = rstd * (g - c1 - xhat * c2)
@@ -86,7 +86,9 @@ def _norm_fwd_kernel(
         if RMS:
             d = x
         else:
-            mean = tl.sum(x, axis=1) / N
+            # note [shifted mean] (csrc/include/pyoptim/layer_norm.h): x0 + sum(x - x0) / N.
+            x0 = tl.load(X + rows * N, mask=rows < M, other=0.0).to(COMPUTE)
+            mean = x0 + tl.sum(tl.where(mask, x - x0[:, None], 0.0), axis=1) / N
             d = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / N
         rstd = _rstd(var + eps)
@@ -104,11 +106,12 @@ def _norm_fwd_kernel(
         row_y = Y + pid * N
         mean = 0.0
         if not RMS:
+            x0 = tl.load(row_x).to(COMPUTE)  # note [shifted mean]
             acc = tl.zeros([BLOCK_N], dtype=COMPUTE)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
-                acc += tl.load(row_x + c, mask=c < N, other=0.0).to(COMPUTE)
-            mean = tl.sum(acc, axis=0) / N
+                acc += tl.where(c < N, tl.load(row_x + c, mask=c < N, other=0.0).to(COMPUTE) - x0, 0.0)
+            mean = x0 + tl.sum(acc, axis=0) / N
         acc = tl.zeros([BLOCK_N], dtype=COMPUTE)
         for start in range(0, N, BLOCK_N):
             c = start + cols
@@ -330,7 +333,10 @@ def _norm_bwd_triton(op: str, rms: bool, grad_out: torch.Tensor, input: torch.Te
         with torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext():
             _norm_bwd_kernel[(g,)](dy, x, w, mean, rstd, dx, partial, m, n, RMS=rms, HAS_W=w is not None,
                                    PARTIALS=partials, COMPUTE=_compute(input.dtype), ONE_TILE=one_tile, ROWS=rows,
-                                   BLOCK_N=block_n, num_warps=warps)
+                                   # No fma behind the code's back: fma(dy, w, -c1) would leave the
+                                   # rounding of dy * w, times rstd, where a row of one gives dx = 0
+                                   # (setup.py's -ffp-contract=off / --fmad=false for the C++ backends).
+                                   BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=False)
             for which, out in ((0, dw if want_dw else None), (1, db if want_db else None)):
                 if out is not None:
                     _sum_partials_kernel[(triton.cdiv(n, _REDUCE_COLS),)](

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pyoptim import _backends
-from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
+from pyoptim._validation import (FLOAT_DTYPES, batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
                                  check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
                                  check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
                                  check_clip_scale_args, check_lamb_args, check_lion_args, check_norm_args,
@@ -357,6 +357,15 @@ def rms_norm(input: torch.Tensor, normalized_shape: _ShapeLike, weight: Optional
              eps: Optional[float] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """F.rms_norm: x / sqrt(mean(x^2) + eps) * weight over the trailing dims `normalized_shape`."""
     shape = _as_shape(normalized_shape)
+    if (weight is not None and weight.dtype != input.dtype and weight.is_floating_point()
+            and input.is_floating_point() and input.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES):
+        # torch's rms_norm takes a weight of any floating dtype (its composite
+        # path promotes, and returns the input's dtype); the kernels take the
+        # input's dtype, or float32 below it. The cast is differentiable: the
+        # weight's grad comes back in its own dtype.
+        math = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        if weight.dtype != math:
+            weight = weight.to(math)
     name = _select("rms_norm_fwd", input.device.type, backend)
     if _dispatched(name):
         return torch.ops.pyoptim.rms_norm_fwd(input, shape, weight, eps)[0]

@@ -287,7 +287,8 @@ def clip_scale_ref(tensors: Sequence[torch.Tensor], total_norm: torch.Tensor, ma
 
 # The contract of torch.ops.pyoptim.layer_norm_fwd/_bwd and rms_norm_fwd/_bwd
 # (csrc/ops.cpp), from the math of csrc/include/pyoptim/layer_norm.h:
-#   mean = sum(x) / N (0 for RMSNorm), var = sum((x - mean)^2) / N
+#   mean = x0 + sum(x - x0) / N (x0 the row's first element; 0 for RMSNorm),
+#   var = sum((x - mean)^2) / N
 #   rstd = 1 / sqrt(var + eps), xhat = (x - mean) * rstd, y = xhat * w + b
 #   g = dy * w, c1 = sum(g) / N (0 for RMSNorm), c2 = sum(g * xhat) / N
 #   dx = rstd * (g - c1 - xhat * c2), dw = sum_rows(dy * xhat), db = sum_rows(dy)
@@ -299,7 +300,12 @@ def _norm_fwd(op: str, rms: bool, input: torch.Tensor, normalized_shape: Sequenc
     ct = _opmath(input.dtype)
     dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
     x = input.to(ct)
-    mean = torch.zeros(stat_shape, dtype=ct, device=input.device) if rms else x.mean(dims, keepdim=True)
+    if rms:
+        mean = torch.zeros(stat_shape, dtype=ct, device=input.device)
+    else:  # note [shifted mean]: x0 + sum(x - x0) / N, x0 each row's first element
+        x0 = x.flatten(dims[0])[..., :1].reshape(x.shape[:dims[0]] + (1,) * len(dims)) if x.numel() else x.sum(
+            dims, keepdim=True)
+        mean = x0 + (x - x0).mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims, keepdim=True)
     rstd = 1.0 / torch.sqrt(var.clamp_min(0) + eps)
     y = (x - mean) * rstd

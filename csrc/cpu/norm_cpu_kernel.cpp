@@ -105,7 +105,8 @@ void fwd_rows(const NormCpuLaunch& L, int64_t r0, int64_t r1) {
     T* y = static_cast<T*>(L.out) + r * N;
     S mean = 0;
     if (!RMS) {
-      mean = row_sum(x, N, [](auto v) { return v; }) / static_cast<S>(N);
+      const S x0 = static_cast<S>(x[0]);  // note [shifted mean]
+      mean = norm_shifted_mean(x0, row_sum(x, N, [x0](auto v) { return v - decltype(v)(x0); }), N);
     }
     const S var = row_sum(x, N, [mean](auto v) {
                     const auto d = RMS ? v : v - decltype(v)(mean);

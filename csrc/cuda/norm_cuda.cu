@@ -168,12 +168,13 @@ __global__ void __launch_bounds__(THREADS* ROWS) norm_fwd_kernel(const NormFwdAr
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) load_k<S, K>(x, item_start<THREADS, K>(i), live ? N : 0, a.vec, v[i]);
     if (!RMS) {
+      const S x0 = static_cast<S>(x[0]);  // note [shifted mean]: every thread reads the row's first element
       S s = S(0);
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
-        for (int k = 0; k < K; ++k) s += v[i][k];
-      mean = row_sum<THREADS>(s, smem[threadIdx.y]) / static_cast<S>(N);
+        for (int k = 0; k < K; ++k) s += item_start<THREADS, K>(i) + k < N ? v[i][k] - x0 : S(0);
+      mean = norm_shifted_mean(x0, row_sum<THREADS>(s, smem[threadIdx.y]), N);
     }
     S s = S(0);
 #pragma unroll

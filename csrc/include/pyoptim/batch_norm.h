@@ -55,12 +55,12 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE S batch_norm_biased_var(const WelfordState<S,
   return w.m2 / S(w.count);
 }
 
-// invstd of a variance, correctly rounded (1 / sqrt, not rsqrt). Unlike
-// norm_rstd, a NaN variance stays NaN, as in torch's BatchNorm kernels; a
-// negative one (rounding) is taken as 0.
+// invstd of a variance: LayerNorm's rstd (correctly rounded 1 / sqrt; a NaN
+// variance stays NaN, as in torch's BatchNorm kernels; a negative one, from
+// rounding, is taken as 0).
 template <typename S>
 PYOPTIM_HOST_DEVICE PYOPTIM_INLINE S batch_norm_invstd(S var, S eps) {
-  return S(1) / MathOps<S>::sqrt((var < S(0) ? S(0) : var) + eps);
+  return norm_rstd(var, eps);
 }
 
 // One running statistic moved by momentum: (1 - momentum) * running + momentum * batch.

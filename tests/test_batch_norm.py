@@ -467,22 +467,51 @@ def test_bad_input_raises_torchs_error_before_any_write(bn_impl, case):
 
 
 @pytest.mark.parametrize("module", ["BatchNorm1d", "BatchNorm2d", "SyncBatchNorm"])
-def test_module_refuses_one_value_per_channel_before_updating(bn_impl, module):
-    """As torch's: a training batch of one value per channel raises the ValueError, running statistics kept."""
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("failure", ["one_value_per_channel", "eps_zero", "weight_size"])
+def test_module_that_raises_writes_nothing(bn_impl, module, momentum, failure):
+    """A training forward that raises leaves every buffer and parameter as it was: num_batches_tracked too
+    (torch's increments it before raising; ours counts the step once the forward succeeded)."""
     device = _device(bn_impl)
-    ours = getattr(pyoptim.nn, module)(3, device=device, backend=bn_impl[1])
-    x = torch.randn(1, 3, device=device) if module == "BatchNorm1d" else torch.randn(1, 3, 1, 1, device=device)
+    ours = getattr(pyoptim.nn, module)(3, momentum=momentum, device=device, backend=bn_impl[1])
+    shape = (1, 3) if failure == "one_value_per_channel" else (4, 3)
+    x = torch.randn(shape, device=device) if module == "BatchNorm1d" else torch.randn(*shape, 1, 1, device=device)
     with torch.no_grad():
         ours.running_mean.fill_(0.5)
         ours.running_var.fill_(2.0)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ours.num_batches_tracked.fill_(7)
+    if failure == "eps_zero":
+        ours.eps = 0.0
+    if failure == "weight_size":
+        ours.weight = torch.nn.Parameter(torch.ones(4, device=device))
+    before = copy.deepcopy(ours.state_dict())
+    exc, match = {"one_value_per_channel": (ValueError, "Expected more than 1 value per channel when training"),
+                  "eps_zero": (ValueError, "batch_norm eps must be positive during training"),
+                  "weight_size": (RuntimeError, "weight")}[failure]
+    with pytest.raises(exc, match=match):
         ours(x)
-    assert torch.equal(ours.running_mean, torch.full((3,), 0.5, device=device))
-    assert torch.equal(ours.running_var, torch.full((3,), 2.0, device=device))
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed before the error"
+    if failure != "one_value_per_channel":
+        return
     ours.eval()
     theirs = getattr(torch.nn, module)(3, device=device).eval()
     theirs.load_state_dict(ours.state_dict())
     torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])  # eval: one sample is fine
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_module_counts_each_successful_step_as_torch(bn_impl, momentum):
+    """num_batches_tracked and the cumulative average's 1 / num_batches_tracked factor as torch's, step by step."""
+    device = _device(bn_impl)
+    ours = pyoptim.nn.BatchNorm1d(3, momentum=momentum, device=device, backend=bn_impl[1])
+    theirs = torch.nn.BatchNorm1d(3, momentum=momentum, device=device)
+    for _ in range(3):
+        x = torch.randn(8, 3, device=device)
+        ours(x), theirs(x)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float32])
+        torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32])
 
 
 # -- modules against torch's ------------------------------------------------------------------------------------

@@ -28,18 +28,27 @@ class _BatchNormForward:
 
     backend: Optional[str]
 
-    def _factor_and_mode(self) -> tuple[float, bool]:
-        """(exponential_average_factor, bn_training), counting the step in num_batches_tracked, as torch does."""
+    def _factor_and_mode(self) -> tuple[float, bool, bool]:
+        """(exponential_average_factor, bn_training, counts): the factor of the step that `_count_step` then counts.
+
+        torch's _BatchNorm.forward increments num_batches_tracked first and so
+        leaves it incremented when the forward then raises (one value per
+        channel, a bad weight); here the count moves only once the forward has
+        succeeded: a call that raises writes nothing.
+        """
         # exponential_average_factor is self.momentum, or 1 / num_batches_tracked
-        # for momentum=None (a cumulative average): torch's _BatchNorm.forward.
+        # for momentum=None (a cumulative average), counting this step.
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)  # a host read, as torch's
+        counts = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counts and self.momentum is None:
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)  # a host read, as torch's
         # The batch's statistics normalize in training, and in eval when there are no running statistics.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        return factor, bn_training
+        return factor, bn_training, counts
+
+    def _count_step(self, counts: bool) -> None:
+        if counts:
+            self.num_batches_tracked.add_(1)
 
     def _running_stats(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The running statistics to pass: None in training when they are not tracked (so they are not moved)."""
@@ -50,10 +59,12 @@ class _BatchNormForward:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """torch.nn.BatchNorm*d's forward, by pyoptim's batch_norm."""
         self._check_input_dim(input)
-        factor, bn_training = self._factor_and_mode()
+        factor, bn_training, counts = self._factor_and_mode()
         running_mean, running_var = self._running_stats()
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-                          backend=self.backend)
+        out = batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
+                         backend=self.backend)
+        self._count_step(counts)
+        return out
 
 
 def _bias_kwargs(bias: bool) -> dict[str, bool]:
@@ -199,7 +210,7 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
         """torch.nn.SyncBatchNorm's forward by pyoptim's ops, without its GPU-only restriction."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor, bn_training = self._factor_and_mode()
+        factor, bn_training, counts = self._factor_and_mode()
         running_mean, running_var = self._running_stats()
         # Statistics are synchronized only in training, across a group of more than one rank.
         world_size = 1
@@ -208,10 +219,13 @@ class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
             process_group = self.process_group if self.process_group else dist.group.WORLD
             world_size = dist.get_world_size(process_group)
         if world_size == 1:
-            return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                              self.eps, backend=self.backend)
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
-                                            factor, process_group, world_size, self.backend)
+            out = batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                             self.eps, backend=self.backend)
+        else:
+            out = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                               factor, process_group, world_size, self.backend)
+        self._count_step(counts)
+        return out
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Optional[Any] = None

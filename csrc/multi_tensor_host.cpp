@@ -2,6 +2,7 @@
 #include "message.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/irange.h>
 
 namespace pyoptim {
@@ -10,6 +11,19 @@ namespace {
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Whether t shares memory with p, which the op writes while it reads t (a
+// grad set to its param's data, a state that is the param). One pointer
+// compare unless they share a storage; tensors ATen cannot judge (neither
+// dense) pass, as at::assert_no_overlap lets them.
+bool shares_memory(const at::Tensor& t, const at::Tensor& p) {
+  if (t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl() !=
+      p.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()) {
+    return false;
+  }
+  const at::MemOverlapStatus status = at::get_overlap_status(t, p);
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
 }
 
 }  // namespace
@@ -52,6 +66,8 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                   " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
       PYOPTIM_CHECK(same_dims(t.sizes(), p.sizes()), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
                   params.name, "[", i, "] has shape ", p.sizes());
+      PYOPTIM_CHECK(!shares_memory(t, p), op, ": ", l.name, "[", i, "] shares memory with ", params.name, "[", i,
+                    "], which the step writes while reading it (a grad set to its param's data?)");
     }
   }
 }

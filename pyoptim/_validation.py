@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what every kernel takes
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -25,6 +25,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check(cond: bool, op: str, *msg: object) -> None:
     if not cond:
         raise RuntimeError(f"{op}: " + "".join(str(m) for m in msg))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """TensorImpl::is_non_overlapping_and_dense: its elements fill a block of memory, in some order of dims."""
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _shares_memory(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether t and p overlap in memory, as the C++ checks judge it (at::get_overlap_status): dense tensors of
+    one storage whose byte ranges intersect; tensors it cannot judge (either not dense, or empty) pass."""
+    if t.numel() == 0 or p.numel() == 0 or t.device != p.device or t.device.type == "meta":
+        return False
+    try:
+        base = t.untyped_storage().data_ptr()
+        if base == 0 or base != p.untyped_storage().data_ptr():
+            return False
+    except RuntimeError:  # no data to alias: fake tensors (torch.compile's tracing, the fake kernels)
+        return False
+    if not (_dense(t) and _dense(p)):
+        return False
+    t0, p0 = t.data_ptr(), p.data_ptr()
+    return t0 < p0 + p.numel() * p.element_size() and p0 < t0 + t.numel() * t.element_size()
 
 
 def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor],
@@ -44,7 +71,7 @@ def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor]
                    device_type, " tensor")
         _check(p.device == p0.device, op, params_name, "[", i, "] is on ", p.device, " but ", params_name,
                "[0] is on ", p0.device, "; one call takes one device")
-        _check(p.dtype in _DTYPES, op, params_name, "[", i, "] has dtype ", _dtype_name(p.dtype),
+        _check(p.dtype in FLOAT_DTYPES, op, params_name, "[", i, "] has dtype ", _dtype_name(p.dtype),
                "; supported are float32, float64, float16 and bfloat16")
         _check(p.dtype == p0.dtype, op, params_name, "[", i, "] has dtype ", _dtype_name(p.dtype), " but ", params_name,
                "[0] has ", _dtype_name(p0.dtype), "; one call takes one dtype")
@@ -61,6 +88,8 @@ def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor]
                    "] has dtype ", _dtype_name(p.dtype))
             _check(t.shape == p.shape, op, name, "[", i, "] has shape ", list(t.shape), " but ", params_name, "[",
                    i, "] has shape ", list(p.shape))
+            _check(not _shares_memory(t, p), op, name, "[", i, "] shares memory with ", params_name, "[", i,
+                   "], which the step writes while reading it (a grad set to its param's data?)")
 
 
 def check_group_lists(op: str, group_sizes: Sequence[int], hyper: dict[str, Sequence[float]], n: int) -> None:
@@ -239,7 +268,7 @@ def check_clip_scale_args(tensors, total_norm, max_norm, device_type=None) -> No
 
 # -- the norm ops (csrc/norm_host.cpp) -----------------------------------------
 
-_NORM_DTYPES = _DTYPES
+_NORM_DTYPES = FLOAT_DTYPES
 
 
 def _torch_check(cond: bool, *msg: object) -> None:
@@ -254,8 +283,15 @@ def norm_stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rms_norm_eps(eps: Optional[float], dtype: torch.dtype) -> float:
-    """RMSNorm's eps: as given, else torch.finfo(dtype).eps (F.rms_norm's default)."""
-    return float(torch.finfo(dtype).eps) if eps is None else float(eps)
+    """RMSNorm's eps: as given, else the epsilon of the math dtype, as torch's rms_norm defaults it.
+
+    float32's for float16/bfloat16/float32 input, float64's for float64: aten
+    takes `std::numeric_limits<opmath_t>::epsilon()` (the docs' finfo(input.dtype)
+    would be bfloat16's 2^-7, which changes every output of a small-norm row).
+    """
+    if eps is not None:
+        return float(eps)
+    return float(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps)
 
 
 def _check_norm_param(op: str, name: str, t: Optional[torch.Tensor], input: torch.Tensor,

@@ -221,7 +221,9 @@ def test_low_precision_at_least_as_accurate_as_torch(adam_impl, dtype):
 
     for key in (None, "exp_avg", "exp_avg_sq"):
         e_ours, e_torch = rel_err(oo, ours, key), rel_err(ot, theirs, key)
-        assert e_ours <= e_torch, (key or "param", e_ours, e_torch)
+        # 1 + 1e-6: where both errors are the storage dtype's rounding of the same values (bf16 exp_avg),
+        # they agree to ~1e-10 and one element rounded the other way tips the order.
+        assert e_ours <= e_torch * (1 + 1e-6), (key or "param", e_ours, e_torch)
 
 
 # -- the API: state_dict, schedulers, GradScaler, hooks, closures --------------

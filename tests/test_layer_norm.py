@@ -376,6 +376,25 @@ def test_rms_norm_default_eps_is_torchs(norm_impl, dtype):
             torch.testing.assert_close(a.float(), e.float(), rtol=2 * ulp, atol=2 * ulp * float(e.float().abs().max()))
 
 
+@pytest.mark.parametrize("in_dtype,w_dtype", [(torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.float16), (torch.float64, torch.float32)],
+                         ids=str)
+def test_rms_norm_takes_any_floating_weight_as_torch(norm_impl, in_dtype, w_dtype):
+    """torch's rms_norm takes a weight of another floating dtype (its composite path): the output in the input's
+    dtype, the weight's grad in the weight's (found by the differential tests: ours raised)."""
+    device = _device(norm_impl)
+    x = torch.randn(5, 24, device=device).to(in_dtype)
+    w = torch.randn(24, device=device).to(w_dtype)
+    dy = torch.randn(5, 24, device=device).to(in_dtype)
+    ours = _run(_ours(True, norm_impl[1]), x, (24,), w, None, 1e-5, dy)
+    theirs = _run(_theirs(True), x, (24,), w, None, 1e-5, dy)
+    # bf16/fp16 anywhere: torch promotes before it rounds, ours casts the weight first; a 16-bit ulp apart.
+    low = torch.bfloat16 in (in_dtype, w_dtype) or torch.float16 in (in_dtype, w_dtype)
+    for a, e in zip(ours[:3], theirs[:3]):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.float(), e.float(), **(dict(rtol=2e-2, atol=2e-2) if low else TOL[torch.float32]))
+
+
 # -- bad shapes: torch's errors -----------------------------------------------------
 
 

@@ -221,6 +221,33 @@ def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, be
     check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
 
 
+def _check_not_negative(op: str, what: str, values: Sequence[float], k: int) -> None:
+    # torch.optim's check of a hyperparameter that must not be negative, with its message (csrc/optim_host.cpp's).
+    _check(values[k] >= 0.0, op, "Invalid ", what, ": ", values[k], " (group ", k, ")")
+
+
+def check_adagrad_args(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, group_sizes,
+                       l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
+                       max_grad_norm=0.0, device_type=None, **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of adagrad_step_."""
+    op = "adagrad_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "state_sums": state_sums}, device_type)
+    n = len(params)
+    _check(len(grads) == n and len(state_sums) == n and len(state_steps) == n, op,
+           "params, grads, state_sums and state_steps must have the same length, got ", n, ", ", len(grads), ", ",
+           len(state_sums), ", ", len(state_steps))
+    check_group_lists(op, group_sizes, {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps}, n)
+    for k in range(len(group_sizes)):
+        # torch.optim.Adagrad's checks, in its order.
+        _check_not_negative(op, "learning rate", lr, k)
+        _check_not_negative(op, "lr_decay value", lr_decay, k)
+        _check_not_negative(op, "weight_decay value", weight_decay, k)
+        _check_not_negative(op, "epsilon value", eps, k)
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
+    _check_state_steps(op, state_steps, params)
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
 def check_norm_args(tensors, norm_type, device_type=None) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of multi_tensor_norm."""
     op = "multi_tensor_norm"

@@ -96,4 +96,14 @@ struct AdagradArgs {
 
 void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type);
 
+struct RmspropArgs {
+  at::TensorList params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps;
+  c10::ArrayRef<double> lr, alpha, eps, weight_decay, momentum, l1_weight_decay;
+  c10::IntArrayRef group_sizes;
+  bool centered, maximize;
+  StepAux aux;
+};
+
+void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type);
+
 }  // namespace pyoptim

@@ -19,10 +19,11 @@ from pyoptim._validation import (batch_norm_layout, check_adagrad_args, check_ad
                                  check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
                                  check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
                                  check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lion_args,
-                                 check_norm_args, check_norm_bwd_args, check_norm_fwd_args, check_sgd_args,
-                                 norm_stat_dtype)
+                                 check_norm_args, check_norm_bwd_args, check_norm_fwd_args, check_rmsprop_args,
+                                 check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "adagrad_step_", "multi_tensor_norm",
+__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "adagrad_step_", "rmsprop_step_",
+           "multi_tensor_norm",
            "clip_scale_", "layer_norm", "rms_norm", "batch_norm", "instance_norm"]
 
 
@@ -210,6 +211,43 @@ def adagrad_step_(
           grad_norm=grad_norm, max_grad_norm=max_grad_norm)
 
 
+def rmsprop_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    square_avgs: Sequence[torch.Tensor],
+    grad_avgs: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    alpha: Sequence[float],
+    eps: Sequence[float],
+    weight_decay: Sequence[float],
+    momentum: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Optional[Sequence[int]] = None,
+    centered: bool = False,
+    maximize: bool = False,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+    backend: Optional[str] = None,
+) -> None:
+    """One RMSprop step over many tensors of one device and dtype, in place (csrc/include/pyoptim/rmsprop.h's math).
+
+    `grad_avgs` is read only when `centered`; `momentum_buffers` is empty when no group has momentum. Per-group
+    lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    """
+    _step("rmsprop_step_", check_rmsprop_args,
+          (params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps),
+          dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+               l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, centered=centered, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+          found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+
+
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,
                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The p-norm of many tensors of one device and dtype, as (total, per-tensor norms), in float32, in one pass."""
@@ -251,6 +289,10 @@ if _backends.EXTENSION_LOADED:
     @torch.library.register_fake("pyoptim::adagrad_step_")
     def _adagrad_step_fake(*args, **kwargs):
         check_adagrad_args(*args, **kwargs)
+
+    @torch.library.register_fake("pyoptim::rmsprop_step_")
+    def _rmsprop_step_fake(*args, **kwargs):
+        check_rmsprop_args(*args, **kwargs)
 
     @torch.library.register_fake("pyoptim::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, norm_type):

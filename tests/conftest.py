@@ -71,6 +71,12 @@ def adagrad_impl(request) -> tuple[str, str]:
     return request.param
 
 
+@pytest.fixture(params=impls("rmsprop_step_"), ids=impl_id)
+def rmsprop_impl(request) -> tuple[str, str]:
+    """(device type, backend) of one rmsprop_step_ implementation."""
+    return request.param
+
+
 @pytest.fixture(params=impls("multi_tensor_norm"), ids=impl_id)
 def clip_impl(request) -> tuple[str, str]:
     """(device type, backend) of one multi_tensor_norm (and clip_scale_) implementation."""
@@ -286,7 +292,7 @@ def captured_steps_against(make_ours, make_torch, steps=6):
         p.grad = torch.zeros_like(p)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up: state made here, the plan recorded
+    with torch.cuda.stream(s):  # warm-up: the state is made here
         for p, g in zip(a, grads[0]):
             p.grad.copy_(g)
         oa.step()
@@ -303,4 +309,91 @@ def captured_steps_against(make_ours, make_torch, steps=6):
             p.grad = g.clone()
         ob.step()
     torch.cuda.synchronize()
+    return a, b, oa, ob
+
+
+def torch_optim_db_inputs(name: str) -> list:
+    """torch's own test configurations of torch.optim.<name> (optim_db's optim_inputs_func on CPU), as pytest
+    params of their keywords (none where optim_db cannot be imported here)."""
+    info = torch_optim_db(name)
+    if info is None:
+        return []
+    return [pytest.param(oi.kwargs, id=oi.desc) for oi in info.optim_inputs_func(device="cpu")]
+
+
+def assert_torch_optim_db_errors(name: str, ours_cls) -> None:
+    """torch's own bad-input cases of torch.optim.<name> raise from `ours_cls` what they raise in torch (but the
+    duplicate parameter, which torch only warns about and FusedOptimizer.add_param_group refuses)."""
+    info = torch_optim_db(name)
+    if info is None:
+        pytest.skip("torch's optimizer test database cannot be imported here")
+    from torch.testing._internal.common_optimizers import OptimizerErrorEnum
+
+    for e in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+        if e.error_on != OptimizerErrorEnum.CONSTRUCTION_ERROR or e.error_type is UserWarning:
+            continue
+        inp = e.optimizer_error_input
+        with pytest.raises(e.error_type, match=e.error_regex):
+            ours_cls(inp.params, **inp.kwargs)
+
+
+def assert_raises_as_torch(ours_cls, torch_cls, kwargs, message: str) -> None:
+    """Both constructors, given `kwargs`, raise ValueError with exactly `message` (torch's own)."""
+    pattern = "^" + message.replace("(", r"\(").replace(")", r"\)") + "$"
+    for cls in (torch_cls, ours_cls):
+        with pytest.raises(ValueError, match=pattern):
+            cls([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def lr_scheduler_against(make_ours, make_torch, device, steps=6):
+    """`steps` steps of each optimizer under StepLR(step_size=2, gamma=0.5) over one param; returns both
+    params and optimizers."""
+    init = torch.randn(6, device=device)
+    a, b = [init.clone().requires_grad_()], [init.clone().requires_grad_()]
+    oa, ob = make_ours(a), make_torch(b)
+    sa = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(ob, step_size=2, gamma=0.5)
+    for _ in range(steps):
+        g = torch.randn(6, device=device)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+    assert oa.param_groups[0]["lr"] == ob.param_groups[0]["lr"]
+    return a, b, oa, ob
+
+
+def clipped_steps_against(make_ours, make_torch, device, max_norm, steps=10):
+    """Ours (made with max_grad_norm=max_norm) against torch.nn.utils.clip_grad_norm_(max_norm) then torch's step,
+    over grads large enough to be clipped; the pre-clip norms are compared every step. Returns both params and
+    optimizers."""
+    init = [torch.randn(s, device=device) for s in [(5,), (3, 4)]]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    oa, ob = make_ours(a), make_torch(b)
+    for _ in range(steps):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x) * 3
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        norm = torch.nn.utils.clip_grad_norm_(b, max_norm)
+        ob.step()
+        torch.testing.assert_close(oa.grad_norm, norm, **TOL[torch.float32])
+    return a, b, oa, ob
+
+
+def same_keywords_against(ours_cls, torch_cls, kwargs, device, backend, steps=5):
+    """ours_cls and torch_cls (foreach=False) built with the same keywords `kwargs` (Tensor values copied for
+    each), stepped `steps` times over weights, a bias and a 0-d param; returns both params and optimizers."""
+    init = [torch.randn(4, 3, device=device), torch.randn(3, device=device), torch.randn((), device=device)]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+
+    def copied():
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+    oa = ours_cls(a, backend=backend, **copied())
+    ob = torch_cls(b, **dict(copied(), foreach=False))
+    step_both(a, b, oa, ob, steps=steps)
     return a, b, oa, ob

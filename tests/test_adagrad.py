@@ -10,9 +10,10 @@ import torch
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import (TOL, assert_unchanged, captured_steps_against, device_of, grad_scaler_against,
-                            hand_over_state_dict, low_precision_errors, requires_cuda, snapshot, step_both,
-                            torch_optim_db)
+from tests.conftest import (TOL, assert_raises_as_torch, assert_torch_optim_db_errors, assert_unchanged,
+                            captured_steps_against, clipped_steps_against, device_of, grad_scaler_against,
+                            hand_over_state_dict, low_precision_errors, lr_scheduler_against, requires_cuda,
+                            same_keywords_against, snapshot, step_both, torch_optim_db_inputs)
 
 SHAPES = [(), (1,), (15,), (17,), (4, 5)]  # 0-d, one element, a vector width +- 1, 2-D
 
@@ -202,20 +203,10 @@ def test_grad_scaler_skips_inf_step(adagrad_impl):
 
 
 def test_fused_clip_equals_clip_then_step(adagrad_impl):
-    device = device_of(adagrad_impl)
-    init = [torch.randn(s, device=device) for s in [(5,), (3, 4)]]
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
-    oa = pyoptim.optim.Adagrad(a, lr=1e-2, max_grad_norm=0.5, backend=adagrad_impl[1])
-    ob = torch.optim.Adagrad(b, lr=1e-2, foreach=False)
-    for _ in range(10):
-        for x, y in zip(a, b):
-            g = torch.randn_like(x) * 3
-            x.grad, y.grad = g.clone(), g.clone()
-        oa.step()
-        norm = torch.nn.utils.clip_grad_norm_(b, 0.5)  # then torch's step
-        ob.step()
-        torch.testing.assert_close(oa.grad_norm, norm, **TOL[torch.float32])
+    kw = dict(lr=1e-2)
+    a, b, oa, ob = clipped_steps_against(
+        lambda ps: pyoptim.optim.Adagrad(ps, max_grad_norm=0.5, backend=adagrad_impl[1], **kw),
+        lambda ps: torch.optim.Adagrad(ps, foreach=False, **kw), device_of(adagrad_impl), 0.5)
     assert_same(a, b, oa, ob, torch.float32)
 
 
@@ -236,63 +227,28 @@ def test_state_dict_round_trip(adagrad_impl, direction):
 
 
 def test_lr_scheduler(adagrad_impl):
-    device = device_of(adagrad_impl)
-    init = torch.randn(6, device=device)
-    a, b = [init.clone().requires_grad_()], [init.clone().requires_grad_()]
-    oa = pyoptim.optim.Adagrad(a, lr=0.1, lr_decay=0.01, backend=adagrad_impl[1])
-    ob = torch.optim.Adagrad(b, lr=0.1, lr_decay=0.01, foreach=False)
-    sa = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.5)
-    sb = torch.optim.lr_scheduler.StepLR(ob, step_size=2, gamma=0.5)
-    for _ in range(6):
-        g = torch.randn(6, device=device)
-        a[0].grad, b[0].grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-        sa.step()
-        sb.step()
-    assert oa.param_groups[0]["lr"] == ob.param_groups[0]["lr"] == 0.1 * 0.5**3
+    kw = dict(lr=0.1, lr_decay=0.01)
+    a, b, oa, ob = lr_scheduler_against(lambda ps: pyoptim.optim.Adagrad(ps, backend=adagrad_impl[1], **kw),
+                                        lambda ps: torch.optim.Adagrad(ps, foreach=False, **kw),
+                                        device_of(adagrad_impl))
+    assert oa.param_groups[0]["lr"] == 0.1 * 0.5**3
     torch.testing.assert_close(a[0], b[0], **TOL[torch.float32])
 
 
 # -- PyTorch's own optimizer inputs (optim_db) ---------------------------------------
 
 
-def _torch_inputs():
-    info = torch_optim_db("Adagrad")
-    if info is None:
-        return []
-    return [pytest.param(oi.kwargs, id=oi.desc) for oi in info.optim_inputs_func(device="cpu")]
-
-
-@pytest.mark.parametrize("kwargs", _torch_inputs())
+@pytest.mark.parametrize("kwargs", torch_optim_db_inputs("Adagrad"))
 def test_torch_optim_db_inputs(adagrad_impl, kwargs):
-    # Each of torch's own test configurations of Adagrad, ours built with the same keywords, against torch's
-    # for-loop over a few steps on weights, a bias and a 0-d param.
-    device = device_of(adagrad_impl)
-    init = [torch.randn(4, 3, device=device), torch.randn(3, device=device), torch.randn((), device=device)]
-    a = [p.clone().requires_grad_() for p in init]
-    b = [p.clone().requires_grad_() for p in init]
-    kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    oa = pyoptim.optim.Adagrad(a, backend=adagrad_impl[1], **kw)
-    ob = torch.optim.Adagrad(b, **dict(kwargs, foreach=False))
-    step_both(a, b, oa, ob, steps=5)
+    # Each of torch's own test configurations of Adagrad, ours built with the same keywords, against torch's for-loop.
+    a, b, oa, ob = same_keywords_against(pyoptim.optim.Adagrad, torch.optim.Adagrad, kwargs, device_of(adagrad_impl),
+                                         adagrad_impl[1])
     assert_same(a, b, oa, ob, torch.float32)
 
 
 def test_torch_optim_db_error_inputs():
-    # torch's own bad-input cases raise here what they raise in torch (the duplicate parameter, which torch only
-    # warns about, raises ValueError here: FusedOptimizer.add_param_group).
-    info = torch_optim_db("Adagrad")
-    if info is None:
-        pytest.skip("torch's optimizer test database cannot be imported here")
-    from torch.testing._internal.common_optimizers import OptimizerErrorEnum
-
-    for e in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
-        if e.error_on != OptimizerErrorEnum.CONSTRUCTION_ERROR or e.error_type is UserWarning:
-            continue
-        inp = e.optimizer_error_input
-        with pytest.raises(e.error_type, match=e.error_regex):
-            pyoptim.optim.Adagrad(inp.params, **inp.kwargs)
+    # torch's own bad-input cases raise here what they raise in torch.
+    assert_torch_optim_db_errors("Adagrad", pyoptim.optim.Adagrad)
 
 
 # -- bad input, and exception safety -------------------------------------------
@@ -307,11 +263,7 @@ def test_torch_optim_db_error_inputs():
     (dict(lr=torch.tensor([1e-2, 1e-2])), "Tensor lr must be 1-element"),
 ])
 def test_bad_hyperparameters_raise_torchs_errors(kwargs, message):
-    pattern = "^" + message.replace("(", r"\(").replace(")", r"\)") + "$"
-    with pytest.raises(ValueError, match=pattern):
-        torch.optim.Adagrad([torch.zeros(2, requires_grad=True)], **kwargs)  # the message is torch's own
-    with pytest.raises(ValueError, match=pattern):
-        pyoptim.optim.Adagrad([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert_raises_as_torch(pyoptim.optim.Adagrad, torch.optim.Adagrad, kwargs, message)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [

@@ -5,5 +5,6 @@ from pyoptim.optim.sgd import SGD
 from pyoptim.optim.lion import Lion
 from pyoptim.optim.lamb import LAMB
 from pyoptim.optim.adagrad import Adagrad
+from pyoptim.optim.rmsprop import RMSprop
 
-__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB", "Adagrad"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB", "Adagrad", "RMSprop"]

@@ -397,3 +397,16 @@ def same_keywords_against(ours_cls, torch_cls, kwargs, device, backend, steps=5)
     ob = torch_cls(b, **dict(copied(), foreach=False))
     step_both(a, b, oa, ob, steps=steps)
     return a, b, oa, ob
+
+
+def assert_signature_extends(ours_cls, torch_cls) -> None:
+    """ours_cls's constructor takes torch_cls's parameters first, in order, with torch's defaults and kinds
+    (positional or keyword-only), then only keyword-only ones of its own."""
+    import inspect
+
+    ours = inspect.signature(ours_cls).parameters
+    theirs = inspect.signature(torch_cls).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].default == p.default and ours[name].kind == p.kind, name
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in list(ours.values())[len(theirs):])

@@ -10,10 +10,10 @@ import torch
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import (TOL, assert_raises_as_torch, assert_torch_optim_db_errors, assert_unchanged,
-                            captured_steps_against, clipped_steps_against, device_of, grad_scaler_against,
-                            hand_over_state_dict, low_precision_errors, lr_scheduler_against, requires_cuda,
-                            same_keywords_against, snapshot, step_both, torch_optim_db_inputs)
+from tests.conftest import (TOL, assert_raises_as_torch, assert_signature_extends, assert_torch_optim_db_errors,
+                            assert_unchanged, captured_steps_against, clipped_steps_against, device_of,
+                            grad_scaler_against, hand_over_state_dict, low_precision_errors, lr_scheduler_against,
+                            requires_cuda, same_keywords_against, snapshot, step_both, torch_optim_db_inputs)
 
 SHAPES = [(), (1,), (15,), (17,), (4, 5)]  # 0-d, one element, a vector width +- 1, 2-D
 
@@ -99,6 +99,12 @@ def test_tensor_lr_and_boundary_shapes(adagrad_impl, lr_dtype):
     ob = torch.optim.Adagrad(b, lr=torch.tensor(3e-2, dtype=lr_dtype), foreach=False, **kw)
     step_both(a, b, oa, ob)
     assert_same(a, b, oa, ob, torch.float32)
+
+
+def test_signature_mirrors_torch():
+    # torch's parameters, defaults and kinds (foreach positional, maximize, differentiable and fused keyword-only),
+    # then ours, keyword-only.
+    assert_signature_extends(pyoptim.optim.Adagrad, torch.optim.Adagrad)
 
 
 def test_state_at_construction_matches_torch():

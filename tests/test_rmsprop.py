@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 
 import pytest
@@ -11,10 +10,10 @@ import torch
 
 import pyoptim
 from pyoptim import _backends
-from tests.conftest import (TOL, assert_raises_as_torch, assert_torch_optim_db_errors, assert_unchanged,
-                            captured_steps_against, clipped_steps_against, device_of, grad_scaler_against,
-                            hand_over_state_dict, low_precision_errors, lr_scheduler_against, requires_cuda,
-                            same_keywords_against, snapshot, step_both, torch_optim_db_inputs)
+from tests.conftest import (TOL, assert_raises_as_torch, assert_signature_extends, assert_torch_optim_db_errors,
+                            assert_unchanged, captured_steps_against, clipped_steps_against, device_of,
+                            grad_scaler_against, hand_over_state_dict, low_precision_errors, lr_scheduler_against,
+                            requires_cuda, same_keywords_against, snapshot, step_both, torch_optim_db_inputs)
 
 SHAPES = [(), (1,), (15,), (17,), (4, 5)]  # 0-d, one element, a vector width +- 1, 2-D
 OPTIONS = ("momentum", "centered", "weight_decay", "maximize")
@@ -143,12 +142,7 @@ def test_tensor_lr_and_boundary_shapes(rmsprop_impl, lr_dtype):
 
 def test_signature_mirrors_torch():
     # torch's parameters, defaults and kinds (all positional-or-keyword), then ours, keyword-only.
-    ours = inspect.signature(pyoptim.optim.RMSprop).parameters
-    theirs = inspect.signature(torch.optim.RMSprop).parameters
-    assert list(ours)[:len(theirs)] == list(theirs)
-    for name, p in theirs.items():
-        assert ours[name].default == p.default and ours[name].kind == p.kind, name
-    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in list(ours.values())[len(theirs):])
+    assert_signature_extends(pyoptim.optim.RMSprop, torch.optim.RMSprop)
 
 
 def test_state_keys_and_types_match_torch():

@@ -35,6 +35,7 @@ DEBUG = os.environ.get("PYOPTIM_DEBUG", "0") == "1"
 # apply to these files alone, so the library loads on any x86-64 CPU.
 ISA_SOURCES = ["csrc/cpu/adam_cpu_kernel.cpp", "csrc/cpu/sgd_cpu_kernel.cpp", "csrc/cpu/clip_cpu_kernel.cpp",
                "csrc/cpu/lion_cpu_kernel.cpp", "csrc/cpu/lamb_cpu_kernel.cpp",
+               "csrc/cpu/adagrad_cpu_kernel.cpp", "csrc/cpu/rmsprop_cpu_kernel.cpp",
                "csrc/cpu/norm_cpu_kernel.cpp", "csrc/cpu/batch_norm_cpu_kernel.cpp"]
 ISAS = {
     "DEFAULT": [],
@@ -127,7 +128,8 @@ def _extension():
     sources = ["csrc/ops.cpp", "csrc/multi_tensor_host.cpp", "csrc/optim_host.cpp", "csrc/cpu/cpu_isa.cpp",
                "csrc/cpu/adam_cpu.cpp", "csrc/cpu/sgd_cpu.cpp", "csrc/cpu/clip_cpu.cpp",
                "csrc/norm_host.cpp", "csrc/norm_dispatch.cpp", "csrc/cpu/norm_cpu.cpp", "csrc/batch_norm_host.cpp", "csrc/cpu/batch_norm_cpu.cpp",
-               "csrc/cpu/fresh_output.cpp", "csrc/cpu/lion_cpu.cpp", "csrc/cpu/lamb_cpu.cpp", "csrc/step_plan.cpp"]
+               "csrc/cpu/fresh_output.cpp", "csrc/cpu/lion_cpu.cpp", "csrc/cpu/lamb_cpu.cpp", "csrc/cpu/adagrad_cpu.cpp",
+               "csrc/cpu/rmsprop_cpu.cpp", "csrc/step_plan.cpp"]
     kwargs = dict(
         name="pyoptim._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
@@ -149,7 +151,8 @@ def _extension():
     print(f"pyoptim: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     return cpp_extension.CUDAExtension(
         sources=sources + ["csrc/cuda/adam_cuda.cu", "csrc/cuda/sgd_cuda.cu", "csrc/cuda/clip_cuda.cu", "csrc/cuda/norm_cuda.cu",
-                           "csrc/cuda/batch_norm_cuda.cu", "csrc/cuda/lion_cuda.cu", "csrc/cuda/lamb_cuda.cu"],
+                           "csrc/cuda/batch_norm_cuda.cu", "csrc/cuda/lion_cuda.cu", "csrc/cuda/lamb_cuda.cu",
+                           "csrc/cuda/adagrad_cuda.cu", "csrc/cuda/rmsprop_cuda.cu"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         **kwargs,
     )

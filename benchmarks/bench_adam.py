@@ -63,11 +63,13 @@ TORCH_VARIANTS = (("forloop", dict(foreach=False), False), ("foreach", dict(fore
                   ("fused", dict(fused=True), True))
 
 
-def torch_providers(make_optimizer: Callable[..., Any], step_of=None) -> list[Provider]:
-    """torch-forloop, torch-foreach and torch-fused: `make_optimizer(params, **kwargs)` stepped by `step_of`
-    (default _step_of; called as step_of(make, foreach) when given)."""
+def torch_providers(make_optimizer: Callable[..., Any], step_of=None,
+                    variants: tuple[str, ...] = ("forloop", "foreach", "fused")) -> list[Provider]:
+    """torch-forloop, torch-foreach and torch-fused (those of `variants`: an optimizer torch has no fused version
+    of leaves it out): `make_optimizer(params, **kwargs)` stepped by `step_of` (default _step_of; called as
+    step_of(make, foreach) when given)."""
     out = []
-    for name, kw, foreach in TORCH_VARIANTS:
+    for name, kw, foreach in (v for v in TORCH_VARIANTS if v[0] in variants):
         make = lambda ps, kw=kw: make_optimizer(ps, **kw)  # noqa: E731
         out.append(Provider(f"torch-{name}", "torch", _step_of(make) if step_of is None else step_of(make, foreach)))
     return out

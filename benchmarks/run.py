@@ -5,8 +5,8 @@
         [--out DIR] [--quick] [--no-plot] [--threads N] [--default-allocator] [--list]
 
 See harness.py for what is measured and how, and bench_adam.py for an op. The ops are found, not listed:
-every benchmarks/bench_<op>.py that defines OP (adam, sgd, lion, lamb, clip, clip_adamw, layer_norm,
-batch_norm). After them, bench_host.py times the optimizer step's host path (microseconds per step over tiny
+every benchmarks/bench_<op>.py that defines OP (adam, sgd, lion, lamb, adagrad, rmsprop, clip,
+clip_adamw, layer_norm, batch_norm). After them, bench_host.py times the optimizer step's host path (microseconds per step over tiny
 tensors, not GB/s); `--ops host` runs it alone.
 """
 

@@ -117,6 +117,38 @@ TORCH_LIBRARY(pyoptim, m) {
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
 
+  // One Adagrad step over many tensors of one device and dtype, in place.
+  // Mirrors aten::_fused_adagrad_ (argument names and order), with per-group
+  // hyperparameters as in adam_step_: state_steps advance by one, then
+  //   g = g + weight_decay * p; state_sum += g * g;
+  //   p -= lr / (1 + (step - 1) * lr_decay) * g / (sqrt(state_sum) + eps)
+  // (csrc/include/pyoptim/adagrad.h). lr_tensor, grad_scale, found_inf,
+  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_.
+  m.def(
+      "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, *, "
+      "float[] lr, float[] lr_decay, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
+      "int[] group_sizes, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
+  // One RMSprop step over many tensors of one device and dtype, in place.
+  // The lists of torch's _single_tensor_rmsprop, in its order, with
+  // per-group hyperparameters as in adam_step_: state_steps advance by one, then
+  //   g = g + weight_decay * p; square_avg = alpha * square_avg + (1 - alpha) * g * g;
+  //   avg = sqrt(square_avg) + eps, or, centered, grad_avg = lerp(grad_avg, g, 1 - alpha) and
+  //   avg = sqrt(square_avg - grad_avg^2) + eps;
+  //   p -= lr * g / avg, or, with momentum_buffers, buf = momentum * buf + g / avg and p -= lr * buf
+  // (csrc/include/pyoptim/rmsprop.h). grad_avgs is read only when centered;
+  // momentum_buffers is empty when no group has momentum. lr_tensor,
+  // grad_scale, found_inf, grad_norm, max_grad_norm and l1_weight_decay as in adam_step_.
+  m.def(
+      "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+      "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, *, "
+      "float[] lr, float[] alpha, float[] eps, float[] weight_decay, float[] momentum, "
+      "float[] l1_weight_decay=[], int[] group_sizes, bool centered, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
   // Norms of many tensors of one device and dtype in one pass: the total
   // over all of them (0-d) and one per tensor ([n]), both float32, whatever
   // the tensors' dtype (fp16/bf16 accumulate in fp32 and do not overflow).

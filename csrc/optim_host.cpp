@@ -41,6 +41,12 @@ std::vector<double> cpu_group_lrs(const StepAux& aux, c10::ArrayRef<double> lr) 
   return std::vector<double>(v, v + values.numel());
 }
 
+double cpu_advance_step(const at::Tensor& step) {
+  float* s = step.data_ptr<float>();
+  *s += 1.0f;
+  return static_cast<double>(*s);
+}
+
 namespace {
 
 void check_state_steps(const char* op, at::TensorList state_steps, at::TensorList params) {
@@ -59,6 +65,21 @@ void check_betas(const char* op, c10::ArrayRef<double> beta1, c10::ArrayRef<doub
                 k, ")");
   PYOPTIM_CHECK(beta2[k] >= 0.0 && beta2[k] < 1.0, op, ": Invalid beta parameter at index 1: ", beta2[k], " (group ",
                 k, ")");
+}
+
+// torch.optim's check of a hyperparameter that must not be negative, with its
+// message ("Invalid learning rate: -1", "Invalid weight_decay value: -1"), for group k.
+void check_not_negative(const char* op, const char* what, c10::ArrayRef<double> values, size_t k) {
+  PYOPTIM_CHECK(values[k] >= 0.0, op, ": Invalid ", what, ": ", values[k], " (group ", k, ")");
+}
+
+// A group with momentum needs the momentum buffers (sgd_step_, rmsprop_step_). With no params there is
+// nothing to move: the step plan checks the hyperparameters of its calls with empty lists (note
+// [exception safety] in pyoptim/optim/_base.py).
+void check_momentum_buffers(const char* op, c10::ArrayRef<double> momentum, size_t k, at::TensorList buffers,
+                            int64_t n) {
+  PYOPTIM_CHECK(n == 0 || !buffers.empty() || momentum[k] == 0.0, op, ": group ", k, " has momentum ", momentum[k],
+                " but no momentum_buffers were given");
 }
 
 }  // namespace
@@ -119,14 +140,12 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
                     {{"lr", a.lr}, {"momentum", a.momentum}, {"dampening", a.dampening},
                      {"weight_decay", a.weight_decay}},
                     n);
-  const bool has_momentum = !a.momentum_buffers.empty();
   for (const auto k : c10::irange(a.group_sizes.size())) {
     PYOPTIM_CHECK(a.lr[k] >= 0.0, op, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
     PYOPTIM_CHECK(a.momentum[k] >= 0.0, op, ": Invalid momentum value: ", a.momentum[k], " (group ", k, ")");
     PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
                 ")");
-    PYOPTIM_CHECK(has_momentum || a.momentum[k] == 0.0, op, ": group ", k, " has momentum ", a.momentum[k],
-                " but no momentum_buffers were given");
+    check_momentum_buffers(op, a.momentum, k, a.momentum_buffers, n);
     PYOPTIM_CHECK(!a.nesterov || (a.momentum[k] > 0.0 && a.dampening[k] == 0.0), op,
                 ": Nesterov momentum requires a momentum and zero dampening (group ", k, ")");
   }
@@ -173,6 +192,58 @@ void check_lamb_args(const LambArgs& a, c10::DeviceType device_type) {
     check_betas(op, a.beta1, a.beta2, k);
     PYOPTIM_CHECK(a.weight_decay[k] >= 0.0, op, ": Invalid weight_decay value: ", a.weight_decay[k], " (group ", k,
                   ")");
+  }
+  check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
+  check_state_steps(op, a.state_steps, a.params);
+  check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+}
+
+void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type) {
+  const char* op = "adagrad_step_";
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}, {"state_sums", a.state_sums}});
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.state_sums.size()) == n &&
+                    static_cast<int64_t>(a.state_steps.size()) == n,
+                op, ": params, grads, state_sums and state_steps must have the same length, got ", n, ", ",
+                a.grads.size(), ", ", a.state_sums.size(), ", ", a.state_steps.size());
+  check_group_lists(op, a.group_sizes,
+                    {{"lr", a.lr}, {"lr_decay", a.lr_decay}, {"weight_decay", a.weight_decay}, {"eps", a.eps}}, n);
+  for (const auto k : c10::irange(a.group_sizes.size())) {
+    // torch.optim.Adagrad's checks, in its order.
+    check_not_negative(op, "learning rate", a.lr, k);
+    check_not_negative(op, "lr_decay value", a.lr_decay, k);
+    check_not_negative(op, "weight_decay value", a.weight_decay, k);
+    check_not_negative(op, "epsilon value", a.eps, k);
+  }
+  check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
+  check_state_steps(op, a.state_steps, a.params);
+  check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+}
+
+void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type) {
+  const char* op = "rmsprop_step_";
+  check_tensor_lists(op, device_type, {"params", a.params},
+                     {{"grads", a.grads}, {"square_avgs", a.square_avgs}, {"grad_avgs", a.grad_avgs},
+                      {"momentum_buffers", a.momentum_buffers}});
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.square_avgs.size()) == n &&
+                    static_cast<int64_t>(a.state_steps.size()) == n,
+                op, ": params, grads, square_avgs and state_steps must have the same length, got ", n, ", ",
+                a.grads.size(), ", ", a.square_avgs.size(), ", ", a.state_steps.size());
+  PYOPTIM_CHECK(!a.centered || static_cast<int64_t>(a.grad_avgs.size()) == n, op,
+                ": centered needs one grad_avgs entry per param, got ", a.grad_avgs.size(), " for ", n, " params");
+  check_group_lists(op, a.group_sizes,
+                    {{"lr", a.lr}, {"alpha", a.alpha}, {"eps", a.eps}, {"weight_decay", a.weight_decay},
+                     {"momentum", a.momentum}},
+                    n);
+  for (const auto k : c10::irange(a.group_sizes.size())) {
+    // torch.optim.RMSprop's checks, in its order.
+    check_not_negative(op, "learning rate", a.lr, k);
+    check_not_negative(op, "epsilon value", a.eps, k);
+    check_not_negative(op, "momentum value", a.momentum, k);
+    check_not_negative(op, "weight_decay value", a.weight_decay, k);
+    check_not_negative(op, "alpha value", a.alpha, k);
+    check_momentum_buffers(op, a.momentum, k, a.momentum_buffers, n);
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
   check_state_steps(op, a.state_steps, a.params);

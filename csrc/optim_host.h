@@ -1,5 +1,5 @@
-// Host-side checks of the optimizer-step ops (adam_step_, sgd_step_), shared
-// by their CPU and CUDA launchers.
+// Host-side checks of the optimizer-step ops (adam_step_, sgd_step_, ...),
+// shared by their CPU and CUDA launchers.
 #pragma once
 
 #include <optional>
@@ -37,6 +37,9 @@ std::vector<double> cpu_group_lrs(const StepAux& aux, c10::ArrayRef<double> lr);
 
 // l1_weight_decay: one value per group, or empty (none); each >= 0.
 void check_l1_weight_decay(const char* op, c10::ArrayRef<double> l1_weight_decay, int64_t groups);
+
+// Advances a float32 step counter on the CPU by one and returns its new value.
+double cpu_advance_step(const at::Tensor& step);
 
 // Group k's l1_weight_decay (0 when the list is empty).
 inline double group_l1(c10::ArrayRef<double> l1_weight_decay, int64_t k) {
@@ -82,5 +85,25 @@ struct LambArgs {
 };
 
 void check_lamb_args(const LambArgs& a, c10::DeviceType device_type);
+
+struct AdagradArgs {
+  at::TensorList params, grads, state_sums, state_steps;
+  c10::ArrayRef<double> lr, lr_decay, weight_decay, eps, l1_weight_decay;
+  c10::IntArrayRef group_sizes;
+  bool maximize;
+  StepAux aux;
+};
+
+void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type);
+
+struct RmspropArgs {
+  at::TensorList params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps;
+  c10::ArrayRef<double> lr, alpha, eps, weight_decay, momentum, l1_weight_decay;
+  c10::IntArrayRef group_sizes;
+  bool centered, maximize;
+  StepAux aux;
+};
+
+void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type);
 
 }  // namespace pyoptim

@@ -9,9 +9,9 @@ from pyoptim import _backends  # noqa: F401  (loads the extension first, warns o
 from pyoptim._backends import backend_info
 from pyoptim import functional, nn, optim, reference
 from pyoptim.optim import SGD, Adam, AdamW
-from pyoptim.optim import LAMB, Lion
+from pyoptim.optim import LAMB, Adagrad, Lion, RMSprop
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB", "backend_info", "functional", "nn", "optim", "reference",
-           "__version__"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "LAMB", "Adagrad", "RMSprop", "backend_info", "functional", "nn",
+           "optim", "reference", "__version__"]

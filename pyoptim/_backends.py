@@ -38,6 +38,8 @@ _IMPLS: dict[str, dict[str, str]] = {
         ("sgd_step_", "sgd"),
         ("lion_step_", "lion"),
         ("lamb_step_", "lamb"),
+        ("adagrad_step_", "adagrad"),
+        ("rmsprop_step_", "rmsprop"),
         ("multi_tensor_norm", "clip"),
         ("clip_scale_", "clip"),
         ("layer_norm_fwd", "layer_norm"),

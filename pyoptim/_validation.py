@@ -172,6 +172,13 @@ def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
 
 
+def _check_momentum_buffers(op: str, momentum: Sequence[float], k: int, buffers, n: int) -> None:
+    # A group with momentum needs the momentum buffers (sgd_step_, rmsprop_step_). With no params there is nothing
+    # to move: the step plan checks the hyperparameters of its calls with empty lists (csrc/optim_host.cpp's).
+    _check(n == 0 or len(buffers) > 0 or momentum[k] == 0.0, op, "group ", k, " has momentum ", momentum[k],
+           " but no momentum_buffers were given")
+
+
 def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
                    l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
                    max_grad_norm=0.0, device_type=None, **_unused) -> None:
@@ -182,13 +189,11 @@ def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, 
     _check(len(grads) == n, op, "params and grads must have the same length, got ", n, " and ", len(grads))
     check_group_lists(op, group_sizes, {"lr": lr, "momentum": momentum, "dampening": dampening,
                                         "weight_decay": weight_decay}, n)
-    has_momentum = len(momentum_buffers) > 0
     for k in range(len(group_sizes)):
         _check(lr[k] >= 0.0, op, "Invalid learning rate: ", lr[k], " (group ", k, ")")
         _check(momentum[k] >= 0.0, op, "Invalid momentum value: ", momentum[k], " (group ", k, ")")
         _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
-        _check(has_momentum or momentum[k] == 0.0, op, "group ", k, " has momentum ", momentum[k],
-               " but no momentum_buffers were given")
+        _check_momentum_buffers(op, momentum, k, momentum_buffers, n)
         _check(not nesterov or (momentum[k] > 0.0 and dampening[k] == 0.0), op,
                "Nesterov momentum requires a momentum and zero dampening (group ", k, ")")
     check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
@@ -245,6 +250,62 @@ def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, be
         _check(eps[k] >= 0.0, op, "Invalid epsilon value: ", eps[k], " (group ", k, ")")
         _check_betas(op, beta1, beta2, k)
         _check(weight_decay[k] >= 0.0, op, "Invalid weight_decay value: ", weight_decay[k], " (group ", k, ")")
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
+    _check_state_steps(op, state_steps, params)
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def _check_not_negative(op: str, what: str, values: Sequence[float], k: int) -> None:
+    # torch.optim's check of a hyperparameter that must not be negative, with its message (csrc/optim_host.cpp's).
+    _check(values[k] >= 0.0, op, "Invalid ", what, ": ", values[k], " (group ", k, ")")
+
+
+def check_adagrad_args(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, group_sizes,
+                       l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
+                       max_grad_norm=0.0, device_type=None, **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of adagrad_step_."""
+    op = "adagrad_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "state_sums": state_sums}, device_type)
+    n = len(params)
+    _check(len(grads) == n and len(state_sums) == n and len(state_steps) == n, op,
+           "params, grads, state_sums and state_steps must have the same length, got ", n, ", ", len(grads), ", ",
+           len(state_sums), ", ", len(state_steps))
+    check_group_lists(op, group_sizes, {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps}, n)
+    for k in range(len(group_sizes)):
+        # torch.optim.Adagrad's checks, in its order.
+        _check_not_negative(op, "learning rate", lr, k)
+        _check_not_negative(op, "lr_decay value", lr_decay, k)
+        _check_not_negative(op, "weight_decay value", weight_decay, k)
+        _check_not_negative(op, "epsilon value", eps, k)
+    check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
+    _check_state_steps(op, state_steps, params)
+    check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
+                       weight_decay, momentum, group_sizes, centered, l1_weight_decay=(), lr_tensor=None,
+                       grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0, device_type=None,
+                       **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of rmsprop_step_."""
+    op = "rmsprop_step_"
+    check_tensor_lists(op, "params", params, {"grads": grads, "square_avgs": square_avgs, "grad_avgs": grad_avgs,
+                                              "momentum_buffers": momentum_buffers}, device_type)
+    n = len(params)
+    _check(len(grads) == n and len(square_avgs) == n and len(state_steps) == n, op,
+           "params, grads, square_avgs and state_steps must have the same length, got ", n, ", ", len(grads), ", ",
+           len(square_avgs), ", ", len(state_steps))
+    _check(not centered or len(grad_avgs) == n, op, "centered needs one grad_avgs entry per param, got ",
+           len(grad_avgs), " for ", n, " params")
+    check_group_lists(op, group_sizes, {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
+                                        "momentum": momentum}, n)
+    for k in range(len(group_sizes)):
+        # torch.optim.RMSprop's checks, in its order.
+        _check_not_negative(op, "learning rate", lr, k)
+        _check_not_negative(op, "epsilon value", eps, k)
+        _check_not_negative(op, "momentum value", momentum, k)
+        _check_not_negative(op, "weight_decay value", weight_decay, k)
+        _check_not_negative(op, "alpha value", alpha, k)
+        _check_momentum_buffers(op, momentum, k, momentum_buffers, n)
     check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
     _check_state_steps(op, state_steps, params)
     check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)

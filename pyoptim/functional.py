@@ -15,18 +15,33 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pyoptim import _backends
-from pyoptim._validation import (FLOAT_DTYPES, batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
-                                 check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
-                                 check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
-                                 check_clip_scale_args, check_lamb_args, check_lion_args, check_norm_args,
-                                 check_norm_bwd_args, check_norm_fwd_args, check_sgd_args, norm_stat_dtype)
+from pyoptim._validation import (FLOAT_DTYPES, batch_norm_layout, check_adagrad_args, check_adam_args,
+                                 check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
+                                 check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
+                                 check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lion_args,
+                                 check_norm_args, check_norm_bwd_args, check_norm_fwd_args, check_rmsprop_args,
+                                 check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "multi_tensor_norm", "clip_scale_", "layer_norm",
-           "rms_norm", "batch_norm", "instance_norm"]
+__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "adagrad_step_", "rmsprop_step_",
+           "multi_tensor_norm",
+           "clip_scale_", "layer_norm", "rms_norm", "batch_norm", "instance_norm"]
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
     return _backends.get(op, _backends.select(op, tensors[0].device, backend))
+
+
+def _step(op: str, check, tensor_lists: Sequence[Sequence[torch.Tensor]], hyper: dict[str, Sequence[float]],
+          group_sizes: Optional[Sequence[int]], backend: Optional[str], **rest) -> None:
+    """One call of step op `op` by the backend that serves it: its tensor lists and per-group `hyper` lists as
+    lists, group_sizes defaulting to one group, `rest` (flags and the StepAux arguments) as given."""
+    lists = [list(t) for t in tensor_lists]
+    kwargs = {name: list(values) for name, values in hyper.items()}
+    kwargs.update(group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), **rest)
+    if not lists[0]:
+        check(*lists, **kwargs)  # no tensor to dispatch on: check the lists and do nothing
+        return
+    _impl(op, lists[0], backend)(*lists, **kwargs)
 
 
 def adam_step_(
@@ -62,16 +77,11 @@ def adam_step_(
     `max_grad_norm` inside the kernel, as torch.nn.utils.clip_grad_norm_ would. `l1_weight_decay` (one per
     group, or empty: none) adds l1 * sign(p) to the scaled grads, before weight_decay.
     """
-    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps)]
-    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
-                  l1_weight_decay=list(l1_weight_decay),
-                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), amsgrad=amsgrad,
-                  maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, lr_tensor=lr_tensor,
-                  grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
-    if not lists[0]:
-        check_adam_args(*lists, **kwargs)  # no tensor to dispatch on: check the lists and do nothing
-        return
-    _impl("adam_step_", lists[0], backend)(*lists, **kwargs)
+    _step("adam_step_", check_adam_args, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps),
+          dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+          lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+          max_grad_norm=max_grad_norm)
 
 
 def sgd_step_(
@@ -101,16 +111,12 @@ def sgd_step_(
     `is_first_step` the buffers are overwritten with the grads, as torch's SGD
     starts them. Other arguments as in adam_step_.
     """
-    lists = [list(params), list(grads), list(momentum_buffers)]
-    kwargs = dict(lr=list(lr), momentum=list(momentum), dampening=list(dampening), weight_decay=list(weight_decay),
-                  l1_weight_decay=list(l1_weight_decay),
-                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), nesterov=nesterov,
-                  maximize=maximize, is_first_step=is_first_step, lr_tensor=lr_tensor, grad_scale=grad_scale,
-                  found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
-    if not lists[0]:
-        check_sgd_args(*lists, **kwargs)
-        return
-    _impl("sgd_step_", lists[0], backend)(*lists, **kwargs)
+    _step("sgd_step_", check_sgd_args, (params, grads, momentum_buffers),
+          dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+               l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, nesterov=nesterov, maximize=maximize, is_first_step=is_first_step,
+          lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+          max_grad_norm=max_grad_norm)
 
 
 def lion_step_(
@@ -136,16 +142,10 @@ def lion_step_(
 
     Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
     """
-    lists = [list(params), list(grads), list(exp_avgs)]
-    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay),
-                  l1_weight_decay=list(l1_weight_decay),
-                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
-                  lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                  max_grad_norm=max_grad_norm)
-    if not lists[0]:
-        check_lion_args(*lists, **kwargs)
-        return
-    _impl("lion_step_", lists[0], backend)(*lists, **kwargs)
+    _step("lion_step_", check_lion_args, (params, grads, exp_avgs),
+          dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+          grad_norm=grad_norm, max_grad_norm=max_grad_norm)
 
 
 def lamb_step_(
@@ -175,16 +175,77 @@ def lamb_step_(
     Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_; `grad_norm` with
     `max_grad_norm` is the global clip of the grads before the moments.
     """
-    lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps)]
-    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
-                  l1_weight_decay=list(l1_weight_decay),
-                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
-                  lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                  max_grad_norm=max_grad_norm)
-    if not lists[0]:
-        check_lamb_args(*lists, **kwargs)
-        return
-    _impl("lamb_step_", lists[0], backend)(*lists, **kwargs)
+    _step("lamb_step_", check_lamb_args, (params, grads, exp_avgs, exp_avg_sqs, state_steps),
+          dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+          grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+
+
+def adagrad_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state_sums: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    lr_decay: Sequence[float],
+    weight_decay: Sequence[float],
+    eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Optional[Sequence[int]] = None,
+    maximize: bool = False,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+    backend: Optional[str] = None,
+) -> None:
+    """One Adagrad step over many tensors of one device and dtype, in place (csrc/include/pyoptim/adagrad.h's math).
+
+    Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    """
+    _step("adagrad_step_", check_adagrad_args, (params, grads, state_sums, state_steps),
+          dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+          grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+
+
+def rmsprop_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    square_avgs: Sequence[torch.Tensor],
+    grad_avgs: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    alpha: Sequence[float],
+    eps: Sequence[float],
+    weight_decay: Sequence[float],
+    momentum: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Optional[Sequence[int]] = None,
+    centered: bool = False,
+    maximize: bool = False,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+    backend: Optional[str] = None,
+) -> None:
+    """One RMSprop step over many tensors of one device and dtype, in place (csrc/include/pyoptim/rmsprop.h's math).
+
+    `grad_avgs` is read only when `centered`; `momentum_buffers` is empty when no group has momentum. Per-group
+    lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    """
+    _step("rmsprop_step_", check_rmsprop_args,
+          (params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps),
+          dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+               l1_weight_decay=l1_weight_decay),
+          group_sizes, backend, centered=centered, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+          found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,
@@ -224,6 +285,14 @@ if _backends.EXTENSION_LOADED:
     @torch.library.register_fake("pyoptim::lamb_step_")
     def _lamb_step_fake(*args, **kwargs):
         check_lamb_args(*args, **kwargs)
+
+    @torch.library.register_fake("pyoptim::adagrad_step_")
+    def _adagrad_step_fake(*args, **kwargs):
+        check_adagrad_args(*args, **kwargs)
+
+    @torch.library.register_fake("pyoptim::rmsprop_step_")
+    def _rmsprop_step_fake(*args, **kwargs):
+        check_rmsprop_args(*args, **kwargs)
 
     @torch.library.register_fake("pyoptim::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, norm_type):

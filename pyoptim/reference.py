@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from pyoptim._validation import (batch_norm_layout, check_adam_args, check_batch_norm_backward_elemt_args,
-                                 check_batch_norm_backward_reduce_args, check_batch_norm_bwd_args,
-                                 check_batch_norm_elemt_args, check_batch_norm_fwd_args, check_batch_norm_stats_args,
-                                 check_clip_scale_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
-                                 check_lamb_args, check_lion_args, check_sgd_args, group_l1, norm_stat_dtype,
-                                 rms_norm_eps)
+from pyoptim._validation import (batch_norm_layout, check_adagrad_args, check_adam_args,
+                                 check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
+                                 check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
+                                 check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lion_args,
+                                 check_norm_args, check_norm_bwd_args, check_norm_fwd_args, check_rmsprop_args,
+                                 check_sgd_args, group_l1, norm_stat_dtype, rms_norm_eps)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -261,6 +261,112 @@ def lamb_step_ref(
         u_norm = torch.linalg.vector_norm(update.double())
         ratio = (p_norm / u_norm).item() if p_norm > 0 and u_norm > 0 else 1.0
         p.copy_(param + (-lrs[k] * ratio) * update)
+
+
+def adagrad_step_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state_sums: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    lr_decay: Sequence[float],
+    weight_decay: Sequence[float],
+    eps: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Sequence[int],
+    maximize: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """One Adagrad step over many tensors, in place (the contract of torch.ops.pyoptim.adagrad_step_)."""
+    check_adagrad_args(params, grads, state_sums, state_steps, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                       eps=eps, group_sizes=group_sizes, l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor,
+                       grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
+        return
+    grad_mul, group_of, lrs = prelude
+    for i, p in enumerate(params):
+        k = group_of[i]
+        state_steps[i].add_(1)
+        step = state_steps[i].item()
+        clr = lrs[k] / (1 + (step - 1) * lr_decay[k])
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        grad = grads[i].to(ct) * grad_mul
+        l1 = group_l1(l1_weight_decay, k)
+        if l1 != 0:
+            grad = grad + l1 * torch.sign(param)  # the gradient of l1 * |p| (sign(0) = 0)
+        if weight_decay[k] != 0:
+            grad = grad + weight_decay[k] * param
+        state_sum = state_sums[i].to(ct) + grad * grad
+        state_sums[i].copy_(state_sum)
+        p.copy_(param + (-clr) * grad / (state_sum.sqrt() + eps[k]))
+
+
+def rmsprop_step_ref(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    square_avgs: Sequence[torch.Tensor],
+    grad_avgs: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: Sequence[float],
+    alpha: Sequence[float],
+    eps: Sequence[float],
+    weight_decay: Sequence[float],
+    momentum: Sequence[float],
+    l1_weight_decay: Sequence[float] = (),
+    group_sizes: Sequence[int],
+    centered: bool,
+    maximize: bool,
+    lr_tensor: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_norm: Optional[torch.Tensor] = None,
+    max_grad_norm: float = 0.0,
+) -> None:
+    """One RMSprop step over many tensors, in place (the contract of torch.ops.pyoptim.rmsprop_step_)."""
+    check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr=lr, alpha=alpha,
+                       eps=eps, weight_decay=weight_decay, momentum=momentum, group_sizes=group_sizes,
+                       centered=centered, l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale,
+                       found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
+        return
+    grad_mul, group_of, lrs = prelude
+    for i, p in enumerate(params):
+        k = group_of[i]
+        state_steps[i].add_(1)  # counted; no formula reads it
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        grad = grads[i].to(ct) * grad_mul
+        l1 = group_l1(l1_weight_decay, k)
+        if l1 != 0:
+            grad = grad + l1 * torch.sign(param)  # the gradient of l1 * |p| (sign(0) = 0)
+        if weight_decay[k] != 0:
+            grad = grad + weight_decay[k] * param
+        square_avg = square_avgs[i].to(ct) * alpha[k] + (1 - alpha[k]) * grad * grad
+        square_avgs[i].copy_(square_avg)
+        if centered:
+            grad_avg = torch.lerp(grad_avgs[i].to(ct), grad, 1 - alpha[k])
+            grad_avgs[i].copy_(grad_avg)
+            avg = (square_avg - grad_avg * grad_avg).sqrt() + eps[k]
+        else:
+            avg = square_avg.sqrt() + eps[k]
+        if len(momentum_buffers):
+            buf = momentum_buffers[i].to(ct) * momentum[k] + grad / avg
+            momentum_buffers[i].copy_(buf)
+            p.copy_(param + (-lrs[k]) * buf)
+        else:
+            p.copy_(param + (-lrs[k]) * grad / avg)
 
 
 def multi_tensor_norm_ref(tensors: Sequence[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:

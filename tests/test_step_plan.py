@@ -294,6 +294,24 @@ def test_several_calls_check_every_call_before_writing(plan_steps):
     assert all(torch.equal(p, s) for p, s in zip(p32 + p64, snap))
 
 
+@pytest.mark.parametrize("ours_cls,torch_cls,kw", [
+    (pyoptim.optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    (pyoptim.optim.RMSprop, torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True)),
+], ids=["SGD", "RMSprop"])
+def test_several_calls_with_momentum_are_served(ours_cls, torch_cls, kw, plan_steps):
+    # Two buckets with momentum: the plan's check of each call's hyperparameters (with empty lists) must not
+    # take them for a group with momentum but no buffers.
+    init = [torch.randn(4), torch.randn(5, dtype=torch.float64)]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    ours = ours_cls([{"params": [a[0]]}, {"params": [a[1]]}], backend="cpu", **kw)
+    theirs = torch_cls([{"params": [b[0]]}, {"params": [b[1]]}], foreach=False, **kw)
+    _steps(ours, theirs, a, b, 5)
+    assert plan_steps["served"] == 3
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, **TOL[p.dtype])
+
+
 def test_backend_from_the_environment_is_honoured(plan_steps, monkeypatch):
     ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
     ours.param_groups[0]["backend"] = None

@@ -52,9 +52,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     const int64_t k = work.group_of[i];
     L.hyper.push_back(LambHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
-    float* step = state_steps[i].data_ptr<float>();
-    *step += 1.0f;
-    L.step.push_back(static_cast<double>(*step));
+    L.step.push_back(cpu_advance_step(state_steps[i]));
   }
   L.numel = std::move(work.numel);
   L.plan = plan_launch_groups(L.numel, kLambCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);

@@ -37,6 +37,16 @@ def _as_float(x: Union[float, Tensor]) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def check_hyperparameters(lr: Union[float, Tensor], *checks: tuple[str, float]) -> None:
+    """torch.optim's constructor checks with its messages, in the order given: a Tensor lr of one element,
+    lr >= 0, then each (what, value) of `checks` >= 0 (ValueError "Invalid {what}: {value}")."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    for what, value in (("learning rate", lr),) + checks:
+        if not 0.0 <= value:
+            raise ValueError(f"Invalid {what}: {value}")
+
+
 class _Bucket:
     """The tensors and groups of one op call: one device, dtype and set of call-wide flags."""
 

@@ -1,0 +1,60 @@
+// adagrad_step_ on CPU tensors: the launcher, and its TORCH_LIBRARY_IMPL.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "../optim_host.h"
+#include "adagrad_cpu.h"
+#include "cpu_isa.h"
+
+namespace pyoptim::cpu {
+
+namespace {
+
+void run_adagrad_kernel(const AdagradCpuLaunch& launch) { PYOPTIM_ISA_DISPATCH(adagrad_kernel, launch) }
+
+}  // namespace
+
+void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                      at::TensorList state_steps, at::ArrayRef<double> lr, at::ArrayRef<double> lr_decay,
+                      at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
+                      at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                      double max_grad_norm) {
+  const AdagradArgs args{params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, l1_weight_decay,
+                         group_sizes, maximize, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  check_adagrad_args(args, c10::DeviceType::CPU);
+  // A step with inf/nan grads (GradScaler) changes nothing, steps included.
+  if (params.empty() || cpu_found_inf(args.aux)) {
+    return;
+  }
+  MultiTensorWork work = prepare_work({params, grads, state_sums}, {true, false, true}, group_sizes);
+  AdagradCpuLaunch L;
+  L.dtype = params[0].scalar_type();
+  L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
+  const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
+  const int64_t n = static_cast<int64_t>(params.size());
+  reserve_each(n, L.p, L.g, L.sum, L.hyper, L.lr, L.step);
+  for (const auto i : c10::irange(n)) {
+    L.p.push_back(work.lists[0][i].data_ptr());
+    L.g.push_back(work.lists[1][i].const_data_ptr());
+    L.sum.push_back(work.lists[2][i].data_ptr());
+    const int64_t k = work.group_of[i];
+    L.hyper.push_back(AdagradHyper{lr[k], lr_decay[k], weight_decay[k], eps[k], group_l1(l1_weight_decay, k)});
+    L.lr.push_back(group_lr[k]);
+    L.step.push_back(cpu_advance_step(state_steps[i]));
+  }
+  L.numel = std::move(work.numel);
+  L.plan = plan_launch_groups(L.numel, kAdagradCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
+  run_adagrad_kernel(L);
+  work.finish();
+}
+
+}  // namespace pyoptim::cpu
+
+TORCH_LIBRARY_IMPL(pyoptim, CPU, m) {
+  m.impl("adagrad_step_", &pyoptim::cpu::adagrad_step_cpu);
+}

@@ -1,0 +1,36 @@
+// The CPU Adagrad launch: what the launcher (adagrad_cpu.cpp, built once)
+// hands to the kernel (adagrad_cpu_kernel.cpp, built once per instruction set).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <c10/core/ScalarType.h>
+
+#include <pyoptim/adagrad.h>
+#include <pyoptim/multi_tensor.h>
+
+#include "cpu_isa.h"
+
+namespace pyoptim::cpu {
+
+// Elements per CPU work item (see kAdamCpuChunk): Adagrad moves 20 bytes per
+// fp32 element, so 16K elements is over 300 KB.
+constexpr int64_t kAdagradCpuChunk = 16384;
+
+struct AdagradCpuLaunch {
+  c10::ScalarType dtype;
+  double grad_mul;                  // inv_grad_scale * (maximize ? -1 : 1) * clip_coef
+  std::vector<void*> p, sum;        // per tensor
+  std::vector<const void*> g;       // per tensor; read only
+  std::vector<int64_t> numel;       // per tensor
+  std::vector<AdagradHyper> hyper;  // per tensor (its group's)
+  std::vector<double> lr;           // per tensor
+  std::vector<double> step;         // per tensor, already advanced
+  LaunchGroup plan;                 // one group holding every tensor
+};
+
+// Built once per instruction set (setup.py's ISA_SOURCES); see cpu_isa.h.
+PYOPTIM_DECLARE_ISA_KERNELS(void adagrad_kernel(const AdagradCpuLaunch& launch))
+
+}  // namespace pyoptim::cpu

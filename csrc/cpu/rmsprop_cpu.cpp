@@ -1,0 +1,74 @@
+// rmsprop_step_ on CPU tensors: the launcher, and its TORCH_LIBRARY_IMPL.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "../optim_host.h"
+#include "cpu_isa.h"
+#include "rmsprop_cpu.h"
+
+namespace pyoptim::cpu {
+
+namespace {
+
+void run_rmsprop_kernel(const RmspropCpuLaunch& launch) { PYOPTIM_ISA_DISPATCH(rmsprop_kernel, launch) }
+
+}  // namespace
+
+void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                      at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
+                      at::ArrayRef<double> lr, at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
+                      at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
+                      at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool centered, bool maximize,
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                      double max_grad_norm) {
+  const RmspropArgs args{params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
+                         weight_decay, momentum, l1_weight_decay, group_sizes, centered, maximize,
+                         StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  check_rmsprop_args(args, c10::DeviceType::CPU);
+  // A step with inf/nan grads (GradScaler) changes nothing, steps included.
+  if (params.empty() || cpu_found_inf(args.aux)) {
+    return;
+  }
+  const bool has_momentum = !momentum_buffers.empty();
+  MultiTensorWork work = prepare_work(
+      {params, grads, square_avgs, centered ? grad_avgs : at::TensorList(), momentum_buffers},
+      {true, false, true, true, true}, group_sizes);
+  RmspropCpuLaunch L;
+  L.dtype = params[0].scalar_type();
+  L.centered = centered;
+  L.momentum = has_momentum;
+  L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
+  const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
+  const int64_t n = static_cast<int64_t>(params.size());
+  reserve_each(n, L.p, L.g, L.sa, L.ga, L.buf, L.hyper, L.lr);
+  for (const auto i : c10::irange(n)) {
+    L.p.push_back(work.lists[0][i].data_ptr());
+    L.g.push_back(work.lists[1][i].const_data_ptr());
+    L.sa.push_back(work.lists[2][i].data_ptr());
+    if (centered) {
+      L.ga.push_back(work.lists[3][i].data_ptr());
+    }
+    if (has_momentum) {
+      L.buf.push_back(work.lists[4][i].data_ptr());
+    }
+    const int64_t k = work.group_of[i];
+    L.hyper.push_back(
+        RmspropHyper{lr[k], alpha[k], eps[k], weight_decay[k], momentum[k], group_l1(l1_weight_decay, k)});
+    L.lr.push_back(group_lr[k]);
+    cpu_advance_step(state_steps[i]);  // counted, as torch counts it; no formula reads it
+  }
+  L.numel = std::move(work.numel);
+  L.plan = plan_launch_groups(L.numel, kRmspropCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
+  run_rmsprop_kernel(L);
+  work.finish();
+}
+
+}  // namespace pyoptim::cpu
+
+TORCH_LIBRARY_IMPL(pyoptim, CPU, m) {
+  m.impl("rmsprop_step_", &pyoptim::cpu::rmsprop_step_cpu);
+}

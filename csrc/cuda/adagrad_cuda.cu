@@ -1,0 +1,95 @@
+// adagrad_step_ on CUDA tensors: a chunked multi-tensor launch
+// (multi_tensor_apply.cuh) of the per-element math in
+// csrc/include/pyoptim/adagrad.h, the code the CPU tests run. As adam_cuda.cu,
+// a small kernel advances the steps of each launch before its update reads them.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <pyoptim/adagrad.h>
+#include <pyoptim/clip.h>
+#include <pyoptim/multi_tensor.h>
+
+#include "../optim_host.h"
+#include "multi_tensor_apply.cuh"
+#include "step_aux.cuh"
+
+namespace pyoptim::cuda {
+
+namespace {
+
+struct AdagradExtra {
+  AdagradHyper hyper[kMaxGroups];
+};
+// Lists: p, g, sum, step.
+using AdagradMeta = MultiTensorMeta<4, AdagradExtra>;
+
+template <typename T>
+struct AdagradFunctor {
+  StepDeviceAux aux;
+
+  __device__ __forceinline__ void operator()(const AdagradMeta& meta, int slot, int64_t begin, int64_t end) const {
+    using S = at::opmath_type<T>;
+    if (aux.skip()) {
+      return;
+    }
+    const int k = meta.group[slot];
+    const double step = *static_cast<const float*>(meta.ptr[3][slot]);
+    const AdagradCoeffs<S> coeffs(adagrad_scalars<S>(
+        meta.extra.hyper[k], aux.lr(meta.group_base, k, meta.extra.hyper[k].lr), step, aux.grad_mul()));
+    T* const ptr[3] = {static_cast<T*>(meta.ptr[0][slot]), static_cast<T*>(meta.ptr[1][slot]),
+                       static_cast<T*>(meta.ptr[2][slot])};
+    elementwise_chunk<T, 3, 0b111u, 0b101u>(ptr, begin, end,  // g never written
+                                            [&](S(&x)[3]) { adagrad_update(x[0], x[1], x[2], coeffs); });
+  }
+};
+
+}  // namespace
+
+void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                       at::TensorList state_steps, at::ArrayRef<double> lr, at::ArrayRef<double> lr_decay,
+                       at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
+                       at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                       double max_grad_norm) {
+  const AdagradArgs args{params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, l1_weight_decay,
+                         group_sizes, maximize, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+  check_adagrad_args(args, c10::DeviceType::CUDA);
+  if (params.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MultiTensorWork work = prepare_work({params, grads, state_sums}, {true, false, true}, group_sizes);
+  const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
+  auto fill = [&](AdagradMeta& meta, int s, int64_t i) {
+    meta.ptr[0][s] = work.lists[0][i].data_ptr();
+    meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only
+    meta.ptr[2][s] = work.lists[2][i].data_ptr();
+    meta.ptr[3][s] = state_steps[i].data_ptr<float>();
+    const int64_t k = work.group_of[i];
+    meta.extra.hyper[meta.group[s]] =
+        AdagradHyper{lr[k], lr_decay[k], weight_decay[k], eps[k], group_l1(l1_weight_decay, k)};
+  };
+  auto count_steps = [&](const AdagradMeta& meta) {
+    step_count_kernel<3><<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, aux);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adagrad_step_cuda", [&] {
+    multi_tensor_apply<4, AdagradExtra>(work.numel, work.group_of, kMaxGroups, stream, fill, count_steps,
+                                        AdagradFunctor<scalar_t>{aux});
+  });
+  work.finish();
+}
+
+}  // namespace pyoptim::cuda
+
+TORCH_LIBRARY_IMPL(pyoptim, CUDA, m) {
+  m.impl("adagrad_step_", &pyoptim::cuda::adagrad_step_cuda);
+}

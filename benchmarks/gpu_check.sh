@@ -69,6 +69,10 @@ if [[ " $PHASES " == *" bench "* ]]; then
       --impls "$IMPLS" || status=1
     timeout ${BENCH_TIMEOUT:-200} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops adam,sgd,clip,clip_adamw \
       --impls "$IMPLS" || status=1
+    # The rest of the optimizer family, quick (fewer rounds): first numbers on a GPU, against torch's
+    # fused/foreach variants where torch has them and the user-written foreach versions where not.
+    timeout ${BENCH_FAMILY_TIMEOUT:-120} $PY benchmarks/run.py --device cuda --out "$RESULTS" \
+      --ops lion,lamb,adagrad,rmsprop --quick --impls "$IMPLS" || status=1
     # BatchNorm in bf16 too (float32 parameters): mixed precision's case on GPUs, where its kernels differ most.
     timeout ${BENCH_BF16_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops batch_norm --dtype bf16 \
       --impls pyoptim-cuda,pyoptim-triton,torch || status=1

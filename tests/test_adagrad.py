@@ -293,12 +293,59 @@ def test_foreach_and_fused_are_accepted():
         assert float(opt.state[p]["step"]) == 1
 
 
-def test_sparse_grad_raises(adagrad_impl):
+def _embedding_steps(make_opt, torch_opt, steps=5):
+    """An nn.Embedding(sparse=True) and a dense Linear trained by `make_opt` and by torch's `torch_opt` on the
+    same batches: (ours, theirs) models after `steps` steps."""
+    torch.manual_seed(0)
+    models = []
+    for factory in (make_opt, torch_opt):
+        torch.manual_seed(0)
+        emb, lin = torch.nn.Embedding(11, 4, sparse=True), torch.nn.Linear(4, 1)
+        models.append((emb, lin, factory(list(emb.parameters()) + list(lin.parameters()))))
+    for _ in range(steps):
+        idx = torch.randint(0, 11, (6,))
+        for emb, lin, opt in models:
+            opt.zero_grad()
+            loss = lin(emb(idx)).square().sum()
+            loss.backward()
+            opt.step()
+    return models
+
+
+def test_sparse_grads_step_as_torchs(adagrad_impl):
+    """note [sparse grads]: an nn.Embedding(sparse=True) beside dense params steps as torch.optim.Adagrad steps it
+    (torch's own update for the sparse ones, the fused call for the rest), state interchangeable."""
+    kw = dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)
+    ours, theirs = _embedding_steps(lambda ps: pyoptim.optim.Adagrad(ps, backend=adagrad_impl[1], **kw),
+                                    lambda ps: torch.optim.Adagrad(ps, foreach=False, **kw))
+    for a, b in zip(ours[0].parameters(), theirs[0].parameters()):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for a, b in zip(ours[1].parameters(), theirs[1].parameters()):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for a, b in zip(ours[0].parameters(), theirs[0].parameters()):
+        torch.testing.assert_close(ours[2].state[a]["sum"], theirs[2].state[b]["sum"], **TOL[torch.float32])
+        assert float(ours[2].state[a]["step"]) == float(theirs[2].state[b]["step"]) == 5
+
+
+def test_sparse_grad_with_weight_decay_raises_torchs_error_before_any_write(adagrad_impl):
     device = device_of(adagrad_impl)
+    dense = torch.randn(3, device=device, requires_grad=True)
     p = torch.randn(4, device=device, requires_grad=True)
-    opt = pyoptim.optim.Adagrad([p], backend=adagrad_impl[1])
+    opt = pyoptim.optim.Adagrad([dense, p], weight_decay=0.1, backend=adagrad_impl[1])
+    dense.grad = torch.ones(3, device=device)
     p.grad = torch.sparse_coo_tensor([[0]], [1.0], (4,), device=device)
-    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+    before = dense.detach().clone(), p.detach().clone()
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
+        opt.step()
+    assert torch.equal(dense.detach(), before[0]) and torch.equal(p.detach(), before[1])
+    assert float(opt.state[p]["step"]) == 0 and float(opt.state[dense]["step"]) == 0
+
+
+def test_sparse_grad_with_max_grad_norm_raises_before_any_write():
+    p = torch.randn(4, requires_grad=True)
+    opt = pyoptim.optim.Adagrad([p], max_grad_norm=1.0)
+    p.grad = torch.sparse_coo_tensor([[0]], [1.0], (4,))
+    with pytest.raises(RuntimeError, match="max_grad_norm does not support sparse gradients"):
         opt.step()
     assert float(opt.state[p]["step"]) == 0
 

@@ -173,12 +173,40 @@ def test_failed_step_changes_nothing(sgd_impl):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf, rtol=0, atol=0)
 
 
-def test_sparse_grad_raises():
-    p = torch.zeros(4, requires_grad=True)
-    opt = pyoptim.optim.SGD([p], lr=0.1)
-    p.grad = torch.sparse_coo_tensor([[0]], [1.0], (4,))
-    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+@pytest.mark.parametrize("kw", [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.1, momentum=0.9, nesterov=True)],
+                         ids=["plain", "momentum", "nesterov"])
+def test_sparse_grads_step_as_torchs(sgd_impl, kw):
+    """note [sparse grads]: an nn.Embedding(sparse=True) beside a dense Linear steps as torch.optim.SGD steps it."""
+    models = []
+    for make in (lambda ps: pyoptim.optim.SGD(ps, backend=sgd_impl[1], **kw),
+                 lambda ps: torch.optim.SGD(ps, foreach=False, **kw)):
+        torch.manual_seed(0)
+        emb, lin = torch.nn.Embedding(11, 4, sparse=True), torch.nn.Linear(4, 1)
+        models.append((emb, lin, make(list(emb.parameters()) + list(lin.parameters()))))
+    torch.manual_seed(1)
+    for _ in range(4):
+        idx = torch.randint(0, 11, (6,))
+        for emb, lin, opt in models:
+            opt.zero_grad()
+            lin(emb(idx)).square().sum().backward()
+            opt.step()
+    (e1, l1, _), (e2, l2, _) = models
+    for a, b in zip(list(e1.parameters()) + list(l1.parameters()), list(e2.parameters()) + list(l2.parameters())):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_sparse_grad_with_weight_decay_raises_torchs_error_before_any_write(sgd_impl):
+    """torch's SGD raises mid-step (after the params before it moved); ours raises the same error first."""
+    device = device_of(sgd_impl)
+    dense = torch.randn(3, device=device, requires_grad=True)
+    p = torch.randn(4, device=device, requires_grad=True)
+    opt = pyoptim.optim.SGD([dense, p], lr=0.1, weight_decay=0.1, backend=sgd_impl[1])
+    dense.grad = torch.ones(3, device=device)
+    p.grad = torch.sparse_coo_tensor([[0]], [1.0], (4,), device=device)
+    before = dense.detach().clone(), p.detach().clone()
+    with pytest.raises(RuntimeError, match="add\\(sparse, dense\\) is not supported"):
         opt.step()
+    assert torch.equal(dense.detach(), before[0]) and torch.equal(p.detach(), before[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

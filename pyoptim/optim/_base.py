@@ -161,6 +161,37 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _sparse_message(self) -> str:
         return f"{type(self).__name__} does not support sparse gradients"
 
+    # note [sparse grads]: torch.optim's Adagrad and SGD take sparse grads (an
+    # nn.Embedding(sparse=True)), on their for-loop path; a class that does
+    # too defines _step_sparse, which steps those params with torch's own
+    # functional step after the fused calls. _check_sparse raises torch's
+    # errors (and ours: no fused clip, no L1 over sparse grads) before
+    # anything is written.
+    _step_sparse: Optional[Callable[..., None]] = None
+
+    def _check_sparse(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
+        """Raise, before any write, what the sparse step of these (group, param) pairs would raise."""
+        if self.max_grad_norm is not None:
+            raise RuntimeError(f"{type(self).__name__}: max_grad_norm does not support sparse gradients "
+                               "(clip them with torch.nn.utils.clip_grad_norm_ first)")
+        for group, p in items:
+            if group["l1_weight_decay"] != 0:
+                raise RuntimeError(f"{type(self).__name__}: l1_weight_decay does not support sparse gradients")
+            if self.__dict__.get("flat") and id(p) in self._flat_units:
+                raise RuntimeError(f"{type(self).__name__}: flat=True does not support sparse gradients")
+
+    @staticmethod
+    def _unscaled_sparse(items: list[tuple[dict[str, Any], Tensor]], grad_scale: Optional[Tensor],
+                         found_inf: Optional[Tensor]) -> Optional[list[Tensor]]:
+        """The items' sparse grads unscaled by GradScaler's grad_scale, or None where found_inf skips the step."""
+        if found_inf is not None and bool(found_inf.item()):
+            return None
+        grads = [p.grad for _, p in items]
+        if grad_scale is not None:
+            inv = 1.0 / float(grad_scale.item())
+            grads = [g * inv for g in grads]
+        return grads
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad; with flat storage and set_to_none=False, one fill per group's grad buffer."""
         if set_to_none or not self._flat_units:
@@ -213,7 +244,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._run_plan(grad_scale, found_inf):
             return loss
 
-        buckets, new_state, replayable = self._gather()
+        buckets, new_state, replayable, sparse = self._gather()
+        if sparse:
+            self._check_sparse(sparse)
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
         if self.max_grad_norm is not None and calls:
             self._fuse_clip(calls, grad_scale)
@@ -226,12 +259,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         for op, backend, args, kwargs in calls:
             getattr(functional, op)(*args, **kwargs, backend=backend)
         self.state.update(new_state)
+        if sparse:
+            self._step_sparse(sparse, grad_scale, found_inf)
         self._plan = (self._record_plan(buckets, calls, replayable)
                       if replayable is not None and not new_state and calls else None)
         return loss
 
-    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]], Optional[list]]:
+    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]], Optional[list],
+                               list[tuple[dict[str, Any], Tensor]]]:
         """Every param with a grad, in buckets of one device, dtype and set of call-wide flags; and new state.
+
+        The fourth result lists the (group, param) pairs whose grads are sparse
+        (note [sparse grads]), which no bucket holds.
 
         Within a bucket tensors stay ordered by param group and each group's
         hyperparameters ride along, so many groups still make one call. The
@@ -241,6 +280,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, _Bucket] = {}
         new_state: dict[Tensor, dict[str, Tensor]] = {}
         replayable: Optional[list] = []  # per bucket: (params, state dicts)
+        sparse: list[tuple[dict[str, Any], Tensor]] = []
         state_of = self.state.get
         for group in self.param_groups:
             # Per group, not per param: this loop is the Python cost of a step
@@ -255,7 +295,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     replayable = None  # a param without a grad: the next step may differ
                     continue
                 if grad.is_sparse:
-                    raise RuntimeError(self._sparse_message())
+                    if self._step_sparse is None:
+                        raise RuntimeError(self._sparse_message())
+                    sparse.append((group, p))
+                    replayable = None
+                    continue
                 state = state_of(p)
                 fresh = not state
                 if fresh:
@@ -295,7 +339,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         entry = replayable[list(buckets).index(key)]
                         entry[0].append(p)
                         entry[1].append(state)
-        return buckets, new_state, replayable
+        return buckets, new_state, replayable, sparse
 
     # -- the step plan (note [step plan] in csrc/step_plan.cpp) -------------------------
 

@@ -6,6 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.optim.adagrad import adagrad as _torch_adagrad  # its functional step: note [sparse grads]
 
 from pyoptim._validation import check_adagrad_args
 from pyoptim.optim._base import FusedOptimizer, check_hyperparameters
@@ -31,8 +32,9 @@ class Adagrad(FusedOptimizer):
     initial_accumulator_value in both cases (a group's own value is kept but
     not read, as in torch). Extra keywords `backend`, `max_grad_norm`,
     `l1_weight_decay` and `flat` as in pyoptim.optim.Adam; `foreach` and
-    `fused` are accepted and change nothing. Sparse grads are not supported
-    (torch.optim.Adagrad takes them).
+    `fused` are accepted and change nothing. Sparse grads (an
+    nn.Embedding(sparse=True)) are stepped as torch.optim.Adagrad steps them,
+    by its own for-loop update, after the fused call for the dense ones.
     """
 
     _op = "adagrad_step_"
@@ -78,6 +80,24 @@ class Adagrad(FusedOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]["sum"].share_memory_()
+
+    def _check_sparse(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
+        super()._check_sparse(items)
+        for group, _ in items:
+            if group["weight_decay"] != 0:
+                raise RuntimeError("weight_decay option is not compatible with sparse gradients")  # torch's
+
+    def _step_sparse(self, items: list[tuple[dict[str, Any], Tensor]], grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> None:
+        """note [sparse grads]: torch.optim.Adagrad's own update of the params with sparse grads."""
+        grads = self._unscaled_sparse(items, grad_scale, found_inf)
+        if grads is None:
+            return
+        for (group, p), g in zip(items, grads):
+            state = self.state.get(p) or self.state.setdefault(p, self._new_state(p, group))
+            _torch_adagrad([p], [g], [state["sum"]], [state["step"]], has_sparse_grad=True,
+                                        foreach=False, lr=group["lr"], weight_decay=group["weight_decay"],
+                                        lr_decay=group["lr_decay"], eps=group["eps"], maximize=group["maximize"])
 
     def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         return (bool(group["maximize"]),)

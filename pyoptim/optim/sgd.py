@@ -6,6 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as _torch_sgd  # its functional step: note [sparse grads]
 
 from pyoptim._validation import check_sgd_args
 from pyoptim.optim._base import FusedOptimizer
@@ -62,8 +63,28 @@ class SGD(FusedOptimizer):
                         l1_weight_decay=l1_weight_decay)
         super().__init__(params, defaults, max_grad_norm, backend, flat)
 
-    def _sparse_message(self) -> str:
-        return "SGD does not support sparse gradients"
+    def _check_sparse(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
+        super()._check_sparse(items)
+        for group, _ in items:
+            if group["weight_decay"] != 0:
+                # torch's own error (grad.add(param) of a sparse grad), raised mid-step there, before any write here.
+                raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
+
+    def _step_sparse(self, items: list[tuple[dict[str, Any], Tensor]], grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> None:
+        """note [sparse grads]: torch.optim.SGD's own update of the params with sparse grads."""
+        grads = self._unscaled_sparse(items, grad_scale, found_inf)
+        if grads is None:
+            return
+        for (group, p), g in zip(items, grads):
+            state = self.state[p]
+            buffers = [state.get("momentum_buffer")]
+            _torch_sgd([p], [g], buffers, has_sparse_grad=True, foreach=False,
+                                weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                                dampening=group["dampening"], nesterov=group["nesterov"],
+                                maximize=group["maximize"])
+            if group["momentum"] != 0:
+                state["momentum_buffer"] = buffers[0]
 
     def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         has_momentum = group["momentum"] != 0

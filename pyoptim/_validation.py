@@ -93,10 +93,12 @@ def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor]
             _check(t.device == p.device, op, name, "[", i, "] is on ", t.device, " but ", params_name, "[", i,
                    "] is on ", p.device)
             if name in state:
-                _check(t.dtype == state_dtype and t.dtype in (p.dtype, torch.float32, torch.bfloat16), op, name, "[",
-                       i, "] has dtype ", _dtype_name(t.dtype), "; the state of ", params_name, " of dtype ",
+                _check(t.dtype == state_dtype and (t.dtype == p.dtype or (
+                    p.dtype != torch.float64 and t.dtype in (torch.float32, torch.bfloat16))), op, name, "[", i,
+                       "] has dtype ", _dtype_name(t.dtype), "; the state of ", params_name, " of dtype ",
                        _dtype_name(p.dtype), " is one dtype per call: ", _dtype_name(p.dtype),
-                       ", float32 or bfloat16 (got ", _dtype_name(state_dtype), " first)")
+                       ", or Float or BFloat16 beside 16-bit and Float params (got ", _dtype_name(state_dtype),
+                       " first)")
             else:
                 _check(t.dtype == p.dtype, op, name, "[", i, "] has dtype ", _dtype_name(t.dtype), " but ",
                        params_name, "[", i, "] has dtype ", _dtype_name(p.dtype))

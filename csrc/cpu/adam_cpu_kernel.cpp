@@ -13,6 +13,7 @@
 
 #include "adam_cpu.h"
 #include "multi_tensor_cpu.h"
+#include "vec_io.h"
 #include "vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -72,8 +73,89 @@ void adam_all(const AdamCpuLaunch& L) {
   });
 }
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py):
+// params of storage type T (fp32/fp16/bf16), state of storage type U (fp32
+// or bf16), the param's fp32 value read and written by precision.h's
+// load_master / store_master, in steps of K elements (two float vectors).
+template <typename T, typename U, bool AMSGRAD, bool DECOUPLED>
+void adam_mixed(const AdamCpuLaunch& L) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t K = 2 * V::size();
+  parallel_chunks(L.plan, kAdamCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    const AdamCoeffs<V> c(adam_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul));
+    T* const p = static_cast<T*>(L.p[i]);
+    const T* const g = static_cast<const T*>(L.g[i]);
+    U* const m = static_cast<U*>(L.m[i]);
+    U* const v = static_cast<U*>(L.v[i]);
+    U* const vm = AMSGRAD ? static_cast<U*>(L.vm[i]) : nullptr;
+    void* const extra = L.extra[i];
+    const uint32_t key = L.key[i];
+    const MasterWeights policy = L.policy;
+    alignas(64) float pf[K];
+    for (int64_t j = begin; j < end; j += K) {
+      const int64_t n = std::min<int64_t>(K, end - j);
+      for (int64_t k = 0; k < K; ++k) {
+        pf[k] = k < n ? load_master(policy, p, extra, j + k) : 0.0f;
+      }
+      V x[2] = {V::loadu(pf), V::loadu(pf + V::size())};
+      V gv[2], mv[2], vv[2], wv[2];
+      if (n == K) {
+        load<2>(g + j, gv);
+        load<2>(m + j, mv);
+        load<2>(v + j, vv);
+        if (AMSGRAD) {
+          load<2>(vm + j, wv);
+        }
+      } else {
+        load_n<2>(g + j, gv, n);
+        load_n<2>(m + j, mv, n);
+        load_n<2>(v + j, vv, n);
+        if (AMSGRAD) {
+          load_n<2>(vm + j, wv, n);
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        adam_update<AMSGRAD, DECOUPLED>(x[h], gv[h], mv[h], vv[h], wv[h], c);
+      }
+      x[0].store(pf);
+      x[1].store(pf + V::size());
+      for (int64_t k = 0; k < n; ++k) {
+        store_master(policy, p, extra, key, j + k, pf[k]);
+      }
+      if (n == K) {
+        store<2>(m + j, mv);
+        store<2>(v + j, vv);
+        if (AMSGRAD) {
+          store<2>(vm + j, wv);
+        }
+      } else {
+        store_n<2>(m + j, mv, n);
+        store_n<2>(v + j, vv, n);
+        if (AMSGRAD) {
+          store_n<2>(vm + j, wv, n);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename U>
+void adam_mixed_flags(const AdamCpuLaunch& L) {
+  if (L.amsgrad) {
+    L.decoupled ? adam_mixed<T, U, true, true>(L) : adam_mixed<T, U, true, false>(L);
+  } else {
+    L.decoupled ? adam_mixed<T, U, false, true>(L) : adam_mixed<T, U, false, false>(L);
+  }
+}
+
 template <typename T>
 void adam_dispatch_flags(const AdamCpuLaunch& L) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (L.policy != MasterWeights::kNone || L.state_dtype != L.dtype) {
+      return L.state_dtype == c10::ScalarType::BFloat16 ? adam_mixed_flags<T, c10::BFloat16>(L)
+                                                        : adam_mixed_flags<T, float>(L);
+    }
+  }
   if (L.amsgrad) {
     L.decoupled ? adam_all<T, true, true>(L) : adam_all<T, true, false>(L);
   } else {

@@ -72,9 +72,10 @@ def check_precision_group(group: dict[str, Any], supported: bool, name: str) -> 
             raise ValueError("master_weights='stochastic' supports bfloat16 params (and leaves fp32 ones as None "
                              "does), got torch.float16")
         sd = state_dtype_of(group, p.dtype)
-        if p.is_floating_point() and sd not in (p.dtype, torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype {sd} for {p.dtype} params: expected torch.float32, torch.bfloat16 or "
-                             f"the params' dtype")
+        if p.is_floating_point() and sd != p.dtype and (p.dtype == torch.float64
+                                                         or sd not in (torch.float32, torch.bfloat16)):
+            raise ValueError(f"state_dtype {sd} for {p.dtype} params: expected the params' dtype, or torch.float32 "
+                             f"or torch.bfloat16 beside 16-bit and float32 params")
 
 
 def _step_observed(opt: torch.optim.Optimizer) -> bool:

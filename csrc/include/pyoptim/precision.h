@@ -16,6 +16,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <pyoptim/macros.h>
 
@@ -89,6 +93,43 @@ PYOPTIM_HOST_DEVICE PYOPTIM_INLINE uint16_t bf16_stochastic(float x, uint32_t ra
     return static_cast<uint16_t>(((u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x400000u) : u) >> 16);
   }
   return static_cast<uint16_t>((u + (random & 0xFFFFu)) >> 16);
+}
+
+// Element j of a param of storage type T, in fp32, as `policy` keeps it:
+// `extra` is the fp32 masters (kFp32) or the int16 remainders (kRemainder)
+// of the same tensor, unused otherwise.
+template <typename T>
+PYOPTIM_HOST_DEVICE PYOPTIM_INLINE float load_master(MasterWeights policy, const T* p, const void* extra, int64_t j) {
+  if (policy == MasterWeights::kFp32) {
+    return static_cast<const float*>(extra)[j];
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (policy == MasterWeights::kRemainder) {
+      return join_remainder(p[j].x, static_cast<const int16_t*>(extra)[j]);
+    }
+  }
+  return static_cast<float>(p[j]);
+}
+
+// The inverse: element j's new fp32 value x written back as `policy` says
+// (`key`: note [stochastic key], for kStochastic).
+template <typename T>
+PYOPTIM_HOST_DEVICE PYOPTIM_INLINE void store_master(MasterWeights policy, T* p, void* extra, uint32_t key, int64_t j,
+                                                     float x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (policy == MasterWeights::kRemainder) {
+      split_remainder(x, p[j].x, static_cast<int16_t*>(extra)[j]);
+      return;
+    }
+    if (policy == MasterWeights::kStochastic) {
+      p[j].x = bf16_stochastic(x, mix32(key ^ static_cast<uint32_t>(j)));
+      return;
+    }
+  }
+  if (policy == MasterWeights::kFp32) {
+    static_cast<float*>(extra)[j] = x;
+  }
+  p[j] = static_cast<T>(x);  // round to nearest even
 }
 
 }  // namespace PYOPTIM_ISA

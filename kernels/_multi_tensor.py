@@ -156,17 +156,18 @@ def stochastic_key(seed_lo, seed_hi, step, tensor):
 
 
 @triton.jit
-def load_master(P, EXTRA, offs, mask, COMPUTE: tl.constexpr, POLICY: tl.constexpr):
-    # precision.h's load_master: the param's value in COMPUTE, from EXTRA (fp32 masters, int16 remainders).
+def load_master(P, EXTRA, offs, mask, other, COMPUTE: tl.constexpr, POLICY: tl.constexpr):
+    # precision.h's load_master: the param's value in COMPUTE, from EXTRA (fp32 masters, int16 remainders);
+    # `other` as tl.load's (None when unmasked).
     if POLICY == 1:
-        return tl.load(EXTRA.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        return tl.load(EXTRA.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=other)
     elif POLICY == 2:
-        hi = tl.load(P + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True).to(tl.int64)
-        rem = tl.load(EXTRA.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0).to(tl.int64)
+        hi = tl.load(P + offs, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.int64)
+        rem = tl.load(EXTRA.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=other).to(tl.int64)
         hi = (hi - tl.where(rem < 0, 1, 0)) & 0xFFFF  # note [remainder split]
         return ((hi << 16) | (rem & 0xFFFF)).to(tl.uint32).to(tl.float32, bitcast=True)
     else:
-        return tl.load(P + offs, mask=mask, other=0.0).to(COMPUTE)
+        return tl.load(P + offs, mask=mask, other=other).to(COMPUTE)
 
 
 @triton.jit

@@ -99,7 +99,7 @@ def _adam_chunk(P, G, M, V, VM, EXTRA, key, offs, numel, grad_mul, decay, weight
         mask = None
         zero = None
         one = None
-    p = load_master(P, EXTRA, offs, mask, COMPUTE, POLICY)
+    p = load_master(P, EXTRA, offs, mask, zero, COMPUTE, POLICY)
     g = tl.load(G + offs, mask=mask, other=zero).to(COMPUTE)
     m = tl.load(M + offs, mask=mask, other=zero).to(COMPUTE)
     v = tl.load(V + offs, mask=mask, other=one).to(COMPUTE)

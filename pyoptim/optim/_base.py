@@ -226,14 +226,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         #   to "fp32":        saved master; else param + saved remainder joined; else the param
         #   to "remainder":   saved remainder; else the saved master split (param = master rounded); else zero
         #   to None / "stochastic": the param takes a saved master rounded to nearest; extra state is dropped
-        # A group saved without a policy (torch.optim's) keeps the policy this optimizer was built with.
-        keys = ("master_weights", "state_dtype", "stochastic_seed")
+        # The policy and state dtype are this optimizer's (what it was built with), whatever the checkpoint
+        # held, as its backend is: loading converts. stochastic_seed is the checkpoint's where it has one, so
+        # that a resumed run draws what the uninterrupted one would have.
+        # (A group saved by torch.optim, without a backend, keeps this optimizer's too.)
+        keys = ("master_weights", "state_dtype", "stochastic_seed", "backend")
         before = [{k: g.get(k) for k in keys} for g in self.param_groups]
         super().load_state_dict(state_dict)
         saved_state = state_dict["state"]
         for group, saved_group, was in zip(self.param_groups, state_dict["param_groups"], before):
             for k in keys:
-                if k not in saved_group:
+                if k in ("master_weights", "state_dtype") or k not in saved_group:
                     group[k] = was[k]
             check_precision_group(group, self._supports_precision, type(self).__name__)
             if not self._supports_precision:

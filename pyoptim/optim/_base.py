@@ -20,8 +20,9 @@ from pyoptim.optim._flat import FlatUnit, can_flatten
 
 # Backends the step plan replays (dispatcher ops); the Python ones take the ordinary path.
 _DISPATCHED = ("cpu", "cuda")
-# The op keywords a plan keeps as recorded (group_sizes) or fills itself (the clip's).
-_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm")
+# The op keywords a plan keeps as recorded (group_sizes; the precision policy's lists, state tensors the plan
+# watches like the others, and seed) or fills itself (the clip's).
+_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm", "master_params", "param_remainders", "stochastic_seed")
 # Param types the plan reads in C++; a tensor subclass (DTensor) takes the ordinary path.
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -255,9 +256,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd = state_dtype_of(group, p.dtype)
         for k, v in list(st.items()):
             src = saved.get(k, v)
+            # torch's cast (to the param's dtype) stands where that is the state dtype (it may live in a
+            # flat buffer by now); else the saved tensor, not torch's rounding of it, becomes the state.
             if k not in ("step", "master_param", "param_remainder") and isinstance(src, Tensor) \
-                    and src.is_floating_point() and src.shape == p.shape:
-                st[k] = src.to(device=p.device, dtype=sd, copy=src is not v)
+                    and src.is_floating_point() and src.shape == p.shape and v.dtype != sd:
+                st[k] = src.to(device=p.device, dtype=sd)
         master, rem = saved.get("master_param"), saved.get("param_remainder")
         st.pop("master_param", None)
         st.pop("param_remainder", None)
@@ -404,8 +407,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                         unit = self._flat_units.get(id(p))
                         if unit is not None:
                             unit.rehome(p, state)
-                if policy is not None:
-                    replayable = None  # note [precision policy]: the ordinary path (the plan replays no policy yet)
                 key = (p.device, p.dtype, backend, (policy, group["stochastic_seed"] if policy == "stochastic"
                                                     else None)) + flags[fresh]
                 bucket = buckets.get(key)

@@ -359,3 +359,44 @@ def test_small_model_loss_tracks_fp32(impl):
     for policy, tol in ((None, 0.1), ("fp32", 0.05), ("remainder", 0.05), ("stochastic", 0.1)):
         rel = ((curves[policy] - ref).abs() / ref).max().item()
         assert rel < tol, (policy, rel)
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
+def test_opcheck(policy):
+    # The schema's aliasing of master_params / param_remainders, the fake kernel and the CPU kernel agree.
+    shapes = [(5,), (2, 3), ()]
+    p = [torch.randn(s).bfloat16() for s in shapes]
+    state_dtype = torch.bfloat16 if policy == "bf16state" else torch.float32
+    st = lambda: [torch.randn(s).abs().to(state_dtype) for s in shapes]  # noqa: E731
+    args = (p, [torch.randn(s).bfloat16() for s in shapes], st(), st(), [], [torch.tensor(2.0) for _ in shapes])
+    kwargs = dict(lr=[1e-3], beta1=[0.9], beta2=[0.999], weight_decay=[0.1], eps=[1e-8], group_sizes=[3],
+                  amsgrad=False, maximize=False, decoupled_weight_decay=True)
+    if policy == "fp32":
+        kwargs["master_params"] = [x.float() for x in p]
+    elif policy == "remainder":
+        kwargs["param_remainders"] = [torch.zeros(s, dtype=torch.int16) for s in shapes]
+    elif policy == "stochastic":
+        kwargs["stochastic_seed"] = 11
+    torch.library.opcheck(torch.ops.pyoptim.adam_step_, args, kwargs)
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_bad_op_arguments_raise(impl):
+    # The op's own checks (every backend): two policies at once, masters of the wrong dtype, remainders beside
+    # fp16 params, state of two dtypes.
+    p = [torch.zeros(3, dtype=torch.bfloat16)]
+    base = (p, [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], [torch.zeros(3)], [], [torch.tensor(0.0)])
+    kw = dict(lr=[1e-3], beta1=[0.9], beta2=[0.999], weight_decay=[0.0], eps=[1e-8], backend=impl[1])
+    bad = [dict(master_params=[torch.zeros(3)], stochastic_seed=1),
+           dict(master_params=[torch.zeros(3, dtype=torch.bfloat16)]),
+           dict(param_remainders=[torch.zeros(3)])]
+    for extra in bad:
+        with pytest.raises(RuntimeError):
+            pyoptim.functional.adam_step_(*base, **kw, **extra)
+    with pytest.raises(RuntimeError):
+        pyoptim.functional.adam_step_(*base[:3], [torch.zeros(3, dtype=torch.bfloat16)], *base[4:], **kw)
+    half = [torch.zeros(3, dtype=torch.float16)]
+    with pytest.raises(RuntimeError):
+        pyoptim.functional.adam_step_(half, [torch.zeros(3, dtype=torch.float16)], *base[2:], **kw,
+                                      param_remainders=[torch.zeros(3, dtype=torch.int16)])

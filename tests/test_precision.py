@@ -400,3 +400,29 @@ def test_bad_op_arguments_raise(impl):
     with pytest.raises(RuntimeError):
         pyoptim.functional.adam_step_(half, [torch.zeros(3, dtype=torch.float16)], *base[2:], **kw,
                                       param_remainders=[torch.zeros(3, dtype=torch.int16)])
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_groups_of_different_policies_and_state_dtypes(impl):
+    # Groups that differ in policy or state dtype make separate calls; each matches its own one-group run.
+    device = _device(impl)
+    settings = [dict(), dict(state_dtype=torch.bfloat16), dict(master_weights="fp32"),
+                dict(master_weights="remainder", state_dtype=torch.bfloat16), dict(master_weights="stochastic")]
+    make = lambda: [torch.randn(9, generator=torch.Generator().manual_seed(k)).bfloat16().to(device)  # noqa: E731
+                    .requires_grad_() for k in range(len(settings))]
+    ps, qs = make(), make()
+    fp = torch.randn(9, device=device, requires_grad=True)  # fp32 params beside them, in the first group
+    fq = fp.detach().clone().requires_grad_()
+    together = pyoptim.optim.AdamW([dict(params=[p] + ([fp] if k == 0 else []), **kw)
+                                    for k, (p, kw) in enumerate(zip(ps, settings))], lr=1e-2, backend=impl[1])
+    alone = [pyoptim.optim.AdamW([q] + ([fq] if k == 0 else []), lr=1e-2, backend=impl[1], **kw)
+             for k, (q, kw) in enumerate(zip(qs, settings))]
+    for _ in range(3):
+        for p, q in zip(ps + [fp], qs + [fq]):
+            p.grad = torch.randn(9, device=device).to(p.dtype)
+            q.grad = p.grad.clone()
+        together.step()
+        for o in alone:
+            o.step()
+    for p, q in zip(ps + [fp], qs + [fq]):
+        assert torch.equal(p, q)

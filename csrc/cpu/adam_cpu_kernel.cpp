@@ -13,7 +13,7 @@
 
 #include "adam_cpu.h"
 #include "multi_tensor_cpu.h"
-#include "vec_io.h"
+#include "precision_cpu.h"
 #include "vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -74,68 +74,19 @@ void adam_all(const AdamCpuLaunch& L) {
 }
 
 // The precision path (note [precision policy] in pyoptim/optim/_base.py):
-// params of storage type T (fp32/fp16/bf16), state of storage type U (fp32
-// or bf16), the param's fp32 value read and written by precision.h's
-// load_master / store_master, in steps of K elements (two float vectors).
+// params of storage type T, state (m, v, max_v) of storage type U, through
+// precision_cpu.h's loop.
 template <typename T, typename U, bool AMSGRAD, bool DECOUPLED>
 void adam_mixed(const AdamCpuLaunch& L) {
   using V = at::vec::Vectorized<float>;
-  constexpr int64_t K = 2 * V::size();
+  constexpr unsigned kState = AMSGRAD ? 0b111u : 0b011u;
   parallel_chunks(L.plan, kAdamCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
     const AdamCoeffs<V> c(adam_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul));
-    T* const p = static_cast<T*>(L.p[i]);
-    const T* const g = static_cast<const T*>(L.g[i]);
-    U* const m = static_cast<U*>(L.m[i]);
-    U* const v = static_cast<U*>(L.v[i]);
-    U* const vm = AMSGRAD ? static_cast<U*>(L.vm[i]) : nullptr;
-    void* const extra = L.extra[i];
-    const uint32_t key = L.key[i];
-    const MasterWeights policy = L.policy;
-    alignas(64) float pf[K];
-    for (int64_t j = begin; j < end; j += K) {
-      const int64_t n = std::min<int64_t>(K, end - j);
-      for (int64_t k = 0; k < K; ++k) {
-        pf[k] = k < n ? load_master(policy, p, extra, j + k) : 0.0f;
-      }
-      V x[2] = {V::loadu(pf), V::loadu(pf + V::size())};
-      V gv[2], mv[2], vv[2], wv[2];
-      if (n == K) {
-        load<2>(g + j, gv);
-        load<2>(m + j, mv);
-        load<2>(v + j, vv);
-        if (AMSGRAD) {
-          load<2>(vm + j, wv);
-        }
-      } else {
-        load_n<2>(g + j, gv, n);
-        load_n<2>(m + j, mv, n);
-        load_n<2>(v + j, vv, n);
-        if (AMSGRAD) {
-          load_n<2>(vm + j, wv, n);
-        }
-      }
-      for (int h = 0; h < 2; ++h) {
-        adam_update<AMSGRAD, DECOUPLED>(x[h], gv[h], mv[h], vv[h], wv[h], c);
-      }
-      x[0].store(pf);
-      x[1].store(pf + V::size());
-      for (int64_t k = 0; k < n; ++k) {
-        store_master(policy, p, extra, key, j + k, pf[k]);
-      }
-      if (n == K) {
-        store<2>(m + j, mv);
-        store<2>(v + j, vv);
-        if (AMSGRAD) {
-          store<2>(vm + j, wv);
-        }
-      } else {
-        store_n<2>(m + j, mv, n);
-        store_n<2>(v + j, vv, n);
-        if (AMSGRAD) {
-          store_n<2>(vm + j, wv, n);
-        }
-      }
-    }
+    U* const state[3] = {static_cast<U*>(L.m[i]), static_cast<U*>(L.v[i]),
+                         AMSGRAD ? static_cast<U*>(L.vm[i]) : nullptr};
+    precision_range<T, U, 3, kState, kState>(
+        L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]), L.extra[i], L.key[i], state, begin, end,
+        [&](V& p, V g, V (&s)[3]) { adam_update<AMSGRAD, DECOUPLED>(p, g, s[0], s[1], s[2], c); });
   });
 }
 

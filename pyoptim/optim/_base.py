@@ -219,6 +219,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             return p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         return torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
 
+    def _precision_key(self, group: dict[str, Any], dtype: torch.dtype) -> tuple:
+        """(policy, its seed, state dtype) of the params of `dtype` in `group`: calls differ where these do (one
+        policy and one state dtype per op call)."""
+        if not self._supports_precision:
+            return None, None, None
+        policy = effective_policy(group, dtype)
+        return policy, group["stochastic_seed"] if policy == "stochastic" else None, state_dtype_of(group, dtype)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, except that state keeps its dtype (note [checkpoint dtypes])."""
         # note [checkpoint dtypes]: torch casts every floating state tensor to its param's dtype, which would
@@ -387,6 +395,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             seen = set()
             keys = self._state_keys(group)
             flags = {False: self._call_flags(group, False), True: self._call_flags(group, True)}
+            precision_of: dict[torch.dtype, tuple] = {}  # param dtype -> (policy, seed, state dtype)
             backend = group["backend"]
             for p in group["params"]:
                 grad = p.grad
@@ -397,7 +406,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(self._sparse_message())
                 state = state_of(p)
                 fresh = not state
-                policy = effective_policy(group, p.dtype) if self._supports_precision else None
+                precision = precision_of.get(p.dtype)
+                if precision is None:
+                    precision = precision_of[p.dtype] = self._precision_key(group, p.dtype)
+                policy = precision[0]
                 if fresh:
                     state = self._new_state(p, group)
                     if policy in _POLICY_STATE:
@@ -407,8 +419,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         unit = self._flat_units.get(id(p))
                         if unit is not None:
                             unit.rehome(p, state)
-                key = (p.device, p.dtype, backend, (policy, group["stochastic_seed"] if policy == "stochastic"
-                                                    else None)) + flags[fresh]
+                key = (p.device, p.dtype, backend, precision) + flags[fresh]
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(self._lists)
@@ -538,7 +549,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         args = tuple(b.lists[name] for name in self._lists)
         kwargs = self._step_kwargs(key[0], key[4:], b.groups, grad_scale, found_inf)
         kwargs["group_sizes"] = b.group_sizes
-        policy, seed = key[3]
+        policy, seed, _ = key[3]
         if policy in _POLICY_STATE:
             name = _POLICY_STATE[policy][1]
             kwargs[name] = b.lists[name]

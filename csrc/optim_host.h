@@ -56,6 +56,8 @@ struct PrecisionArgs {
   at::TensorList extra() const {
     return master_params ? *master_params : param_remainders ? *param_remainders : at::TensorList();
   }
+  // The policy, as precision.h's MasterWeights (check_precision has checked there is at most one).
+  int32_t policy() const { return master_params ? 1 : param_remainders ? 2 : stochastic_seed ? 3 : 0; }
 };
 
 struct AdamArgs {

@@ -43,8 +43,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   AdamCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.state_dtype = exp_avgs[0].scalar_type();
-  L.policy = static_cast<MasterWeights>(check_precision("adam_step_", params, master_params, param_remainders,
-                                                        stochastic_seed));
+  L.policy = static_cast<MasterWeights>(args.precision.policy());
   L.amsgrad = amsgrad;
   L.decoupled = decoupled_weight_decay;
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);

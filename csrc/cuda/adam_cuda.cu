@@ -125,8 +125,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::TensorList extra = args.precision.extra();
-  const auto policy = static_cast<MasterWeights>(
-      check_precision("adam_step_", params, master_params, param_remainders, stochastic_seed));
+  const auto policy = static_cast<MasterWeights>(args.precision.policy());
   const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
   MultiTensorWork work = prepare_work(
       {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), extra},

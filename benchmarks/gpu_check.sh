@@ -76,6 +76,10 @@ if [[ " $PHASES " == *" bench "* ]]; then
     # BatchNorm in bf16 too (float32 parameters): mixed precision's case on GPUs, where its kernels differ most.
     timeout ${BENCH_BF16_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops batch_norm --dtype bf16 \
       --impls pyoptim-cuda,pyoptim-triton,torch || status=1
+    # bf16 AdamW in each precision policy (issue 15) against torch's fused, quick: the first GPU numbers of
+    # its element-by-element CUDA path.
+    timeout ${BENCH_PRECISION_TIMEOUT:-90} $PY benchmarks/run.py --device cuda --out "$RESULTS" --ops precision \
+      --quick --impls "pyoptim-cuda*,torch*" || status=1
   fi
   if [[ -n "${OUT:-}" ]]; then
     cp "$RESULTS"/*cuda*.json "$RESULTS"/*cuda*.png "$OUT"/ 2>/dev/null || true

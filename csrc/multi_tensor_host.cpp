@@ -28,9 +28,46 @@ bool shares_memory(const at::Tensor& t, const at::Tensor& p) {
 
 }  // namespace
 
+at::ScalarType state_dtype_of(at::TensorList params, std::initializer_list<at::TensorList> state) {
+  for (const at::TensorList l : state) {
+    if (!l.empty() && l[0].defined()) {
+      return l[0].scalar_type();
+    }
+  }
+  return params.empty() ? at::kFloat : params[0].scalar_type();
+}
+
+// note [state dtype]: one state dtype per call (the kernels are templates over
+// the param's and the state's storage types), params' own, or float32 or
+// bfloat16 beside 16-bit and float32 params (float64 params keep float64 state).
 void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
-                        std::initializer_list<NamedList> like) {
+                        std::initializer_list<NamedList> like, std::initializer_list<NamedList> state) {
   const int64_t n = static_cast<int64_t>(params.tensors.size());
+  for (const NamedList& l : state) {
+    PYOPTIM_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
+                l.tensors.size(), " entries but ", params.name, " has ", n);
+  }
+  if (n > 0 && state.size() > 0) {
+    const at::ScalarType p_dtype = params.tensors[0].scalar_type();
+    at::ScalarType s_dtype = p_dtype;
+    bool first = true;
+    for (const NamedList& l : state) {
+      for (const auto i : c10::irange(l.tensors.size())) {
+        const at::Tensor& t = l.tensors[i];
+        PYOPTIM_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
+        if (first) {
+          s_dtype = t.scalar_type();
+          first = false;
+        }
+        PYOPTIM_CHECK(t.scalar_type() == s_dtype &&
+                          (s_dtype == p_dtype ||
+                           (p_dtype != at::kDouble && (s_dtype == at::kFloat || s_dtype == at::kBFloat16))),
+                      op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(), "; the state of ", params.name,
+                      " of dtype ", p_dtype, " is one dtype per call: ", p_dtype,
+                      ", or Float or BFloat16 beside 16-bit and Float params (got ", s_dtype, " first)");
+      }
+    }
+  }
   for (const NamedList& l : like) {
     PYOPTIM_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
                 l.tensors.size(), " entries but ", params.name, " has ", n);
@@ -52,9 +89,9 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                 p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
     PYOPTIM_CHECK(p.scalar_type() == p0.scalar_type(), op, ": ", params.name, "[", i, "] has dtype ",
                 p.scalar_type(), " but ", params.name, "[0] has ", p0.scalar_type(), "; one call takes one dtype");
-    for (const NamedList& l : like) {
+    auto check_entry = [&](const NamedList& l, bool same_dtype) {
       if (l.tensors.empty()) {
-        continue;
+        return;
       }
       const at::Tensor& t = l.tensors[i];
       PYOPTIM_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
@@ -62,14 +99,57 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                   "); sparse gradients are not supported");
       PYOPTIM_CHECK(t.device() == p.device(), op, ": ", l.name, "[", i, "] is on ", t.device(), " but ",
                   params.name, "[", i, "] is on ", p.device());
-      PYOPTIM_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(),
-                  " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
+      PYOPTIM_CHECK(!same_dtype || t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
       PYOPTIM_CHECK(same_dims(t.sizes(), p.sizes()), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
                   params.name, "[", i, "] has shape ", p.sizes());
       PYOPTIM_CHECK(!shares_memory(t, p), op, ": ", l.name, "[", i, "] shares memory with ", params.name, "[", i,
                     "], which the step writes while reading it (a grad set to its param's data?)");
+    };
+    for (const NamedList& l : like) {
+      check_entry(l, true);
+    }
+    for (const NamedList& l : state) {
+      check_entry(l, false);
     }
   }
+}
+
+int32_t check_precision(const char* op, at::TensorList params, const std::optional<at::TensorList>& master_params,
+                        const std::optional<at::TensorList>& param_remainders,
+                        const std::optional<int64_t>& stochastic_seed) {
+  const int given = master_params.has_value() + param_remainders.has_value() + stochastic_seed.has_value();
+  PYOPTIM_CHECK(given <= 1, op, ": at most one of master_params, param_remainders and stochastic_seed");
+  if (given == 0) {
+    return 0;  // MasterWeights::kNone
+  }
+  const char* name = master_params ? "master_params" : param_remainders ? "param_remainders" : "stochastic_seed";
+  const int32_t policy = master_params ? 1 : param_remainders ? 2 : 3;
+  if (params.empty()) {
+    return policy;
+  }
+  const at::ScalarType dtype = params[0].scalar_type();
+  PYOPTIM_CHECK(dtype == at::kBFloat16 || (master_params && dtype == at::kHalf), op, ": ", name,
+                " needs params of dtype ", master_params ? "Half or BFloat16" : "BFloat16", ", got ", dtype);
+  if (stochastic_seed) {
+    return policy;
+  }
+  const at::TensorList lst = master_params ? *master_params : *param_remainders;
+  const at::ScalarType want = master_params ? at::kFloat : at::kShort;
+  PYOPTIM_CHECK(lst.size() == params.size(), op, ": ", name, " has ", lst.size(), " entries but params has ",
+                params.size());
+  for (const auto i : c10::irange(lst.size())) {
+    const at::Tensor& t = lst[i];
+    const at::Tensor& p = params[i];
+    PYOPTIM_CHECK(t.defined() && t.layout() == at::kStrided && t.scalar_type() == want, op, ": ", name, "[", i,
+                  "] must be a strided ", want, " tensor");
+    PYOPTIM_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
+                  "] is on ", p.device());
+    PYOPTIM_CHECK(same_dims(t.sizes(), p.sizes()), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+                  " but params[", i, "] has shape ", p.sizes());
+    PYOPTIM_CHECK(!shares_memory(t, p), op, ": ", name, "[", i, "] shares memory with params[", i, "]");
+  }
+  return policy;
 }
 
 void check_group_lists(const char* op, c10::IntArrayRef group_sizes,
@@ -143,7 +223,7 @@ MultiTensorWork prepare_work(std::initializer_list<at::TensorList> lists, std::i
       }
       const at::Tensor& caller = (*l)[i];
       if (&caller != &layout && !(same_dims(caller.strides(), layout.strides()) && caller.is_non_overlapping_and_dense())) {
-        at::Tensor work = at::empty_like(layout).copy_(caller);
+        at::Tensor work = at::empty_like(layout, layout.options().dtype(caller.scalar_type())).copy_(caller);
         if (*mut) {
           w.writeback.emplace_back(caller, work);
         }

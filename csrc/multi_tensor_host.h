@@ -23,8 +23,21 @@ struct NamedList {
 // params: floating point (fp32/fp64/fp16/bf16), one device of `device_type`,
 // one dtype. Each of `like` (when not empty) has params' length, and each
 // entry params[i]'s device, dtype and shape; sparse entries are rejected.
+// The lists of `state` (an optimizer's moments) are checked as `like`'s but
+// for their dtype: one per call, params' own, or float32 or bfloat16 for
+// 16-bit and float32 params (note [state dtype]).
 void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
-                        std::initializer_list<NamedList> like);
+                        std::initializer_list<NamedList> like, std::initializer_list<NamedList> state = {});
+
+// The dtype of a call's state lists (the first entry of the first non-empty one; params' dtype without any).
+at::ScalarType state_dtype_of(at::TensorList params, std::initializer_list<at::TensorList> state);
+
+// The precision policy's arguments (csrc/include/pyoptim/precision.h): at most one of master_params (float32,
+// 16-bit params), param_remainders (int16, bfloat16 params) and stochastic_seed (bfloat16 params); a list has
+// one entry per param of its device and shape. Returns the policy.
+int32_t check_precision(const char* op, at::TensorList params, const std::optional<at::TensorList>& master_params,
+                        const std::optional<at::TensorList>& param_remainders,
+                        const std::optional<int64_t>& stochastic_seed);
 
 // One value per group in every list of `hyper`, group_sizes adding up to n.
 void check_group_lists(const char* op, c10::IntArrayRef group_sizes,

@@ -64,13 +64,21 @@ TORCH_LIBRARY(pyoptim, m) {
   // torch.nn.utils.clip_grad_norm_ would scale them. grads are never written.
   // l1_weight_decay (one per group, or empty: none) adds l1 * sign(p) to the
   // grads right after they are scaled, before weight_decay (math.h's add_l1).
+  // The state lists may hold float32 or bfloat16 beside 16-bit and float32
+  // params (one state dtype per call). At most one precision policy
+  // (csrc/include/pyoptim/precision.h): master_params (float32 masters of
+  // fp16/bf16 params: the update runs on them, params get them rounded to
+  // nearest), param_remainders (int16: bf16 param + remainder is the fp32
+  // master) or stochastic_seed (bf16 params stochastically rounded, the
+  // random bits a hash of the seed, the step, the tensor and the element).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
       "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, Tensor(f!)[]? master_params=None, "
+      "Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None) -> ()");
 
   // One SGD step over many tensors of one device and dtype, in place.
   // Mirrors aten::_fused_sgd_, with per-group hyperparameters as in

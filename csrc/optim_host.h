@@ -46,12 +46,27 @@ inline double group_l1(c10::ArrayRef<double> l1_weight_decay, int64_t k) {
   return l1_weight_decay.empty() ? 0.0 : l1_weight_decay[k];
 }
 
+// A step op's precision policy (csrc/include/pyoptim/precision.h): at most one given.
+struct PrecisionArgs {
+  const std::optional<at::TensorList>& master_params;
+  const std::optional<at::TensorList>& param_remainders;
+  const std::optional<int64_t>& stochastic_seed;
+
+  // The masters or remainders list (empty under the other policies).
+  at::TensorList extra() const {
+    return master_params ? *master_params : param_remainders ? *param_remainders : at::TensorList();
+  }
+  // The policy, as precision.h's MasterWeights (check_precision has checked there is at most one).
+  int32_t policy() const { return master_params ? 1 : param_remainders ? 2 : stochastic_seed ? 3 : 0; }
+};
+
 struct AdamArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
   c10::ArrayRef<double> lr, beta1, beta2, weight_decay, eps, l1_weight_decay;
   c10::IntArrayRef group_sizes;
   bool amsgrad, maximize, decoupled_weight_decay;
   StepAux aux;
+  PrecisionArgs precision;
 };
 
 void check_adam_args(const AdamArgs& a, c10::DeviceType device_type);

@@ -129,6 +129,72 @@ def bf16_rne(x):
     return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+# -- the precision policy: csrc/include/pyoptim/precision.h, bit for bit ---------------------------------------
+# POLICY constexprs: 0 None, 1 fp32 masters, 2 remainders, 3 stochastic (precision.h's MasterWeights). The
+# hash runs in int64 holding uint32 values (products wrap; their low 32 bits are uint32's), the same on a
+# GPU and in the interpreter.
+
+
+@triton.jit
+def mix32(x):
+    # precision.h's mix32 (lowbias32) on int64 values in [0, 2^32)
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def stochastic_key(seed_lo, seed_hi, step, tensor):
+    # precision.h's stochastic_key (note [stochastic key]): seed_lo / seed_hi its 32-bit halves, step the
+    # advanced step (float), tensor the index in the op's lists.
+    k = mix32((tensor.to(tl.int64) + 0x9E3779B9) & 0xFFFFFFFF)
+    k = mix32(k ^ (step.to(tl.int64) & 0xFFFFFFFF))
+    k = mix32(k ^ seed_hi)
+    return mix32(k ^ seed_lo)
+
+
+@triton.jit
+def load_master(P, EXTRA, offs, mask, other, COMPUTE: tl.constexpr, POLICY: tl.constexpr):
+    # precision.h's load_master: the param's value in COMPUTE, from EXTRA (fp32 masters, int16 remainders);
+    # `other` as tl.load's (None when unmasked).
+    if POLICY == 1:
+        return tl.load(EXTRA.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=other)
+    elif POLICY == 2:
+        hi = tl.load(P + offs, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.int64)
+        rem = tl.load(EXTRA.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=other).to(tl.int64)
+        hi = (hi - tl.where(rem < 0, 1, 0)) & 0xFFFF  # note [remainder split]
+        return ((hi << 16) | (rem & 0xFFFF)).to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(P + offs, mask=mask, other=other).to(COMPUTE)
+
+
+@triton.jit
+def store_master(P, EXTRA, offs, mask, x, key, POLICY: tl.constexpr):
+    # precision.h's store_master: x (the update's result) written back as POLICY says.
+    if POLICY == 2:
+        u = x.to(tl.uint32, bitcast=True).to(tl.int64)
+        low = u & 0xFFFF
+        hi = ((u >> 16) + tl.where(low >= 0x8000, 1, 0)) & 0xFFFF
+        tl.store(P + offs, hi.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(EXTRA.to(tl.pointer_type(tl.int16)) + offs, low.to(tl.uint16).to(tl.int16, bitcast=True),
+                 mask=mask)
+    elif POLICY == 3:
+        u = x.to(tl.uint32, bitcast=True).to(tl.int64)
+        random = mix32(key ^ (offs & 0xFFFFFFFF)) & 0xFFFF
+        special = (u & 0x7F800000) == 0x7F800000
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        bits = tl.where(special, tl.where(nan, u | 0x400000, u), u + random) >> 16
+        tl.store(P + offs, (bits & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        if POLICY == 1:
+            tl.store(EXTRA.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+        if P.dtype.element_ty == tl.bfloat16:
+            x = bf16_rne(x)
+        tl.store(P + offs, x.to(P.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def clip_coef(total_norm, max_norm):
     # clip.h's clip_coef, min(max_norm / (norm + 1e-6), 1) in float32, NaN
@@ -283,7 +349,7 @@ class Work:
             if t is None or (t.is_contiguous() if contiguous else (t.stride() == layout_of.stride() and is_dense(t))):
                 out.append(t)
                 continue
-            work = torch.empty_like(layout_of).copy_(t)
+            work = torch.empty_like(layout_of, dtype=t.dtype).copy_(t)
             self.copies.append(work)
             if writes:
                 self.writeback.append((t, work))

@@ -35,14 +35,14 @@ import triton.language as tl
 
 from pyoptim._validation import check_adam_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma,
-                            interpret, on_device, program_chunk, step_count_kernel, step_flags, step_inputs,
-                            tensor_tables, tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required,
+                            float_table, fma, interpret, load_master, on_device, program_chunk, step_count_kernel,
+                            step_flags, step_inputs, stochastic_key, store_master, tensor_tables, tl_types, via_cpu)
 
 __all__ = ["adam_step_triton"]
 
 _COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
-_META_COLS = 8  # columns of the tensor table: p, g, m, v, vm, numel, step, group
+_META_COLS = 10  # columns of the tensor table: p, g, m, v, vm, extra, numel, step, group, index
 _HYPER_COLS = 8  # columns of the hyperparameter table: lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), l1
 
 
@@ -84,9 +84,10 @@ def _adam_update(p, g, m, v, vm, grad_mul, decay, weight_decay, m_weight, m_weig
 
 
 @triton.jit
-def _adam_chunk(P, G, M, V, VM, offs, numel, grad_mul, decay, weight_decay, m_weight, m_weight_minus_one, beta2,
-                one_minus_beta2, neg_step_size, bc2_sqrt, eps, l1, has_weight_decay, has_l1, lerp_low,
-                COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASKED: tl.constexpr):
+def _adam_chunk(P, G, M, V, VM, EXTRA, key, offs, numel, grad_mul, decay, weight_decay, m_weight, m_weight_minus_one,
+                beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, l1, has_weight_decay, has_l1, lerp_low,
+                COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MASKED: tl.constexpr,
+                POLICY: tl.constexpr):
     # Load, update and store one chunk. Unmasked (a whole chunk) the accesses
     # can be vectorized; masked (a tensor's last, partial chunk) they cannot,
     # since numel's divisibility is unknown to the compiler.
@@ -98,7 +99,7 @@ def _adam_chunk(P, G, M, V, VM, offs, numel, grad_mul, decay, weight_decay, m_we
         mask = None
         zero = None
         one = None
-    p = tl.load(P + offs, mask=mask, other=zero).to(COMPUTE)
+    p = load_master(P, EXTRA, offs, mask, zero, COMPUTE, POLICY)
     g = tl.load(G + offs, mask=mask, other=zero).to(COMPUTE)
     m = tl.load(M + offs, mask=mask, other=zero).to(COMPUTE)
     v = tl.load(V + offs, mask=mask, other=one).to(COMPUTE)
@@ -109,22 +110,22 @@ def _adam_chunk(P, G, M, V, VM, offs, numel, grad_mul, decay, weight_decay, m_we
     p, m, v, vm = _adam_update(p, g, m, v, vm, grad_mul, decay, weight_decay, m_weight, m_weight_minus_one, beta2,
                                one_minus_beta2, neg_step_size, bc2_sqrt, eps, l1, has_weight_decay, has_l1,
                                lerp_low, AMSGRAD, DECOUPLED)
-    if P.dtype.element_ty == tl.bfloat16:
-        p = bf16_rne(p)
+    store_master(P, EXTRA, offs, mask, p, key, POLICY)
+    if M.dtype.element_ty == tl.bfloat16:
         m = bf16_rne(m)
         v = bf16_rne(v)
         if AMSGRAD:
             vm = bf16_rne(vm)
-    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
-    tl.store(M + offs, m.to(P.dtype.element_ty), mask=mask)
-    tl.store(V + offs, v.to(P.dtype.element_ty), mask=mask)
+    tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
+    tl.store(V + offs, v.to(M.dtype.element_ty), mask=mask)
     if AMSGRAD:
-        tl.store(VM + offs, vm.to(P.dtype.element_ty), mask=mask)
+        tl.store(VM + offs, vm.to(M.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _adam_kernel(
-    META,  # [n_tensors, 8] int64: per tensor the addresses of p, g, m, v, vm (0 without amsgrad), numel, step, group
+    META,  # [n_tensors, 10] int64: per tensor the addresses of p, g, m, v, vm (0 without amsgrad), extra (masters
+    #        or remainders, 0 without), numel, step, group, its index in the op's lists
     CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
     HYPER,  # [groups, 8] float64: per group lr, beta1, beta2, eps, weight_decay, log(beta1), log(beta2), l1
     LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
@@ -132,7 +133,11 @@ def _adam_kernel(
     FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
     GRAD_NORM,  # [1] float32: the norm of the grads as passed, read when HAS_GRAD_NORM
     max_grad_norm,  # float32: the norm to clip to, when HAS_GRAD_NORM
-    DTYPE: tl.constexpr,  # storage type of p, g, m, v, vm
+    seed_lo,  # int64: the low 32 bits of stochastic_seed (POLICY 3)
+    seed_hi,  # int64: its high 32 bits
+    DTYPE: tl.constexpr,  # storage type of p, g
+    STATE: tl.constexpr,  # storage type of m, v, vm (note [state dtype])
+    POLICY: tl.constexpr,  # precision.h's MasterWeights: 0 None, 1 fp32 masters, 2 remainders, 3 stochastic
     COMPUTE: tl.constexpr,  # math type: float32, or float64 for float64 storage
     AMSGRAD: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -147,12 +152,13 @@ def _adam_kernel(
     if HAS_FOUND_INF:
         if tl.load(FOUND_INF) != 0.0:
             return  # a step with inf/nan grads changes nothing
-    row, chunk = program_chunk(META, CHUNKS, 8)  # _META_COLS
+    row, chunk = program_chunk(META, CHUNKS, 10)  # _META_COLS
     P = tl.load(row + 0).to(tl.pointer_type(DTYPE))
     G = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    M = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-    V = tl.load(row + 3).to(tl.pointer_type(DTYPE))
-    VM = tl.load(row + 4).to(tl.pointer_type(DTYPE))  # null without AMSGRAD: never read
+    M = tl.load(row + 2).to(tl.pointer_type(STATE))
+    V = tl.load(row + 3).to(tl.pointer_type(STATE))
+    VM = tl.load(row + 4).to(tl.pointer_type(STATE))  # null without AMSGRAD: never read
+    EXTRA = tl.load(row + 5).to(tl.pointer_type(tl.int8))  # null under POLICY 0 and 3: never read
     if ALIGNED:
         # In bytes: whole chunks then use 16-byte accesses.
         P = tl.multiple_of(P, 16)
@@ -160,9 +166,9 @@ def _adam_kernel(
         M = tl.multiple_of(M, 16)
         V = tl.multiple_of(V, 16)
         VM = tl.multiple_of(VM, 16)
-    numel = tl.load(row + 5)
-    STEP = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-    k = tl.load(row + 7)
+    numel = tl.load(row + 6)
+    STEP = tl.load(row + 7).to(tl.pointer_type(tl.float32))
+    k = tl.load(row + 8)
 
     # adam.h's adam_scalars: computed in fp64, rounded once to COMPUTE.
     hyper = HYPER + 8 * k  # _HYPER_COLS
@@ -176,6 +182,9 @@ def _adam_kernel(
     log_beta2 = tl.load(hyper + 6)
     l1 = tl.load(hyper + 7)
     step = tl.load(STEP).to(tl.float64)
+    key = 0
+    if POLICY == 3:
+        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 9))
     bc1 = 1.0 - tl.exp(step * log_beta1)  # note [bias correction]
     bc2 = 1.0 - tl.exp(step * log_beta2)
     m_weight = 1.0 - beta1
@@ -199,13 +208,13 @@ def _adam_kernel(
     start = chunk * BLOCK  # int64: tensors of 2^31 elements and more
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _adam_chunk(P, G, M, V, VM, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight, c_m_weight_minus_one,
-                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1,
-                    lerp_low, COMPUTE, AMSGRAD, DECOUPLED, False)
+        _adam_chunk(P, G, M, V, VM, EXTRA, key, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight,
+                    c_m_weight_minus_one, c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1,
+                    has_weight_decay, has_l1, lerp_low, COMPUTE, AMSGRAD, DECOUPLED, False, POLICY)
     else:
-        _adam_chunk(P, G, M, V, VM, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight, c_m_weight_minus_one,
-                    c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1, has_weight_decay, has_l1,
-                    lerp_low, COMPUTE, AMSGRAD, DECOUPLED, True)
+        _adam_chunk(P, G, M, V, VM, EXTRA, key, offs, numel, c_grad_mul, c_decay, c_weight_decay, c_m_weight,
+                    c_m_weight_minus_one, c_beta2, c_one_minus_beta2, c_neg_step_size, c_bc2_sqrt, c_eps, c_l1,
+                    has_weight_decay, has_l1, lerp_low, COMPUTE, AMSGRAD, DECOUPLED, True, POLICY)
 
 
 # -- host code -----------------------------------------------------------------
@@ -248,27 +257,41 @@ def adam_step_triton(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                   l1_weight_decay=l1_weight_decay, group_sizes=group_sizes,
                   amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
                   lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                  max_grad_norm=max_grad_norm)
+                  max_grad_norm=max_grad_norm, stochastic_seed=stochastic_seed)
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    check_adam_args(*lists, **kwargs, device_type=device_type_required())
+    check_adam_args(*lists, **kwargs, master_params=master_params, param_remainders=param_remainders,
+                    device_type=device_type_required())
     if len(params) == 0:
         return
     device = params[0].device
+    extra = master_params if master_params is not None else param_remainders
+    policy = 1 if master_params is not None else 2 if param_remainders is not None else \
+        3 if stochastic_seed is not None else 0
     if interpret() and device.type != "cpu":
-        via_cpu(adam_step_triton, lists, (0, 2, 3, 4, 5), **kwargs)
+        if extra is None:
+            via_cpu(adam_step_triton, lists, (0, 2, 3, 4, 5), **kwargs)
+        else:
+            name = "master_params" if master_params is not None else "param_remainders"
+            via_cpu(lambda *ls, **kw: adam_step_triton(*ls[:6], **kw, **{name: ls[6]}), lists + (extra,),
+                    (0, 2, 3, 4, 5, 6), **kwargs)
         return
     dtype = params[0].dtype
     block, num_warps = LAUNCH[dtype]
+    seed = stochastic_seed or 0
     with on_device(device):
         group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
-        work = Work((params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None),
-                    (True, False, True, True, True), ([s.data_ptr() for s in state_steps], group_of))
+        work = Work((params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, extra),
+                    (True, False, True, True, True, True),
+                    ([s.data_ptr() for s in state_steps], group_of, range(len(params))))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
                              for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k],
@@ -278,12 +301,13 @@ def adam_step_triton(
         meta = tensors.views["meta"]
         n = len(params)
         step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
-            meta, found_inf, n, COLS=_META_COLS, STEP_COL=6, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
+            meta, found_inf, n, COLS=_META_COLS, STEP_COL=7, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
             num_warps=4)
         for grid, chunk_table, is_aligned, _ in tensors.chunk_launches():
             _adam_kernel[grid](
                 meta, chunk_table, hyper.views["hyper"], lr_tensor, grad_scale, found_inf, grad_norm,
-                float(max_grad_norm), **tl_types(dtype), AMSGRAD=amsgrad, DECOUPLED=decoupled_weight_decay,
+                float(max_grad_norm), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, **tl_types(dtype),
+                STATE=TL_DTYPE[exp_avgs[0].dtype], POLICY=policy, AMSGRAD=amsgrad, DECOUPLED=decoupled_weight_decay,
                 MAXIMIZE=maximize, **step_flags(lr_tensor, grad_scale, found_inf, grad_norm), ALIGNED=is_aligned,
                 BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)  # note [exact fp32]
         work.finish()

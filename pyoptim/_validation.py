@@ -19,7 +19,7 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # 
 def _dtype_name(dtype: torch.dtype) -> str:
     # c10's names, as the C++ checks print them.
     return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype).replace("torch.", ""))
+            torch.bfloat16: "BFloat16", torch.int16: "Short"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def _check(cond: bool, op: str, *msg: object) -> None:
@@ -55,9 +55,17 @@ def _shares_memory(t: torch.Tensor, p: torch.Tensor) -> bool:
 
 
 def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor],
-                       like: dict[str, Sequence[torch.Tensor]], device_type: Optional[str] = None) -> None:
-    """params: one device and one floating dtype; each non-empty list in `like` matches params entry by entry."""
+                       like: dict[str, Sequence[torch.Tensor]], device_type: Optional[str] = None,
+                       state: Optional[dict[str, Sequence[torch.Tensor]]] = None) -> None:
+    """params: one device and one floating dtype; each non-empty list in `like` matches params entry by entry.
+
+    The lists of `state` (an optimizer's moments) match params as `like`'s but in their dtype: one state dtype
+    per call, params' own, float32 or bfloat16 (note [state dtype]).
+    """
     n = len(params)
+    state = state or {}
+    state_dtype = next((lst[0].dtype for lst in state.values() if len(lst) > 0 and lst[0] is not None), None)
+    like = dict(like, **state)
     for name, lst in like.items():
         _check(len(lst) == 0 or len(lst) == n, op, name, " has ", len(lst), " entries but ", params_name, " has ", n)
     if n == 0:
@@ -84,8 +92,16 @@ def check_tensor_lists(op: str, params_name: str, params: Sequence[torch.Tensor]
                    "); sparse gradients are not supported")
             _check(t.device == p.device, op, name, "[", i, "] is on ", t.device, " but ", params_name, "[", i,
                    "] is on ", p.device)
-            _check(t.dtype == p.dtype, op, name, "[", i, "] has dtype ", _dtype_name(t.dtype), " but ", params_name, "[", i,
-                   "] has dtype ", _dtype_name(p.dtype))
+            if name in state:
+                _check(t.dtype == state_dtype and (t.dtype == p.dtype or (
+                    p.dtype != torch.float64 and t.dtype in (torch.float32, torch.bfloat16))), op, name, "[", i,
+                       "] has dtype ", _dtype_name(t.dtype), "; the state of ", params_name, " of dtype ",
+                       _dtype_name(p.dtype), " is one dtype per call: ", _dtype_name(p.dtype),
+                       ", or Float or BFloat16 beside 16-bit and Float params (got ", _dtype_name(state_dtype),
+                       " first)")
+            else:
+                _check(t.dtype == p.dtype, op, name, "[", i, "] has dtype ", _dtype_name(t.dtype), " but ",
+                       params_name, "[", i, "] has dtype ", _dtype_name(p.dtype))
             _check(t.shape == p.shape, op, name, "[", i, "] has shape ", list(t.shape), " but ", params_name, "[",
                    i, "] has shape ", list(p.shape))
             _check(not _shares_memory(t, p), op, name, "[", i, "] shares memory with ", params_name, "[", i,
@@ -142,13 +158,46 @@ def group_l1(l1_weight_decay: Sequence[float], k: int) -> float:
     return float(l1_weight_decay[k]) if len(l1_weight_decay) else 0.0
 
 
+def check_precision(op: str, params: Sequence[torch.Tensor], master_params, param_remainders,
+                    stochastic_seed: Optional[int]) -> None:
+    """The precision policy's arguments of a step op (csrc/include/pyoptim/precision.h): at most one of
+    master_params (float32, for 16-bit params), param_remainders (int16, for bfloat16 params) and
+    stochastic_seed (for bfloat16 params), each list one entry per param of its shape and device."""
+    given = [name for name, x in (("master_params", master_params), ("param_remainders", param_remainders),
+                                  ("stochastic_seed", stochastic_seed)) if x is not None]
+    _check(len(given) <= 1, op, "at most one of master_params, param_remainders and stochastic_seed, got ",
+           " and ".join(given))
+    if not given or len(params) == 0:
+        return
+    dtype = params[0].dtype
+    wanted = {"master_params": ((torch.float16, torch.bfloat16), torch.float32),
+              "param_remainders": ((torch.bfloat16,), torch.int16),
+              "stochastic_seed": ((torch.bfloat16,), None)}[given[0]]
+    _check(dtype in wanted[0], op, given[0], " needs params of dtype ", " or ".join(map(_dtype_name, wanted[0])),
+           ", got ", _dtype_name(dtype))
+    lst = master_params if master_params is not None else param_remainders
+    if lst is None:
+        return
+    _check(len(lst) == len(params), op, given[0], " has ", len(lst), " entries but params has ", len(params))
+    for i, (t, p) in enumerate(zip(lst, params)):
+        _check(t is not None and t.layout == torch.strided and t.dtype == wanted[1], op, given[0], "[", i,
+               "] must be a strided ", _dtype_name(wanted[1]), " tensor")
+        _check(t.device == p.device, op, given[0], "[", i, "] is on ", t.device, " but params[", i, "] is on ",
+               p.device)
+        _check(t.shape == p.shape, op, given[0], "[", i, "] has shape ", list(t.shape), " but params[", i,
+               "] has shape ", list(p.shape))
+        _check(not _shares_memory(t, p), op, given[0], "[", i, "] shares memory with params[", i, "]")
+
+
 def check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                     weight_decay, eps, group_sizes, amsgrad, l1_weight_decay=(), lr_tensor=None, grad_scale=None,
-                    found_inf=None, grad_norm=None, max_grad_norm=0.0, device_type=None, **_unused) -> None:
+                    found_inf=None, grad_norm=None, max_grad_norm=0.0, master_params=None, param_remainders=None,
+                    stochastic_seed=None, device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of adam_step_."""
     op = "adam_step_"
-    check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                                              "max_exp_avg_sqs": max_exp_avg_sqs}, device_type)
+    check_tensor_lists(op, "params", params, {"grads": grads}, device_type,
+                       state={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "max_exp_avg_sqs": max_exp_avg_sqs})
+    check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n and len(exp_avgs) == n and len(exp_avg_sqs) == n and len(state_steps) == n, op,
            "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",

@@ -67,6 +67,9 @@ def adam_step_(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> None:
     """One Adam (or AdamW, with decoupled_weight_decay) step over many tensors of one device and dtype, in place.
@@ -75,13 +78,19 @@ def adam_step_(
     ordered by group and `group_sizes` counts them (default: one group). With
     `grad_norm` (the L2 norm of the grads as passed), grads are clipped to
     `max_grad_norm` inside the kernel, as torch.nn.utils.clip_grad_norm_ would. `l1_weight_decay` (one per
-    group, or empty: none) adds l1 * sign(p) to the scaled grads, before weight_decay.
+    group, or empty: none) adds l1 * sign(p) to the scaled grads, before weight_decay. The state lists may be of
+    another dtype than params (float32 or bfloat16, one per call). At most one precision policy
+    (csrc/include/pyoptim/precision.h): `master_params` (fp32 masters of 16-bit params: the update runs on them
+    and params get them rounded to nearest), `param_remainders` (int16: bf16 param + remainder is the fp32
+    master) or `stochastic_seed` (bf16 params stochastically rounded, reproducibly per seed and step).
     """
+    precision = {k: v for k, v in (("master_params", master_params), ("param_remainders", param_remainders),
+                                   ("stochastic_seed", stochastic_seed)) if v is not None}
     _step("adam_step_", check_adam_args, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps),
           dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
           group_sizes, backend, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
           lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-          max_grad_norm=max_grad_norm)
+          max_grad_norm=max_grad_norm, **precision)
 
 
 def sgd_step_(

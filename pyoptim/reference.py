@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pyoptim._validation import (batch_norm_layout, check_adagrad_args, check_adam_args,
+from pyoptim._validation import (_dense, batch_norm_layout, check_adagrad_args, check_adam_args,
                                  check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
                                  check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
                                  check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lion_args,
@@ -34,6 +34,87 @@ def _grad_multiplier(grad_scale: Optional[torch.Tensor], grad_norm: Optional[tor
         total = grad_norm.cpu().float() * inv_scale  # the unscaled grads' norm
         mul = mul * torch.clamp(max_grad_norm / (total + 1e-6), max=1.0).double()
     return -mul.item() if maximize else mul.item()
+
+
+# -- the precision policy (csrc/include/pyoptim/precision.h), in plain torch integer ops ---------------------
+
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """precision.h's mix32 on int64 tensors holding uint32 values (products wrap, then keep their low 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def stochastic_key(seed: int, step: float, tensor: int) -> int:
+    """precision.h's stochastic_key: the random stream of one tensor at one step (note [stochastic key])."""
+    mix = lambda v: int(_mix32(torch.tensor(v & _U32, dtype=torch.int64)))
+    k = mix(tensor + 0x9E3779B9)
+    k = mix(k ^ (int(step) & _U32))
+    k = mix(k ^ ((seed >> 32) & _U32))
+    return mix(k ^ (seed & _U32))
+
+
+def _memory_order_index(p: torch.Tensor) -> torch.Tensor:
+    """Each element's index in the order the kernels walk it: memory order when p is dense, else row-major."""
+    idx = torch.empty_like(p, dtype=torch.int64, device="cpu")  # p's strides when p is dense, else contiguous
+    if _dense(p):
+        torch.as_strided(idx, (p.numel(),), (1,), 0).copy_(torch.arange(p.numel()))
+    else:
+        idx.copy_(torch.arange(p.numel()).view(p.shape))
+    return idx
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor's bits as int64 values in [0, 2^32)."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & _U32
+
+
+def _from_bits(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int64 tensor of bit patterns (16 or 32 bits) as `dtype` (bfloat16 or float32)."""
+    if dtype == torch.float32:
+        return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
+    return torch.where(u >= 2**15, u - 2**16, u).to(torch.int16).view(torch.bfloat16)
+
+
+def param_fp32(p: torch.Tensor, i: int, master_params, param_remainders) -> torch.Tensor:
+    """Param i's value in its math type: its fp32 master, or bf16 param + int16 remainder joined, or the param."""
+    if master_params is not None:
+        return master_params[i].float()
+    if param_remainders is not None:
+        hi = p.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+        rem = param_remainders[i].to(torch.int64)
+        hi = (hi - (rem < 0).to(torch.int64)) & 0xFFFF  # note [remainder split]
+        return _from_bits((hi << 16) | (rem & 0xFFFF), torch.float32).view(p.shape)
+    return p.to(_opmath(p.dtype))
+
+
+def write_param(p: torch.Tensor, i: int, value: torch.Tensor, master_params, param_remainders,
+                key: Optional[int]) -> None:
+    """Writes param i's new math-type value as its policy says (precision.h): master and param rounded to nearest,
+    param and remainder split, param stochastically rounded with random stream `key`, or param rounded to nearest."""
+    if master_params is not None:
+        master_params[i].copy_(value)
+        p.copy_(value)
+    elif param_remainders is not None:
+        u = _bits(value.float())
+        low = u & 0xFFFF
+        hi = ((u >> 16) + (low >= 0x8000).to(torch.int64)) & 0xFFFF
+        p.copy_(_from_bits(hi, torch.bfloat16).view(p.shape))
+        param_remainders[i].copy_(torch.where(low >= 2**15, low - 2**16, low).to(torch.int16).view(p.shape))
+    elif key is not None:
+        u = _bits(value.float())
+        rand = _mix32(key ^ (_memory_order_index(p).to(u.device).reshape(u.shape) & _U32)) & 0xFFFF
+        special = (u & 0x7F800000) == 0x7F800000
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        rounded = torch.where(special, torch.where(nan, u | 0x400000, u), u + rand) >> 16
+        p.copy_(_from_bits(rounded & 0xFFFF, torch.bfloat16).view(p.shape))
+    else:
+        p.copy_(value)
 
 
 def _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm, maximize):
@@ -71,12 +152,16 @@ def adam_step_ref(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One Adam/AdamW step over many tensors, in place (the contract of torch.ops.pyoptim.adam_step_)."""
     check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
                     beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, amsgrad=amsgrad,
                     l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                    grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                    grad_norm=grad_norm, max_grad_norm=max_grad_norm, master_params=master_params,
+                    param_remainders=param_remainders, stochastic_seed=stochastic_seed)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -88,7 +173,7 @@ def adam_step_ref(
         state_steps[i].add_(1)
         step = state_steps[i].item()
         ct = _opmath(p.dtype)
-        param = p.to(ct)
+        param = param_fp32(p, i, master_params, param_remainders)
         grad = grads[i].to(ct) * grad_mul
         exp_avg = exp_avgs[i].to(ct)
         exp_avg_sq = exp_avg_sqs[i].to(ct)
@@ -110,7 +195,8 @@ def adam_step_ref(
             max_exp_avg_sqs[i].copy_(second)
         denom = second.sqrt() / bias_correction2_sqrt + eps_k
         param = param + (-(lr_k / bias_correction1)) * exp_avg / denom
-        p.copy_(param)
+        key = None if stochastic_seed is None else stochastic_key(stochastic_seed, step, i)
+        write_param(p, i, param, master_params, param_remainders, key)
         exp_avgs[i].copy_(exp_avg)
         exp_avg_sqs[i].copy_(exp_avg_sq)
 

@@ -25,25 +25,31 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    bool amsgrad, bool maximize, bool decoupled_weight_decay,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                   double max_grad_norm) {
+                   double max_grad_norm, std::optional<at::TensorList> master_params,
+                   std::optional<at::TensorList> param_remainders, std::optional<int64_t> stochastic_seed) {
   const AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                       weight_decay, eps, l1_weight_decay, group_sizes, amsgrad, maximize, decoupled_weight_decay,
-                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
+                      PrecisionArgs{master_params, param_remainders, stochastic_seed}};
   check_adam_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
-  MultiTensorWork work = prepare_work({params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
-                                      {true, false, true, true, true}, group_sizes);
+  const at::TensorList extra = args.precision.extra();
+  MultiTensorWork work = prepare_work(
+      {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), extra},
+      {true, false, true, true, true, true}, group_sizes);
   AdamCpuLaunch L;
   L.dtype = params[0].scalar_type();
+  L.state_dtype = exp_avgs[0].scalar_type();
+  L.policy = static_cast<MasterWeights>(args.precision.policy());
   L.amsgrad = amsgrad;
   L.decoupled = decoupled_weight_decay;
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
-  reserve_each(n, L.p, L.g, L.m, L.v, L.vm, L.hyper, L.lr, L.step);
+  reserve_each(n, L.p, L.g, L.m, L.v, L.vm, L.extra, L.key, L.hyper, L.lr, L.step);
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
@@ -56,6 +62,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     L.hyper.push_back(AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
     L.step.push_back(cpu_advance_step(state_steps[i]));
+    L.extra.push_back(extra.empty() ? nullptr : work.lists[5][i].data_ptr());
+    L.key.push_back(stochastic_seed ? stochastic_key(*stochastic_seed, L.step.back(), i) : 0u);
   }
   L.numel = std::move(work.numel);
   L.plan = plan_launch_groups(L.numel, kAdamCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);

@@ -9,6 +9,7 @@
 
 #include <pyoptim/adam.h>
 #include <pyoptim/multi_tensor.h>
+#include <pyoptim/precision.h>
 
 #include "cpu_isa.h"
 
@@ -21,6 +22,10 @@ constexpr int64_t kAdamCpuChunk = 16384;
 
 struct AdamCpuLaunch {
   c10::ScalarType dtype;
+  c10::ScalarType state_dtype;        // of m, v, vm (note [state dtype])
+  MasterWeights policy;
+  std::vector<void*> extra;           // per tensor: its masters or remainders (nullptr under other policies)
+  std::vector<uint32_t> key;          // per tensor: note [stochastic key] (kStochastic)
   bool amsgrad;
   bool decoupled;
   double grad_mul;                    // inv_grad_scale * (maximize ? -1 : 1)

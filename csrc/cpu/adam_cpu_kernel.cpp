@@ -13,6 +13,7 @@
 
 #include "adam_cpu.h"
 #include "multi_tensor_cpu.h"
+#include "precision_cpu.h"
 #include "vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -72,8 +73,40 @@ void adam_all(const AdamCpuLaunch& L) {
   });
 }
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py):
+// params of storage type T, state (m, v, max_v) of storage type U, through
+// precision_cpu.h's loop.
+template <typename T, typename U, bool AMSGRAD, bool DECOUPLED>
+void adam_mixed(const AdamCpuLaunch& L) {
+  using V = at::vec::Vectorized<float>;
+  constexpr unsigned kState = AMSGRAD ? 0b111u : 0b011u;
+  parallel_chunks(L.plan, kAdamCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    const AdamCoeffs<V> c(adam_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul));
+    U* const state[3] = {static_cast<U*>(L.m[i]), static_cast<U*>(L.v[i]),
+                         AMSGRAD ? static_cast<U*>(L.vm[i]) : nullptr};
+    precision_range<T, U, 3, kState, kState>(
+        L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]), L.extra[i], L.key[i], state, begin, end,
+        [&](V& p, V g, V (&s)[3]) { adam_update<AMSGRAD, DECOUPLED>(p, g, s[0], s[1], s[2], c); });
+  });
+}
+
+template <typename T, typename U>
+void adam_mixed_flags(const AdamCpuLaunch& L) {
+  if (L.amsgrad) {
+    L.decoupled ? adam_mixed<T, U, true, true>(L) : adam_mixed<T, U, true, false>(L);
+  } else {
+    L.decoupled ? adam_mixed<T, U, false, true>(L) : adam_mixed<T, U, false, false>(L);
+  }
+}
+
 template <typename T>
 void adam_dispatch_flags(const AdamCpuLaunch& L) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (L.policy != MasterWeights::kNone || L.state_dtype != L.dtype) {
+      return L.state_dtype == c10::ScalarType::BFloat16 ? adam_mixed_flags<T, c10::BFloat16>(L)
+                                                        : adam_mixed_flags<T, float>(L);
+    }
+  }
   if (L.amsgrad) {
     L.decoupled ? adam_all<T, true, true>(L) : adam_all<T, true, false>(L);
   } else {

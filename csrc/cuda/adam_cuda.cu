@@ -19,6 +19,7 @@
 #include <pyoptim/adam.h>
 #include <pyoptim/clip.h>
 #include <pyoptim/multi_tensor.h>
+#include <pyoptim/precision.h>
 
 #include "../optim_host.h"
 #include "multi_tensor_apply.cuh"
@@ -30,9 +31,11 @@ namespace {
 
 struct AdamExtra {
   AdamHyper hyper[kMaxGroups];
+  MasterWeights policy;
+  int64_t seed;  // stochastic_seed (kStochastic)
 };
-// Lists: p, g, m, v, max_v, step.
-using AdamMeta = MultiTensorMeta<6, AdamExtra>;
+// Lists: p, g, m, v, max_v, step, extra (fp32 masters or int16 remainders).
+using AdamMeta = MultiTensorMeta<7, AdamExtra>;
 
 template <typename T, bool AMSGRAD, bool DECOUPLED>
 struct AdamFunctor {
@@ -58,6 +61,47 @@ struct AdamFunctor {
   }
 };
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py): params
+// of storage type T, state of storage type U, the param's fp32 value read
+// and written by precision.h's load_master / store_master, element by element.
+template <typename T, typename U, bool AMSGRAD, bool DECOUPLED>
+struct AdamMixedFunctor {
+  StepDeviceAux aux;
+
+  __device__ __forceinline__ void operator()(const AdamMeta& meta, int slot, int64_t begin, int64_t end) const {
+    if (aux.skip()) {
+      return;
+    }
+    const int k = meta.group[slot];
+    const double step = *static_cast<const float*>(meta.ptr[5][slot]);
+    const AdamCoeffs<float> c(
+        adam_scalars<float>(meta.extra.hyper[k], aux.lr(meta.group_base, k, meta.extra.hyper[k].lr), step, aux.grad_mul()));
+    const MasterWeights policy = meta.extra.policy;
+    const uint32_t key = policy == MasterWeights::kStochastic
+                             ? stochastic_key(meta.extra.seed, step, meta.first_tensor + slot)
+                             : 0u;
+    T* const p = static_cast<T*>(meta.ptr[0][slot]);
+    const T* const g = static_cast<const T*>(meta.ptr[1][slot]);
+    U* const m = static_cast<U*>(meta.ptr[2][slot]);
+    U* const v = static_cast<U*>(meta.ptr[3][slot]);
+    U* const vm = static_cast<U*>(meta.ptr[4][slot]);
+    void* const extra = meta.ptr[6][slot];
+    for (int64_t j = begin + threadIdx.x; j < end; j += kBlockSize) {
+      float x = load_master(policy, p, extra, j);
+      float mj = static_cast<float>(m[j]);
+      float vj = static_cast<float>(v[j]);
+      float wj = AMSGRAD ? static_cast<float>(vm[j]) : 0.0f;
+      adam_update<AMSGRAD, DECOUPLED>(x, static_cast<float>(g[j]), mj, vj, wj, c);
+      store_master(policy, p, extra, key, j, x);
+      m[j] = static_cast<U>(mj);
+      v[j] = static_cast<U>(vj);
+      if (AMSGRAD) {
+        vm[j] = static_cast<U>(wj);
+      }
+    }
+  }
+};
+
 }  // namespace
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -68,19 +112,24 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                    double max_grad_norm) {
+                    double max_grad_norm, std::optional<at::TensorList> master_params,
+                    std::optional<at::TensorList> param_remainders, std::optional<int64_t> stochastic_seed) {
   const AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                       weight_decay, eps, l1_weight_decay, group_sizes, amsgrad, maximize, decoupled_weight_decay,
-                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
+                      PrecisionArgs{master_params, param_remainders, stochastic_seed}};
   check_adam_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::TensorList extra = args.precision.extra();
+  const auto policy = static_cast<MasterWeights>(args.precision.policy());
+  const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
   MultiTensorWork work = prepare_work(
-      {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
-      {true, false, true, true, true}, group_sizes);
+      {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), extra},
+      {true, false, true, true, true, true}, group_sizes);
   const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
 
   const int64_t n = static_cast<int64_t>(params.size());
@@ -95,6 +144,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     meta.ptr[3][s] = work.lists[3][i].data_ptr();
     meta.ptr[4][s] = amsgrad ? work.lists[4][i].data_ptr() : nullptr;
     meta.ptr[5][s] = step_ptr[i];
+    meta.ptr[6][s] = extra.empty() ? nullptr : work.lists[5][i].data_ptr();
+    meta.extra.policy = policy;
+    meta.extra.seed = stochastic_seed.value_or(0);
     const int64_t k = work.group_of[i];
     meta.extra.hyper[meta.group[s]] =
         AdamHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)};
@@ -103,10 +155,29 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     step_count_kernel<5><<<static_cast<int>(ceil_div(meta.num_tensors, 256)), 256, 0, stream>>>(meta, aux);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  auto run = [&](auto functor) {
+    multi_tensor_apply<7, AdamExtra>(work.numel, work.group_of, kMaxGroups, stream, fill, count_steps, functor);
+  };
+  if (policy != MasterWeights::kNone || state_dtype != params[0].scalar_type()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_cuda", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        auto dispatch_state = [&](auto u) {
+          using U = decltype(u);
+          if (amsgrad) {
+            decoupled_weight_decay ? run(AdamMixedFunctor<scalar_t, U, true, true>{aux})
+                                   : run(AdamMixedFunctor<scalar_t, U, true, false>{aux});
+          } else {
+            decoupled_weight_decay ? run(AdamMixedFunctor<scalar_t, U, false, true>{aux})
+                                   : run(AdamMixedFunctor<scalar_t, U, false, false>{aux});
+          }
+        };
+        state_dtype == at::kBFloat16 ? dispatch_state(c10::BFloat16()) : dispatch_state(float());
+      }
+    });
+    work.finish();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_cuda", [&] {
-    auto run = [&](auto functor) {
-      multi_tensor_apply<6, AdamExtra>(work.numel, work.group_of, kMaxGroups, stream, fill, count_steps, functor);
-    };
     if (amsgrad) {
       decoupled_weight_decay ? run(AdamFunctor<scalar_t, true, true>{aux})
                              : run(AdamFunctor<scalar_t, true, false>{aux});

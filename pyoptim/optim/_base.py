@@ -20,10 +20,63 @@ from pyoptim.optim._flat import FlatUnit, can_flatten
 
 # Backends the step plan replays (dispatcher ops); the Python ones take the ordinary path.
 _DISPATCHED = ("cpu", "cuda")
-# The op keywords a plan keeps as recorded (group_sizes) or fills itself (the clip's).
-_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm")
+# The op keywords a plan keeps as recorded (group_sizes; the precision policy's lists, state tensors the plan
+# watches like the others, and seed) or fills itself (the clip's).
+_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm", "master_params", "param_remainders", "stochastic_seed")
 # Param types the plan reads in C++; a tensor subclass (DTensor) takes the ordinary path.
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+# note [precision policy] (issue 15): a group's `master_weights` says where a 16-bit param's fp32 value lives and
+# how the step's fp32 result goes back into it (csrc/include/pyoptim/precision.h):
+#   None          the param itself, rounded to nearest (torch's behaviour)
+#   "fp32"        an fp32 copy in state["master_param"]; the param is it rounded to nearest
+#   "remainder"   bf16 param + int16 state["param_remainder"] is the fp32 master exactly (2 bytes a param)
+#   "stochastic"  no extra state: the result is stochastically rounded into the bf16 param, the random bits a
+#                 hash of (the group's stochastic_seed, the step, the tensor, the element): reproducible
+# fp32 and fp64 params are their own masters: "fp32" and "stochastic" leave them as None does. `state_dtype` is
+# the moments' dtype: None means the param's dtype under master_weights None (as torch) and fp32 otherwise.
+MASTER_WEIGHTS = (None, "fp32", "remainder", "stochastic")
+_HALF = (torch.float16, torch.bfloat16)
+# The state key of each policy's extra state, and its op list.
+_POLICY_STATE = {"fp32": ("master_param", "master_params"), "remainder": ("param_remainder", "param_remainders")}
+
+
+def effective_policy(group: dict[str, Any], dtype: torch.dtype) -> Optional[str]:
+    """The group's master_weights as it applies to params of `dtype` (None for fp32/fp64 params)."""
+    policy = group.get("master_weights")
+    return policy if dtype in _HALF else None
+
+
+def state_dtype_of(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the moments of a param of `dtype` in `group` (note [precision policy])."""
+    wanted = group.get("state_dtype")
+    if wanted is not None:
+        return wanted
+    return torch.float32 if effective_policy(group, dtype) is not None else dtype
+
+
+def check_precision_group(group: dict[str, Any], supported: bool, name: str) -> None:
+    """ValueError for a group's master_weights / state_dtype that no step could serve (before any state exists)."""
+    policy, state_dtype = group.get("master_weights"), group.get("state_dtype")
+    if policy not in MASTER_WEIGHTS:
+        raise ValueError(f"Invalid master_weights: {policy!r}; expected one of {MASTER_WEIGHTS}")
+    if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype")
+    if not supported and (policy is not None or state_dtype is not None):
+        raise ValueError(f"pyoptim.optim.{name} does not support master_weights or state_dtype yet")
+    if not isinstance(group.get("stochastic_seed", 0), int):
+        raise ValueError(f"Invalid stochastic_seed: {group.get('stochastic_seed')!r}; expected an int")
+    for p in group["params"]:
+        if policy == "remainder" and p.dtype != torch.bfloat16:
+            raise ValueError(f"master_weights='remainder' needs bfloat16 params, got {p.dtype}")
+        if policy == "stochastic" and p.dtype == torch.float16:
+            raise ValueError("master_weights='stochastic' supports bfloat16 params (and leaves fp32 ones as None "
+                             "does), got torch.float16")
+        sd = state_dtype_of(group, p.dtype)
+        if p.is_floating_point() and sd != p.dtype and (p.dtype == torch.float64
+                                                         or sd not in (torch.float32, torch.bfloat16)):
+            raise ValueError(f"state_dtype {sd} for {p.dtype} params: expected the params' dtype, or torch.float32 "
+                             f"or torch.bfloat16 beside 16-bit and float32 params")
 
 
 def _step_observed(opt: torch.optim.Optimizer) -> bool:
@@ -71,8 +124,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     # calls over its params (note [flat storage]); False where it is not (LAMB's per-tensor trust ratio).
     _supports_flat = True
 
+    # Whether the op takes master_params / param_remainders / stochastic_seed and state of another dtype
+    # (note [precision policy]).
+    _supports_precision = False
+
     def __init__(self, params: Any, defaults: dict[str, Any], max_grad_norm: Optional[float],
-                 backend: Optional[str], flat: bool = False) -> None:
+                 backend: Optional[str], flat: bool = False, master_weights: Optional[str] = None,
+                 state_dtype: Optional[torch.dtype] = None, stochastic_seed: int = 0) -> None:
         if backend is not None and backend not in _backends.BACKENDS:
             raise ValueError(f"pyoptim: unknown backend {backend!r}; expected one of {_backends.BACKENDS}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -84,6 +142,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if flat and not self._supports_flat:
             raise ValueError(f"pyoptim.optim.{type(self).__name__} does not support flat=True")
+        if flat and (master_weights is not None or state_dtype is not None):
+            raise ValueError("flat=True does not support master_weights or state_dtype yet")
         #: note [flat storage]: each group's params, grads and state as views of one buffer per (device, dtype)
         self.flat = bool(flat)
         self._flat_units: dict[int, FlatUnit] = {}  # id(param) -> its unit
@@ -91,7 +151,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         #: the grads' global L2 norm before clipping, of the last step (0-d tensor), when max_grad_norm is set
         self.grad_norm: Optional[Tensor] = None
-        super().__init__(params, dict(defaults, backend=backend))
+        super().__init__(params, dict(defaults, backend=backend, master_weights=master_weights,
+                                      state_dtype=state_dtype, stochastic_seed=stochastic_seed))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group, except that a parameter listed twice in a group raises ValueError."""
@@ -101,6 +162,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             # torch only warns, then updates the parameter twice per step.
             raise ValueError("optimizer contains a parameter group with duplicate parameters")
         super().add_param_group(param_group)
+        check_precision_group(self.param_groups[-1], self._supports_precision, type(self).__name__)
         if self.__dict__.get("flat"):
             by_kind: dict[tuple, list[Tensor]] = {}
             for p in self.param_groups[-1]["params"]:
@@ -120,6 +182,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self._torch_defaults.items():
                 group.setdefault(key, value)
             group.setdefault("backend", None)
+            for key in ("master_weights", "state_dtype"):
+                group.setdefault(key, None)
+            group.setdefault("stochastic_seed", 0)
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st:
@@ -139,6 +204,88 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return step
             return step.detach().reshape(()).to(device=p.device, dtype=torch.float32)
         return torch.tensor(float(step), dtype=torch.float32, device=p.device)
+
+    # -- the precision policy (note [precision policy]) -----------------------------
+
+    def _zeros(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """A new per-element state tensor (a moment) of `p` in `group`'s state dtype."""
+        return torch.zeros_like(p, dtype=state_dtype_of(group, p.dtype) if self._supports_precision else p.dtype,
+                                memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _policy_state(p: Tensor, policy: str) -> Tensor:
+        """The extra state of a new param under `policy`: its fp32 master, or a zero remainder (p is exact)."""
+        if policy == "fp32":
+            return p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        return torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+
+    def _precision_key(self, group: dict[str, Any], dtype: torch.dtype) -> tuple:
+        """(policy, its seed, state dtype) of the params of `dtype` in `group`: calls differ where these do (one
+        policy and one state dtype per op call)."""
+        if not self._supports_precision:
+            return None, None, None
+        policy = effective_policy(group, dtype)
+        return policy, group["stochastic_seed"] if policy == "stochastic" else None, state_dtype_of(group, dtype)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, except that state keeps its dtype (note [checkpoint dtypes])."""
+        # note [checkpoint dtypes]: torch casts every floating state tensor to its param's dtype, which would
+        # round fp32 masters and moments to bf16. Here the moments take the group's state dtype (their saved
+        # dtype when the checkpoint came from the same settings) and the masters convert between policies:
+        #   to "fp32":        saved master; else param + saved remainder joined; else the param
+        #   to "remainder":   saved remainder; else the saved master split (param = master rounded); else zero
+        #   to None / "stochastic": the param takes a saved master rounded to nearest; extra state is dropped
+        # The policy and state dtype are this optimizer's (what it was built with), whatever the checkpoint
+        # held, as its backend is: loading converts. stochastic_seed is the checkpoint's where it has one, so
+        # that a resumed run draws what the uninterrupted one would have.
+        # (A group saved by torch.optim, without a backend, keeps this optimizer's too.)
+        keys = ("master_weights", "state_dtype", "stochastic_seed", "backend")
+        before = [{k: g.get(k) for k in keys} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        for group, saved_group, was in zip(self.param_groups, state_dict["param_groups"], before):
+            for k in keys:
+                if k in ("master_weights", "state_dtype") or k not in saved_group:
+                    group[k] = was[k]
+            check_precision_group(group, self._supports_precision, type(self).__name__)
+            if not self._supports_precision:
+                continue
+            for pid, p in zip(saved_group["params"], group["params"]):
+                st = self.state.get(p)
+                if st:
+                    self._convert_state(p, group, st, saved_state.get(pid, {}))
+
+    @staticmethod
+    def _convert_state(p: Tensor, group: dict[str, Any], st: dict[str, Any], saved: dict[str, Any]) -> None:
+        """A loaded param's state in its group's policy and state dtype (note [checkpoint dtypes])."""
+        from pyoptim.reference import param_fp32, write_param
+
+        policy = effective_policy(group, p.dtype)
+        sd = state_dtype_of(group, p.dtype)
+        for k, v in list(st.items()):
+            src = saved.get(k, v)
+            # torch's cast (to the param's dtype) stands where that is the state dtype (it may live in a
+            # flat buffer by now); else the saved tensor, not torch's rounding of it, becomes the state.
+            if k not in ("step", "master_param", "param_remainder") and isinstance(src, Tensor) \
+                    and src.is_floating_point() and src.shape == p.shape and v.dtype != sd:
+                st[k] = src.to(device=p.device, dtype=sd)
+        master, rem = saved.get("master_param"), saved.get("param_remainder")
+        st.pop("master_param", None)
+        st.pop("param_remainder", None)
+        with torch.no_grad():
+            if master is not None:
+                master = master.to(device=p.device, dtype=torch.float32)
+            elif rem is not None:
+                master = param_fp32(p, 0, None, [rem.to(p.device)])
+            if policy == "fp32":
+                st["master_param"] = master.clone() if master is not None else p.detach().float()
+            elif policy == "remainder":
+                out = torch.zeros_like(p, dtype=torch.int16)
+                if master is not None:
+                    write_param(p.data, 0, master, None, [out], None)
+                st["param_remainder"] = out
+            elif master is not None:
+                p.data.copy_(master)
 
     # -- what a subclass provides ------------------------------------------------
 
@@ -288,6 +435,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             seen = set()
             keys = self._state_keys(group)
             flags = {False: self._call_flags(group, False), True: self._call_flags(group, True)}
+            precision_of: dict[torch.dtype, tuple] = {}  # param dtype -> (policy, seed, state dtype)
             backend = group["backend"]
             for p in group["params"]:
                 grad = p.grad
@@ -302,14 +450,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 state = state_of(p)
                 fresh = not state
+                precision = precision_of.get(p.dtype)
+                if precision is None:
+                    precision = precision_of[p.dtype] = self._precision_key(group, p.dtype)
+                policy = precision[0]
                 if fresh:
                     state = self._new_state(p, group)
+                    if policy in _POLICY_STATE:
+                        state[_POLICY_STATE[policy][0]] = self._policy_state(p, policy)
                     if state:
                         new_state[p] = state
                         unit = self._flat_units.get(id(p))
                         if unit is not None:
                             unit.rehome(p, state)
-                key = (p.device, p.dtype, backend) + flags[fresh]
+                key = (p.device, p.dtype, backend, precision) + flags[fresh]
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(self._lists)
@@ -335,6 +489,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     lists["grads"].append(grad)
                     for name, k in keys:
                         lists[name].append(state[k])
+                    if policy in _POLICY_STATE:
+                        k, name = _POLICY_STATE[policy]
+                        lists.setdefault(name, []).append(state[k])
                     if replayable is not None:
                         entry = replayable[list(buckets).index(key)]
                         entry[0].append(p)
@@ -401,7 +558,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             call_kwargs = dict(kwargs, group_sizes=group_sizes)
             cpp.add_call(f"pyoptim::{op}", tuple(lists[name] for name in self._lists), call_kwargs, "grads",
                          grad_members, [k for k in kwargs if k not in _RECORDED])
-            metas.append((key[0], key[3:], b.groups))
+            metas.append((key[0], key[4:], b.groups))
         return self._plan_signature(), cpp, metas
 
     def _unit_in_call(self, unit: FlatUnit, params: list[Tensor], state_keys) -> bool:
@@ -434,8 +591,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _call(self, key: tuple, b: _Bucket, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
         args = tuple(b.lists[name] for name in self._lists)
-        kwargs = self._step_kwargs(key[0], key[3:], b.groups, grad_scale, found_inf)
+        kwargs = self._step_kwargs(key[0], key[4:], b.groups, grad_scale, found_inf)
         kwargs["group_sizes"] = b.group_sizes
+        policy, seed, _ = key[3]
+        if policy in _POLICY_STATE:
+            name = _POLICY_STATE[policy][1]
+            kwargs[name] = b.lists[name]
+        elif policy == "stochastic":
+            kwargs["stochastic_seed"] = seed
         return self._op, key[2], args, kwargs
 
     def _step_kwargs(self, device: torch.device, flags: tuple, groups: list[dict[str, Any]],

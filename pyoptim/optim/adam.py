@@ -25,11 +25,15 @@ class Adam(FusedOptimizer):
     gradient l1 * sign(p) added to the unscaled, clipped grad, with maximize's
     sign applied before it, so L1 always pulls towards 0) and `flat` (keep
     each group's params, grads and state as views of one buffer per device
-    and dtype, so a step is one kernel over it: note [flat storage]).
+    and dtype, so a step is one kernel over it: note [flat storage]), and the precision policy of
+    pyoptim.optim._base's note [precision policy]: `master_weights` (None, "fp32", "remainder" or
+    "stochastic", per group), `state_dtype` (the moments' dtype; None: the param's under master_weights
+    None, else float32) and `stochastic_seed` (the random stream of "stochastic").
     `foreach` and `fused` are accepted for compatibility and change nothing.
     """
 
     _op = "adam_step_"
+    _supports_precision = True
     _check_args = staticmethod(check_adam_args)
     _lists = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
     # (and pyoptim's own l1_weight_decay, so a state_dict of torch's loads)
@@ -55,6 +59,9 @@ class Adam(FusedOptimizer):
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         # torch.optim.Adam's checks and messages.
         if isinstance(lr, Tensor):
@@ -82,7 +89,7 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, l1_weight_decay=l1_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+        super().__init__(params, defaults, max_grad_norm, backend, flat, master_weights, state_dtype, stochastic_seed)
 
     def _sparse_message(self) -> str:
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -93,11 +100,11 @@ class Adam(FusedOptimizer):
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg": self._zeros(p, group),
+            "exp_avg_sq": self._zeros(p, group),
         }
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = self._zeros(p, group)
         return state
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -141,9 +148,13 @@ class AdamW(Adam):
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             max_grad_norm=max_grad_norm, l1_weight_decay=l1_weight_decay, backend=backend, flat=flat,
+            master_weights=master_weights, state_dtype=state_dtype, stochastic_seed=stochastic_seed,
         )

@@ -1,0 +1,428 @@
+"""The precision policy (issue 15; note [precision policy] in pyoptim/optim/_base.py): master_weights
+None / "fp32" / "remainder" / "stochastic", state_dtype, and checkpoints that keep them.
+
+The oracle of "fp32" and "remainder" is an fp32-param run of the same backend fed the same grads (bf16 values,
+so both runs see the same numbers): its params must equal the masters bit for bit at every step. The oracle of
+the bits themselves (remainder split, stochastic draws) is pyoptim.reference, in plain torch integer ops.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pyoptim
+from pyoptim.reference import param_fp32
+
+from .conftest import impl_id, impls
+
+ADAM_IMPLS = impls("adam_step_")
+SHAPES = [(37,), (5, 7), (1,), (300,)]  # odd sizes: partial vectors and chunk tails
+
+
+def _device(impl):
+    return torch.device("cuda" if impl[0] == "cuda" else "cpu")
+
+
+def _groups(params, wd):
+    # Two groups, weight decay on in one and (optionally) off in the other: several groups in one call.
+    return [dict(params=params[:2], weight_decay=wd), dict(params=params[2:], lr=3e-3, weight_decay=0.0)]
+
+
+def _masters(opt, params, policy):
+    """The fp32 master of each param as its policy keeps it."""
+    out = []
+    for p in params:
+        st = opt.state[p]
+        if policy == "fp32":
+            out.append(st["master_param"])
+        else:
+            out.append(param_fp32(p, 0, None, [st["param_remainder"]]))
+    return out
+
+
+def _init(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).bfloat16().float().to(device) for s in SHAPES]
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+@pytest.mark.parametrize("policy", ["fp32", "remainder"])
+@pytest.mark.parametrize("cls, wd", [(pyoptim.optim.AdamW, 0.1), (pyoptim.optim.Adam, 0.01), (pyoptim.optim.AdamW, 0.0)])
+def test_masters_bit_identical_to_fp32_run(impl, policy, cls, wd):
+    device = _device(impl)
+    steps = 100 if impl[1] != "triton" else 30  # the interpreter: ~0.1 s a step
+    ref = [p.clone().requires_grad_() for p in _init(device)]
+    low = [p.bfloat16().requires_grad_() for p in _init(device)]
+    o_ref = cls(_groups(ref, wd), lr=1e-2, backend=impl[1])
+    o_low = cls(_groups(low, wd), lr=1e-2, backend=impl[1], master_weights=policy)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        grads = [torch.randn(p.shape, generator=g).bfloat16().to(device) for p in ref]
+        for a, b, gr in zip(ref, low, grads):
+            a.grad, b.grad = gr.float(), gr.clone()
+        o_ref.step()
+        o_low.step()
+        if step % 10 == 9 or step == 0:
+            for a, b, m in zip(ref, low, _masters(o_low, low, policy)):
+                assert torch.equal(m, a.detach()), f"master differs at step {step + 1}"
+                if policy == "fp32":
+                    assert torch.equal(b.detach(), a.detach().bfloat16())
+                else:  # rounded to nearest, an exact tie either way
+                    assert ((b.detach().float() - a.detach().bfloat16().float()).abs()
+                            <= (a.detach().bfloat16().float().abs() * 2**-8)).all()
+    for p in low:
+        st = o_low.state[p]
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+        assert ("master_param" in st) == (policy == "fp32") and ("param_remainder" in st) == (policy == "remainder")
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_fp16_masters(impl):
+    device = _device(impl)
+    ref = [p.half().float().requires_grad_() for p in _init(device)]
+    low = [p.detach().half().requires_grad_() for p in ref]
+    o_ref = pyoptim.optim.AdamW(ref, lr=1e-2, backend=impl[1])
+    o_low = pyoptim.optim.AdamW(low, lr=1e-2, backend=impl[1], master_weights="fp32")
+    for _ in range(10):
+        for a, b in zip(ref, low):
+            gr = torch.randn(a.shape).half().to(device)
+            a.grad, b.grad = gr.float(), gr
+        o_ref.step()
+        o_low.step()
+    for a, b in zip(ref, low):
+        assert torch.equal(o_low.state[b]["master_param"], a.detach())
+        assert torch.equal(b.detach(), a.detach().half())
+
+
+def _stochastic_run(impl, seed, steps=5):
+    device = _device(impl)
+    ps = [p.bfloat16().requires_grad_() for p in _init(device)]
+    opt = pyoptim.optim.AdamW(ps, lr=1e-2, backend=impl[1], master_weights="stochastic", stochastic_seed=seed)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).bfloat16().to(device)
+        opt.step()
+    return [p.detach().cpu() for p in ps]
+
+
+def test_stochastic_reproducible_across_backends():
+    # Every backend draws the same bits: reference's plain-torch hash is the oracle.
+    runs = {impl: _stochastic_run(impl, seed=7) for impl in ADAM_IMPLS}
+    first = runs[ADAM_IMPLS[0]]
+    for impl, r in runs.items():
+        for a, b in zip(first, r):
+            assert torch.equal(a, b), impl
+    other = _stochastic_run(ADAM_IMPLS[0], seed=8)
+    assert any(not torch.equal(a, b) for a, b in zip(first, other)), "the seed changes the draws"
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_stochastic_rounding_unbiased(impl):
+    # One Adam step from 1.0 moves each element by about lr = 3 * 2^-10, 3/8 of the bf16 ulp above 1: the
+    # mean of the n stochastic roundings stays within 4 standard errors of the fp32 result (the same backend's
+    # fp32-param step), and only the two neighbours occur.
+    device = _device(impl)
+    n = 1 << 14
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.ones(n, dtype=dtype, device=device, requires_grad=True)
+        opt = pyoptim.optim.AdamW([p], lr=3 * 2**-10, weight_decay=0.0, backend=impl[1], stochastic_seed=3,
+                                  master_weights="stochastic")
+        p.grad = torch.full_like(p, -1.0)
+        opt.step()
+        out[dtype] = p.detach().float().cpu()
+    exact = float(out[torch.float32][0])
+    vals = out[torch.bfloat16]
+    lo, hi = 1.0, 1.0 + 2**-7
+    assert ((vals == lo) | (vals == hi)).all()
+    frac = (exact - lo) / (hi - lo)
+    se = (frac * (1 - frac) / n) ** 0.5 * (hi - lo)
+    assert abs(float(vals.double().mean()) - exact) <= 4 * se
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_tiny_updates_stall_unless_stochastic(impl):
+    # lr * update far below half a bf16 ulp: round to nearest never moves the param; stochastic rounding
+    # tracks the fp32 run (mean error well under the total drift).
+    device = _device(impl)
+    n, steps = 4096, 200 if impl[1] != "triton" else 60
+    lr = 2**-14  # Adam's update is about lr per step; bf16's half ulp at 1 is 2^-8
+    runs = {}
+    for policy in (None, "stochastic", "fp32"):
+        p = torch.ones(n, dtype=torch.float32 if policy == "fp32" else torch.bfloat16, device=device,
+                       requires_grad=True)
+        opt = pyoptim.optim.Adam([p], lr=lr, backend=impl[1], master_weights=policy)
+        for _ in range(steps):
+            p.grad = torch.full_like(p, -1.0)
+            opt.step()
+        runs[policy] = p.detach().float().cpu()
+    drift = float(runs["fp32"].mean() - 1.0)
+    assert drift > 0.5 * steps * lr
+    assert torch.equal(runs[None], torch.ones(n)), "round to nearest stalls"
+    assert abs(float(runs["stochastic"].mean()) - float(runs["fp32"].mean())) < 0.1 * drift
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_state(impl, param_dtype):
+    # state_dtype=bfloat16: the moments are the fp32 run's rounded to bf16 after each step (the reference's).
+    device = _device(impl)
+    ps = [p.to(param_dtype).requires_grad_() for p in _init(device)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    kw = dict(lr=1e-2, state_dtype=torch.bfloat16)
+    oa = pyoptim.optim.AdamW(ps, backend=impl[1], **kw)
+    ob = pyoptim.optim.AdamW(qs, backend="reference", **kw)
+    for _ in range(10):
+        for a, b in zip(ps, qs):
+            a.grad = torch.randn(a.shape).to(device, param_dtype)
+            b.grad = a.grad.clone()
+        oa.step()
+        ob.step()
+    for a, b in zip(ps, qs):
+        assert oa.state[a]["exp_avg"].dtype == torch.bfloat16
+        if impl[1] == "triton" or param_dtype == torch.bfloat16:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(oa.state[a]["exp_avg_sq"].float(), ob.state[b]["exp_avg_sq"].float(),
+                                   rtol=2e-2, atol=1e-6)
+
+
+def test_memory_per_param():
+    # bf16 AdamW with remainders and bf16 state: 2 (param) + 2 (remainder) + 2 + 2 (moments) = 8 bytes.
+    p = torch.zeros(1000, dtype=torch.bfloat16, requires_grad=True)
+    opt = pyoptim.optim.AdamW([p], master_weights="remainder", state_dtype=torch.bfloat16, backend="reference")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
+    assert (state_bytes + p.numel() * p.element_size()) / p.numel() == 8
+
+
+@pytest.mark.parametrize("kwargs, dtype", [
+    (dict(master_weights="remainder"), torch.float16),
+    (dict(master_weights="remainder"), torch.float32),
+    (dict(master_weights="bf16"), torch.bfloat16),
+    (dict(master_weights="stochastic"), torch.float16),
+    (dict(state_dtype=torch.int8), torch.float32),
+    (dict(state_dtype="bfloat16"), torch.float32),
+    (dict(state_dtype=torch.float16), torch.float32),
+    (dict(state_dtype=torch.float32), torch.float64),
+])
+def test_bad_combinations_raise_at_construction(kwargs, dtype):
+    p = torch.zeros(3, dtype=dtype, requires_grad=True)
+    with pytest.raises(ValueError):
+        pyoptim.optim.AdamW([p], **kwargs)
+    with pytest.raises(ValueError):  # a group's own setting too
+        pyoptim.optim.AdamW([dict(params=[p], **kwargs)])
+
+
+def _train(policy, state_dtype=None, steps=6, params=None, opt=None, backend="reference"):
+    if params is None:
+        params = [p.bfloat16().requires_grad_() for p in _init(torch.device("cpu"))]
+    if opt is None:
+        opt = pyoptim.optim.AdamW(params, lr=1e-2, master_weights=policy, state_dtype=state_dtype,
+                                  stochastic_seed=5, backend=backend)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("policy", [None, "fp32", "remainder", "stochastic"])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_checkpoint_keeps_dtypes_and_resumes_exactly(policy, state_dtype):
+    # Save at step 3, load into a fresh optimizer over copies of the params, run 3 more: the same bits as 6
+    # straight steps (stochastic included: the draws depend on the seed and the step only).
+    ps, opt = _train(policy, state_dtype, steps=3)
+    sd = copy.deepcopy(opt.state_dict())
+    dtypes = {k: v.dtype for k, v in sd["state"][0].items()}
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    fresh = pyoptim.optim.AdamW(qs, lr=1e-2, master_weights=policy, state_dtype=state_dtype, backend="reference")
+    fresh.load_state_dict(sd)
+    assert {k: v.dtype for k, v in fresh.state[qs[0]].items()} == dtypes
+    g = torch.Generator().manual_seed(10)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        fresh.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, fresh.state[q][k]), k
+
+
+def test_checkpoint_fp32_to_remainder_and_back_is_exact():
+    ps, opt = _train("fp32", steps=4)
+    masters = [opt.state[p]["master_param"].clone() for p in ps]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    rem = pyoptim.optim.AdamW(qs, lr=1e-2, master_weights="remainder", backend="reference")
+    rem.load_state_dict(opt.state_dict())
+    assert all("master_param" not in rem.state[q] for q in qs)
+    for q, m in zip(qs, masters):
+        assert torch.equal(param_fp32(q, 0, None, [rem.state[q]["param_remainder"]]), m)
+        assert rem.state[q]["exp_avg"].dtype == torch.float32
+    rs = [q.detach().clone().requires_grad_() for q in qs]
+    back = pyoptim.optim.AdamW(rs, lr=1e-2, master_weights="fp32", backend="reference")
+    back.load_state_dict(rem.state_dict())
+    for r, m in zip(rs, masters):
+        assert torch.equal(back.state[r]["master_param"], m)
+
+
+def test_checkpoint_to_and_from_torch():
+    # A torch.optim checkpoint (no policy) loads into an optimizer with fp32 masters, which makes them from the
+    # params and its moments fp32 from torch's bf16; its checkpoint loads back into torch.optim, which
+    # ignores the masters and casts the moments to bf16 (torch's rule); without a policy the round trip is
+    # exact both ways.
+    ps = [p.bfloat16().requires_grad_() for p in _init(torch.device("cpu"))]
+    t = torch.optim.AdamW(ps, lr=1e-2, foreach=False)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape).bfloat16()
+        t.step()
+    rs = [p.detach().clone().requires_grad_() for p in ps]
+    ours = pyoptim.optim.AdamW(rs, lr=1e-2, master_weights="fp32", backend="reference")
+    ours.load_state_dict(t.state_dict())
+    assert ours.param_groups[0]["master_weights"] == "fp32"
+    for p, r in zip(ps, rs):
+        assert torch.equal(ours.state[r]["master_param"], r.detach().float())
+        assert ours.state[r]["exp_avg"].dtype == torch.float32
+        assert torch.equal(ours.state[r]["exp_avg"], t.state[p]["exp_avg"].float())
+    _train("fp32", params=rs, opt=ours, steps=2)
+    qs = [r.detach().clone().requires_grad_() for r in rs]
+    t2 = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    t2.load_state_dict(ours.state_dict())
+    for q, r in zip(qs, rs):
+        assert t2.state[q]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(t2.state[q]["exp_avg"], ours.state[r]["exp_avg"].bfloat16())
+    plain = [r.detach().clone().requires_grad_() for r in rs]
+    none = pyoptim.optim.AdamW(plain, lr=1e-2, backend="reference")
+    none.load_state_dict(t2.state_dict())
+    for p, q in zip(plain, qs):
+        assert "master_param" not in none.state[p]  # (torch kept it, cast to bf16: policy None drops it)
+        for k, v in t2.state[q].items():
+            if k != "master_param":
+                assert torch.equal(none.state[p][k], v) and none.state[p][k].dtype == v.dtype, k
+
+
+def test_grad_scaler_skips_with_every_policy():
+    for policy in ("fp32", "remainder", "stochastic"):
+        ps, opt = _train(policy, steps=2)
+        before = [p.detach().clone() for p in ps]
+        st = copy.deepcopy(opt.state_dict()["state"])
+        opt.found_inf = torch.ones(())
+        for p in ps:
+            p.grad = torch.full_like(p, float("inf"))
+        opt.step()
+        del opt.found_inf
+        assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        for i, p in enumerate(ps):
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, st[i][k]), (policy, k)
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_small_model_loss_tracks_fp32(impl):
+    # A bf16 MLP regression in each policy: its loss curve stays within 5% (fp32/remainder: 2%) of the fp32
+    # model's, whose weights start equal.
+    device = _device(impl)
+    torch.manual_seed(0)
+    x = torch.randn(256, 16, device=device)
+    y = torch.sin(x.sum(1, keepdim=True))
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device)
+    for p in base.parameters():
+        p.data = p.data.bfloat16().float()
+    steps = 60 if impl[1] != "triton" else 20
+    curves = {}
+    for policy in ("ref", None, "fp32", "remainder", "stochastic"):
+        model = copy.deepcopy(base)
+        if policy != "ref":
+            model = model.bfloat16()
+        opt = pyoptim.optim.AdamW(model.parameters(), lr=3e-3, backend=impl[1],
+                                  master_weights=None if policy == "ref" else policy)
+        losses = []
+        for _ in range(steps):
+            loss = torch.nn.functional.mse_loss(model(x.to(next(model.parameters()).dtype)).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[policy] = torch.tensor(losses)
+    ref = curves["ref"]
+    for policy, tol in ((None, 0.1), ("fp32", 0.05), ("remainder", 0.05), ("stochastic", 0.1)):
+        rel = ((curves[policy] - ref).abs() / ref).max().item()
+        assert rel < tol, (policy, rel)
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
+def test_opcheck(policy):
+    # The schema's aliasing of master_params / param_remainders, the fake kernel and the CPU kernel agree.
+    shapes = [(5,), (2, 3), ()]
+    p = [torch.randn(s).bfloat16() for s in shapes]
+    state_dtype = torch.bfloat16 if policy == "bf16state" else torch.float32
+    st = lambda: [torch.randn(s).abs().to(state_dtype) for s in shapes]  # noqa: E731
+    args = (p, [torch.randn(s).bfloat16() for s in shapes], st(), st(), [], [torch.tensor(2.0) for _ in shapes])
+    kwargs = dict(lr=[1e-3], beta1=[0.9], beta2=[0.999], weight_decay=[0.1], eps=[1e-8], group_sizes=[3],
+                  amsgrad=False, maximize=False, decoupled_weight_decay=True)
+    if policy == "fp32":
+        kwargs["master_params"] = [x.float() for x in p]
+    elif policy == "remainder":
+        kwargs["param_remainders"] = [torch.zeros(s, dtype=torch.int16) for s in shapes]
+    elif policy == "stochastic":
+        kwargs["stochastic_seed"] = 11
+    torch.library.opcheck(torch.ops.pyoptim.adam_step_, args, kwargs)
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_bad_op_arguments_raise(impl):
+    # The op's own checks (every backend): two policies at once, masters of the wrong dtype, remainders beside
+    # fp16 params, state of two dtypes.
+    p = [torch.zeros(3, dtype=torch.bfloat16)]
+    base = (p, [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], [torch.zeros(3)], [], [torch.tensor(0.0)])
+    kw = dict(lr=[1e-3], beta1=[0.9], beta2=[0.999], weight_decay=[0.0], eps=[1e-8], backend=impl[1])
+    bad = [dict(master_params=[torch.zeros(3)], stochastic_seed=1),
+           dict(master_params=[torch.zeros(3, dtype=torch.bfloat16)]),
+           dict(param_remainders=[torch.zeros(3)])]
+    for extra in bad:
+        with pytest.raises(RuntimeError):
+            pyoptim.functional.adam_step_(*base, **kw, **extra)
+    with pytest.raises(RuntimeError):
+        pyoptim.functional.adam_step_(*base[:3], [torch.zeros(3, dtype=torch.bfloat16)], *base[4:], **kw)
+    half = [torch.zeros(3, dtype=torch.float16)]
+    with pytest.raises(RuntimeError):
+        pyoptim.functional.adam_step_(half, [torch.zeros(3, dtype=torch.float16)], *base[2:], **kw,
+                                      param_remainders=[torch.zeros(3, dtype=torch.int16)])
+
+
+@pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
+def test_groups_of_different_policies_and_state_dtypes(impl):
+    # Groups that differ in policy or state dtype make separate calls; each matches its own one-group run.
+    device = _device(impl)
+    settings = [dict(), dict(state_dtype=torch.bfloat16), dict(master_weights="fp32"),
+                dict(master_weights="remainder", state_dtype=torch.bfloat16), dict(master_weights="stochastic")]
+    make = lambda: [torch.randn(9, generator=torch.Generator().manual_seed(k)).bfloat16().to(device)  # noqa: E731
+                    .requires_grad_() for k in range(len(settings))]
+    ps, qs = make(), make()
+    fp = torch.randn(9, device=device, requires_grad=True)  # fp32 params beside them, in the first group
+    fq = fp.detach().clone().requires_grad_()
+    together = pyoptim.optim.AdamW([dict(params=[p] + ([fp] if k == 0 else []), **kw)
+                                    for k, (p, kw) in enumerate(zip(ps, settings))], lr=1e-2, backend=impl[1])
+    alone = [pyoptim.optim.AdamW([q] + ([fq] if k == 0 else []), lr=1e-2, backend=impl[1], **kw)
+             for k, (q, kw) in enumerate(zip(qs, settings))]
+    for _ in range(3):
+        for p, q in zip(ps + [fp], qs + [fq]):
+            p.grad = torch.randn(9, device=device).to(p.dtype)
+            q.grad = p.grad.clone()
+        together.step()
+        for o in alone:
+            o.step()
+    for p, q in zip(ps + [fp], qs + [fq]):
+        assert torch.equal(p, q)

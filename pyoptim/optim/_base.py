@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _optimizer
 
-from pyoptim import _backends, functional
+from pyoptim import _backends, _dtensor, functional
 from pyoptim.optim._flat import FlatUnit, can_flatten
 
 # Backends the step plan replays (dispatcher ops); the Python ones take the ordinary path.
@@ -54,6 +54,8 @@ class _Bucket:
         self.lists: dict[str, list[Tensor]] = {name: [] for name in lists}
         self.groups: list[dict[str, Any]] = []
         self.group_sizes: list[int] = []
+        #: per tensor, its _dtensor.norm_class (None: a plain tensor); None while the bucket holds no DTensor
+        self.classes: Optional[list] = None
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -215,16 +217,17 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         buckets, new_state, replayable = self._gather()
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
+        classes = [b.classes for b in buckets.values()]
         if self.max_grad_norm is not None and calls:
-            self._fuse_clip(calls, grad_scale)
+            self._fuse_clip(calls, grad_scale, classes)
         if len(calls) > 1:
             # note [exception safety]: each call checks its own arguments
             # before writing; with several calls, check them all before the
             # first one writes anything.
             for _, _, args, kwargs in calls:
                 type(self)._check_args(*args, **kwargs)
-        for op, backend, args, kwargs in calls:
-            getattr(functional, op)(*args, **kwargs, backend=backend)
+        for call, cls in zip(calls, classes):
+            self._run_call(call, cls)
         self.state.update(new_state)
         self._plan = (self._record_plan(buckets, calls, replayable)
                       if replayable is not None and not new_state and calls else None)
@@ -277,6 +280,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bucket.group_sizes.append(0)
                 bucket.group_sizes[-1] += 1
                 lists = bucket.lists
+                dist_class = None
+                if type(p) not in _PLAIN:
+                    replayable = None  # a tensor subclass (DTensor ...): the ordinary path only
+                    if _dtensor.is_dtensor(p):
+                        # note [DTensor by unwrapping] (pyoptim/_dtensor.py): the op runs on the local shards.
+                        dist_class = _dtensor.norm_class(p)
+                        p, grad = _dtensor.local_param_and_grad(p, grad, type(self).__name__)
+                        state = {k: _dtensor.local(v) for k, v in state.items()}
+                        if bucket.classes is None:
+                            bucket.classes = [None] * len(lists["params"])
+                if bucket.classes is not None:
+                    bucket.classes.append(dist_class)
                 if p.is_complex():  # as torch: the update of a complex param is that of its real view
                     replayable = None
                     lists["params"].append(torch.view_as_real(p))
@@ -285,8 +300,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                         t = state[k]
                         lists[name].append(torch.view_as_real(t) if t.is_complex() else t)
                 else:
-                    if type(p) not in _PLAIN:
-                        replayable = None  # a tensor subclass (DTensor ...): the ordinary path only
                     lists["params"].append(p)
                     lists["grads"].append(grad)
                     for name, k in keys:
@@ -424,18 +437,43 @@ class FusedOptimizer(torch.optim.Optimizer):
             return total
         return total * grad_scale.double().reciprocal().float().to(total.device)
 
-    def _fuse_clip(self, calls: list, grad_scale: Optional[Tensor]) -> None:
+    def _run_call(self, call: tuple, classes: Optional[list]) -> None:
+        """One op call of the step; `classes` (the bucket's) says which tensors are DTensor shards (LAMB's
+        per-tensor norms need them: note [DTensor by unwrapping])."""
+        op, backend, args, kwargs = call
+        getattr(functional, op)(*args, **kwargs, backend=backend)
+
+    def _fuse_clip(self, calls: list, grad_scale: Optional[Tensor], classes: list) -> None:
         """One norm pass over all grads; the clip factor is applied inside each step kernel."""
-        totals = []
-        for _, backend, args, _ in calls:
+        totals: dict[Any, list[Tensor]] = {}  # norm class -> the local norms of its tensors, per call
+        for (_, backend, args, _), cls in zip(calls, classes):
             grads = args[1]
             norm_backend = backend if backend in _backends.available("multi_tensor_norm", grads[0].device.type) \
                 else None
-            totals.append(functional.multi_tensor_norm(grads, 2.0, backend=norm_backend)[0])
-        device0 = totals[0].device
-        total = totals[0] if len(totals) == 1 else torch.linalg.vector_norm(
-            torch.stack([t.to(device0, non_blocking=True) for t in totals]))
+            for key, members in _by_class(grads, cls).items():
+                totals.setdefault(key, []).append(functional.multi_tensor_norm(members, 2.0,
+                                                                               backend=norm_backend)[0])
+        device0 = calls[0][2][0][0].device
+
+        def combined(parts: list[Tensor]) -> Tensor:
+            return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
+                torch.stack([t.to(device0, non_blocking=True) for t in parts]))
+
+        if list(totals) == [None]:
+            total = combined(totals[None])
+        else:  # DTensor shards: their partial norms reduced across their meshes
+            total = _dtensor.global_norm({k: combined(v).to(device0) for k, v in totals.items()}, 2.0)
         for _, _, args, kwargs in calls:
             kwargs["grad_norm"] = total if total.device == args[0][0].device else total.to(args[0][0].device)
             kwargs["max_grad_norm"] = float(self.max_grad_norm)
         self.grad_norm = self._unscaled_norm(total, grad_scale)
+
+
+def _by_class(tensors: list[Tensor], classes: Optional[list]) -> dict[Any, list[Tensor]]:
+    """`tensors` by their norm class (pyoptim/_dtensor.py's; None for every tensor when `classes` is None)."""
+    if classes is None:
+        return {None: tensors}
+    out: dict[Any, list[Tensor]] = {}
+    for t, c in zip(tensors, classes):
+        out.setdefault(c, []).append(t)
+    return out

@@ -382,7 +382,7 @@ def test_double_backward_raises(bn_impl):
     w = torch.randn(3, device=device, requires_grad=True)
     y = pyoptim.nn.functional.batch_norm(x, None, None, w, None, True, backend=bn_impl[1])
     (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="not implemented|once_differentiable"):
+    with pytest.raises(RuntimeError, match="not implemented|once_differentiable|no autograd formula"):
         g.sum().backward()
 
 

@@ -1,9 +1,10 @@
 """BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm1d/2d/3d: torch's modules, computed by pyoptim's kernels.
 
-Each subclasses its torch twin, so parameters, buffers (running_mean,
-running_var, num_batches_tracked), state_dict() keys, reset_parameters() and
-repr are torch's own and weights load both ways; only the forward runs our
-ops, chosen by `backend` (default: the fastest here).
+Each subclasses its torch twin (SyncBatchNorm: torch's _BatchNorm, as torch's
+SyncBatchNorm does, note [not a torch SyncBatchNorm]), so parameters, buffers
+(running_mean, running_var, num_batches_tracked), state_dict() keys,
+reset_parameters() and repr are torch's own and weights load both ways; only
+the forward runs our ops, chosen by `backend` (default: the fastest here).
 """
 
 from __future__ import annotations

@@ -212,9 +212,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            self._compiled_step(grad_scale, found_inf)
+            return loss
         if self._run_plan(grad_scale, found_inf):
             return loss
 
+        buckets, calls, new_state, replayable = self._ordinary_step(grad_scale, found_inf)
+        self._plan = (self._record_plan(buckets, calls, replayable)
+                      if replayable is not None and not new_state and calls else None)
+        return loss
+
+    def _ordinary_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> tuple:
+        """The step by way of _gather: (buckets, calls, the state it made, what a plan needs: see _gather)."""
         buckets, new_state, replayable = self._gather()
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
         classes = [b.classes for b in buckets.values()]
@@ -229,17 +239,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         for call, cls in zip(calls, classes):
             self._run_call(call, cls)
         self.state.update(new_state)
-        self._plan = (self._record_plan(buckets, calls, replayable)
-                      if replayable is not None and not new_state and calls else None)
-        return loss
+        return buckets, calls, new_state, replayable
 
-    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]], Optional[list]]:
+    def _gather(self, views: bool = True
+                ) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]], Optional[list]]:
         """Every param with a grad, in buckets of one device, dtype and set of call-wide flags; and new state.
 
         Within a bucket tensors stay ordered by param group and each group's
         hyperparameters ride along, so many groups still make one call. The
         third result, per bucket, lists its params and their state dicts when
         the step can be recorded as a plan (note [step plan]), else is None.
+        With views=False (the compiled step's) complex tensors stay complex
+        (their real views are the trace's) and DTensors are refused.
         """
         buckets: dict[tuple, _Bucket] = {}
         new_state: dict[Tensor, dict[str, Tensor]] = {}
@@ -284,6 +295,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if type(p) not in _PLAIN:
                     replayable = None  # a tensor subclass (DTensor ...): the ordinary path only
                     if _dtensor.is_dtensor(p):
+                        if not views:
+                            raise NotImplementedError(f"pyoptim.optim.{type(self).__name__}: a compiled step over "
+                                                      "DTensor params; call step() outside torch.compile")
                         # note [DTensor by unwrapping] (pyoptim/_dtensor.py): the op runs on the local shards.
                         dist_class = _dtensor.norm_class(p)
                         p, grad = _dtensor.local_param_and_grad(p, grad, type(self).__name__)
@@ -292,7 +306,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                             bucket.classes = [None] * len(lists["params"])
                 if bucket.classes is not None:
                     bucket.classes.append(dist_class)
-                if p.is_complex():  # as torch: the update of a complex param is that of its real view
+                if p.is_complex() and views:  # as torch: the update of a complex param is that of its real view
                     replayable = None
                     lists["params"].append(torch.view_as_real(p))
                     lists["grads"].append(torch.view_as_real(grad))
@@ -309,6 +323,73 @@ class FusedOptimizer(torch.optim.Optimizer):
                         entry[0].append(p)
                         entry[1].append(state)
         return buckets, new_state, replayable
+
+    # -- the compiled step (note [compiled step]) ----------------------------------------
+    #
+    # note [compiled step]: under torch.compile the step is traced, but not
+    # its gathering: dynamo's OptimizerVariable runs a method named
+    # `_init_group` eagerly (as it does torch's optimizers' own), then hands
+    # the tensors that call put in an empty list to the trace as the graph's
+    # inputs they are (params, their grads, state tensors) and guards the
+    # param groups and the state. _init_group makes the first step's state
+    # and lays every bucket's tensors out in one list, returning the layout
+    # as constants; the trace slices the list, reads the hyperparameters
+    # (the lr as a tensor: note [compiled lr]) and calls the ops, so a
+    # compiled step is one graph that later steps reuse.
+
+    def _init_group(self, tensors: list) -> tuple:
+        """Make the state of params stepped for the first time; append every bucket's tensors (params, grads and
+        state lists, in the op's order) to `tensors`; return the buckets' layout as constants."""
+        buckets, new_state, _ = self._gather(views=False)
+        self.state.update(new_state)
+        index = {id(g): i for i, g in enumerate(self.param_groups)}
+        layout = []
+        for key, b in buckets.items():
+            counts = tuple(len(b.lists[name]) for name in self._lists)
+            for name in self._lists:
+                tensors.extend(b.lists[name])
+            layout.append((key[2], tuple(key[3:]), tuple(index[id(g)] for g in b.groups), tuple(b.group_sizes),
+                           counts))
+        return tuple(layout)
+
+    def _compiled_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The step as torch.compile traces it (note [compiled step])."""
+        if self._first_call_differs():
+            # Dynamo guards the state as _init_group leaves it, so a layout
+            # that holds a first step's flags (SGD's is_first_step) would be
+            # replayed on the later steps: that step runs eagerly instead.
+            self._eager_step(grad_scale, found_inf)
+            return
+        tensors: list[Tensor] = []
+        layout = self._init_group(tensors)
+        calls = []
+        pos = 0
+        for backend, flags, group_indices, group_sizes, counts in layout:
+            args = []
+            for count in counts:
+                args.append([torch.view_as_real(t) if t.is_complex() else t for t in tensors[pos:pos + count]])
+                pos += count
+            groups = [self.param_groups[i] for i in group_indices]
+            kwargs = self._step_kwargs(args[0][0].device, flags, groups, grad_scale, found_inf)
+            kwargs["group_sizes"] = list(group_sizes)
+            calls.append((self._op, backend, tuple(args), kwargs))
+        if self.max_grad_norm is not None and calls:
+            self._fuse_clip(calls, grad_scale, [None] * len(calls))
+        for call in calls:
+            self._run_call(call, None)
+
+    def _first_call_differs(self) -> bool:
+        """Whether a param with a grad has no state yet in a group whose first step's call flags differ."""
+        for g in self.param_groups:
+            if self._call_flags(g, True) != self._call_flags(g, False):
+                if any(p.grad is not None and not self.state.get(p) for p in g["params"]):
+                    return True
+        return False
+
+    @torch.compiler.disable
+    def _eager_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The ordinary step, outside the trace (a graph break)."""
+        self._ordinary_step(grad_scale, found_inf)
 
     # -- the step plan (note [step plan] in csrc/step_plan.cpp) -------------------------
 
@@ -412,12 +493,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The op's keywords that may change from step to step: the groups' hyperparameters and GradScaler's."""
         lrs = [g["lr"] for g in groups]
         lr_tensor = None
-        if device.type != "cpu" and any(isinstance(lr, Tensor) and lr.device.type != "cpu" for lr in lrs):
+        # note [compiled lr]: under torch.compile the lr is read as a tensor
+        # on the device, float or Tensor alike: a float the compiler treats as
+        # a changing input (an LR scheduler's) then needs no guard on its
+        # value, and a Tensor lr no .item() (a graph break), so a compiled
+        # step is not recompiled when the lr moves.
+        if torch.compiler.is_compiling() or (device.type != "cpu" and any(
+                isinstance(lr, Tensor) and lr.device.type != "cpu" for lr in lrs)):
             # Read lr on the device (capturable, no host sync): one float64
             # value per group (exact for float32 and float64 lr tensors).
+            # A float lr enters as `zeros + lr`: arithmetic the compiler keeps
+            # symbolic (a torch.full of it would be specialized to its value).
             lr_tensor = torch.stack([
                 lr.reshape(()).to(device=device, dtype=torch.float64) if isinstance(lr, Tensor)
-                else torch.full((), lr, dtype=torch.float64, device=device)
+                else torch.zeros((), dtype=torch.float64, device=device) + lr
                 for lr in lrs
             ])
             lr_floats = [0.0] * len(lrs)

@@ -7,7 +7,8 @@
 See harness.py for what is measured and how, and bench_adam.py for an op. The ops are found, not listed:
 every benchmarks/bench_<op>.py that defines OP (adam, sgd, lion, lamb, adagrad, rmsprop, clip,
 clip_adamw, layer_norm, batch_norm). After them, bench_host.py times the optimizer step's host path (microseconds per step over tiny
-tensors, not GB/s); `--ops host` runs it alone.
+tensors, not GB/s; `--ops host` runs it alone) and bench_fsdp.py the step under FSDP2 on two gloo ranks (milliseconds
+per step against torch's fused AdamW, on DTensor shards and on plain ones; `--ops fsdp` runs it alone).
 """
 
 import sys
@@ -16,13 +17,18 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_fsdp  # noqa: E402
 import bench_host  # noqa: E402
 from harness import main  # noqa: E402
 
 
-def _split_host(argv: list[str]) -> tuple[list[str], bool, bool]:
-    """(argv without "host" in --ops, whether to run the host benchmark, whether any other op remains)."""
-    out, host, others = [], True, True
+# Benchmarks of their own kind (not GB/s), run after the others: --ops names them like any op.
+_EXTRA = ("host", "fsdp")
+
+
+def _split_extra(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """(argv without the extra benchmarks in --ops, the extras to run, whether any other op remains)."""
+    out, extras, others = [], list(_EXTRA), True
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -35,18 +41,21 @@ def _split_host(argv: list[str]) -> tuple[list[str], bool, bool]:
             out.append(arg)
         else:
             names = [n for n in value.split(",") if n]
-            host = "host" in names
-            rest = [n for n in names if n != "host"]
+            extras = [n for n in _EXTRA if n in names]
+            rest = [n for n in names if n not in _EXTRA]
             others = bool(rest)
             if rest:
                 out += ["--ops", ",".join(rest)]
         i += 1
-    return out, host, others
+    return out, extras, others
 
 
 if __name__ == "__main__":
-    argv, host, others = _split_host(sys.argv[1:])
+    argv, extras, others = _split_extra(sys.argv[1:])
     rc = main(argv) if others else 0
-    if host and rc == 0 and "--list" not in argv:
-        rc = bench_host.main(argv)  # it reads --device, --quick and --out, and ignores the rest
+    if "--list" not in argv:
+        for name in extras:
+            if rc == 0:
+                # They read --device (host), --quick and --out, and ignore the rest.
+                rc = {"host": bench_host.main, "fsdp": bench_fsdp.main}[name](argv)
     sys.exit(rc)

@@ -125,6 +125,31 @@ TORCH_LIBRARY(pyoptim, m) {
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
 
+  // LAMB's two passes as ops of their own (note [LAMB's two passes]), for a
+  // caller that reduces the per-tensor norms between them: DTensor shards,
+  // whose norms are sums over ranks (pyoptim/_dtensor.py). Both take
+  // lamb_step_'s arguments. lamb_moments_ advances the steps, moves m and v
+  // and returns the norms: float64 [2, n], row 0 each tensor's ||p||^2, row 1
+  // its ||u||^2 (zeros where found_inf is nonzero); lamb_apply_, given such
+  // norms, moves p by -lr * r * u with r = lamb_trust_ratio(row 0, row 1),
+  // reading the steps, m and v as the first pass left them (grads, grad_scale,
+  // grad_norm, maximize and l1_weight_decay, which act on the grads, are not
+  // read). lamb_moments_ then lamb_apply_ over the same norms is lamb_step_.
+  m.def(
+      "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] state_steps, *, "
+      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
+      "int[] group_sizes, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> Tensor");
+  m.def(
+      "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor[] state_steps, Tensor norms, *, "
+      "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
+      "int[] group_sizes, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+
   // One Adagrad step over many tensors of one device and dtype, in place.
   // Mirrors aten::_fused_adagrad_ (argument names and order), with per-group
   // hyperparameters as in adam_step_: state_steps advance by one, then

@@ -174,8 +174,19 @@ void check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
 }
 
-void check_lamb_args(const LambArgs& a, c10::DeviceType device_type) {
-  const char* op = "lamb_step_";
+void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList params) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  PYOPTIM_CHECK(norms.defined() && norms.scalar_type() == at::kDouble && norms.dim() == 2 && norms.size(0) == 2 &&
+                    norms.size(1) == n,
+                op, ": norms must be a float64 tensor of shape [2, ", n, "] (lamb_moments_'s), got ",
+                norms.defined() ? norms.sizes() : at::IntArrayRef{});
+  if (n > 0) {
+    PYOPTIM_CHECK(norms.device() == params[0].device(), op, ": norms is on ", norms.device(), ", expected ",
+                  params[0].device());
+  }
+}
+
+void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op) {
   check_tensor_lists(op, device_type, {"params", a.params},
                      {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}});
   const int64_t n = static_cast<int64_t>(a.params.size());

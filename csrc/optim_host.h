@@ -99,7 +99,10 @@ struct LambArgs {
   StepAux aux;
 };
 
-void check_lamb_args(const LambArgs& a, c10::DeviceType device_type);
+// op: "lamb_step_", "lamb_moments_" or "lamb_apply_" (they take the same arguments), for the messages.
+void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op = "lamb_step_");
+// lamb_apply_'s norms: float64 [2, n] on the params' device (the [||p||^2, ||u||^2] rows lamb_moments_ returns).
+void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList params);
 
 struct AdagradArgs {
   at::TensorList params, grads, state_sums, state_steps;

@@ -64,6 +64,7 @@ from pyoptim._validation import (check_batch_norm_backward_elemt_args, check_bat
                                  check_batch_norm_stats_args)
 
 from ._multi_tensor import bf16_rne, device_type_required, exact_div, exact_sqrt, interpret, on_device
+from ._ops import launch, register_op
 
 __all__ = ["batch_norm_fwd_triton", "batch_norm_bwd_triton", "batch_norm_stats_triton", "batch_norm_elemt_triton",
            "batch_norm_backward_reduce_triton", "batch_norm_backward_elemt_triton"]
@@ -642,8 +643,8 @@ def _stats(x: torch.Tensor, dims: _Dims, out2: torch.Tensor, mean: torch.Tensor,
     ws_m2 = torch.empty(plan.ws_shape, dtype=mean.dtype, device=x.device)
     ws_count = torch.empty(plan.ws_shape, dtype=torch.int64, device=x.device)
     kernel = _stats_rows_kernel if dims.rows else _stats_nchw_kernel
-    kernel[plan.grid](x, ws_mean, ws_m2, ws_count, *plan.args, COMPUTE=compute, **plan.meta)
-    _stats_merge_kernel[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
+    launch(kernel, x)[plan.grid](x, ws_mean, ws_m2, ws_count, *plan.args, COMPUTE=compute, **plan.meta)
+    launch(_stats_merge_kernel, x)[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
         x, ws_mean, ws_m2, ws_count, running_mean, running_var, mean, out2, new_running_mean, new_running_var,
         dims.C, plan.K, plan.stride_c, plan.stride_k, 1 if dims.rows else dims.S, _bits(eps), _bits(momentum),
         EVAL=False, HAS_RUNNING=running_mean is not None, INVSTD=invstd, COMPUTE=compute, BLOCK_C=_MERGE_BLOCK_C,
@@ -661,10 +662,10 @@ def _bwd_sums(dy: torch.Tensor, x: torch.Tensor, dims: _Dims, mean: torch.Tensor
     ws_dy = torch.empty(plan.ws_shape, dtype=sd, device=x.device)
     ws_dy_xmu = torch.empty(plan.ws_shape, dtype=sd, device=x.device)
     kernel = _bwd_reduce_rows_kernel if dims.rows else _bwd_reduce_nchw_kernel
-    kernel[plan.grid](dy, x, mean, ws_dy, ws_dy_xmu, *plan.args, COMPUTE=compute, **plan.meta)
+    launch(kernel, x)[plan.grid](dy, x, mean, ws_dy, ws_dy_xmu, *plan.args, COMPUTE=compute, **plan.meta)
     sum_dy, sum_dy_xmu = sums if sums is not None else (None, None)
     mean_dy, mean_dy_xmu = means if means is not None else (None, None)
-    _bwd_merge_kernel[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
+    launch(_bwd_merge_kernel, x)[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
         ws_dy, ws_dy_xmu, invstd, sum_dy, sum_dy_xmu, grad_weight, grad_bias, mean_dy, mean_dy_xmu, dims.C, plan.K,
         plan.stride_c, plan.stride_k, dims.count, SUMS=sums is not None, WANT_DW=grad_weight is not None,
         WANT_DB=grad_bias is not None, MEANS=means is not None, COMPUTE=compute, BLOCK_C=_MERGE_BLOCK_C,
@@ -674,7 +675,7 @@ def _bwd_sums(dy: torch.Tensor, x: torch.Tensor, dims: _Dims, mean: torch.Tensor
 def _elemt(x: torch.Tensor, dims: _Dims, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     grid, sizes, meta = _elem_plan(dims)
-    _elemt_kernel[grid](x, y, mean, invstd, weight, bias, *sizes, HAS_W=weight is not None, HAS_B=bias is not None,
+    launch(_elemt_kernel, x)[grid](x, y, mean, invstd, weight, bias, *sizes, HAS_W=weight is not None, HAS_B=bias is not None,
                         COMPUTE=_compute(x.dtype), **meta)
 
 
@@ -682,7 +683,7 @@ def _bwd_elemt(dy: torch.Tensor, x: torch.Tensor, dims: _Dims, dx: torch.Tensor,
                invstd: torch.Tensor, weight: Optional[torch.Tensor], mean_dy: Optional[torch.Tensor],
                mean_dy_xmu: Optional[torch.Tensor], training: bool) -> None:
     grid, sizes, meta = _elem_plan(dims)
-    _bwd_elemt_kernel[grid](dy, x, dx, mean, invstd, weight, mean_dy, mean_dy_xmu, *sizes, HAS_W=weight is not None,
+    launch(_bwd_elemt_kernel, x)[grid](dy, x, dx, mean, invstd, weight, mean_dy, mean_dy_xmu, *sizes, HAS_W=weight is not None,
                             TRAINING=training, COMPUTE=_compute(x.dtype), **meta)
 
 
@@ -720,7 +721,7 @@ def batch_norm_fwd_triton(input: torch.Tensor, weight: Optional[torch.Tensor], b
             _stats(x, dims, save_invstd, save_mean, True, rm, rv, new_rm if moved else None,
                    new_rv if moved else None, momentum, eps)
         else:
-            _stats_merge_kernel[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
+            launch(_stats_merge_kernel, x)[(triton.cdiv(dims.C, _MERGE_BLOCK_C),)](
                 None, None, None, None, rm, rv, save_mean, save_invstd, None, None, dims.C, 0, 0, 0, 0, _bits(eps),
                 _bits(momentum), EVAL=True, HAS_RUNNING=False, INVSTD=True, COMPUTE=_compute(input.dtype),
                 BLOCK_C=_MERGE_BLOCK_C, num_warps=4)
@@ -828,3 +829,13 @@ def batch_norm_backward_elemt_triton(grad_out: torch.Tensor, input: torch.Tensor
             _bwd_elemt(_match_layout(grad_out, dims), x, dims, dx, _channel(mean), _channel(invstd),
                        _channel(weight), _channel(mean_dy), _channel(mean_dy_xmu), True)
     return dx
+
+
+# note [triton ops] (kernels/_ops.py): the forward and backward launchers as dispatcher ops, with the C++ ops'
+# schemas (the four SyncBatchNorm pieces stay plain launchers: its autograd.Function calls them eagerly).
+register_op("batch_norm_fwd_triton", "(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+            "Tensor? running_var, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+            batch_norm_fwd_triton)
+register_op("batch_norm_bwd_triton", "(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
+            "Tensor save_invstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+            batch_norm_bwd_triton)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyoptim._validation import check_lamb_args, group_l1
+from pyoptim._validation import check_lamb_args, check_lamb_norms, group_l1
 
 from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div, exact_sqrt,
                             float_table, interpret, on_device, program_chunk, step_count_kernel, step_flags,
@@ -29,7 +29,7 @@ from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_t
 from .adam import _hyper_rows
 from .clip import _norm_tensors_kernel
 
-__all__ = ["lamb_step_triton"]
+__all__ = ["lamb_step_triton", "lamb_moments_triton", "lamb_apply_triton"]
 
 _COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
 _REDUCE_BLOCK = 1024  # partials per iteration of the per-tensor reduction
@@ -190,6 +190,74 @@ _tensor_tables = TableCache()
 _hyper_tables = TableCache()
 
 
+def _lamb_triton(op: str, params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2,
+                 weight_decay, eps, l1_weight_decay=(), group_sizes, maximize, lr_tensor=None, grad_scale=None,
+                 found_inf=None, grad_norm=None, max_grad_norm=0.0) -> Optional[torch.Tensor]:
+    """The passes of lamb_step_ that `op` makes (note [LAMB's two passes] in pyoptim/optim/lamb.py)."""
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                  l1_weight_decay=l1_weight_decay, group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor,
+                  grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    check_lamb_args(*lists, **kwargs, device_type=device_type_required(), op=op)
+    if op == "lamb_apply_":
+        check_lamb_norms(op, norms, params)
+    moments, apply = op != "lamb_apply_", op != "lamb_moments_"
+    n = len(params)
+    if n == 0:
+        return torch.zeros(2, 0, dtype=torch.float64) if not apply else None
+    device = params[0].device
+    if interpret() and device.type != "cpu":
+        fn = {"lamb_step_": lamb_step_triton, "lamb_moments_": lamb_moments_triton,
+              "lamb_apply_": lamb_apply_triton}[op]
+        extra = (norms,) if op == "lamb_apply_" else ()
+        out = via_cpu(lambda *a, **k: _as_tuple(fn(*a, **k)), lists, (0, 2, 3, 4), *extra, **kwargs)
+        return out[0] if op == "lamb_moments_" else None
+    dtype = params[0].dtype
+    block, num_warps = LAUNCH[dtype]
+    with on_device(device):
+        group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
+        work = Work((params, grads, exp_avgs, exp_avg_sqs), (apply, False, moments, moments),
+                    ([s.data_ptr() for s in state_steps], group_of))
+        tensors = tensor_tables(_tensor_tables, device, work, block)
+        hyper_values = tuple(x for k in range(len(group_sizes))
+                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k],
+                                       group_l1(l1_weight_decay, k)))
+        hyper = float_table(_hyper_tables, device, hyper_values, lambda: _hyper_rows(hyper_values)).views["hyper"]
+        meta = tensors.views["meta"]
+        flags = dict(**tl_types(dtype), MAXIMIZE=maximize, **step_flags(lr_tensor, grad_scale, found_inf, grad_norm),
+                     BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)  # note [exact fp32]
+        aux = (lr_tensor, grad_scale, found_inf, grad_norm)
+        launches = tensors.chunk_launches()
+        if moments:
+            n_chunks = sum(total for _, _, total in tensors.launches)
+            chunk_p_sq = torch.zeros(max(n_chunks, 1), dtype=torch.float64, device=device)
+            chunk_u_sq = torch.zeros(max(n_chunks, 1), dtype=torch.float64, device=device)
+            sums = torch.empty(2, n, dtype=torch.float64, device=device)  # rows: ||p||^2, ||u||^2
+            norms_out = torch.empty(n, dtype=torch.float32, device=device)  # the reduction's norms, unused
+            step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
+                meta, found_inf, n, COLS=_META_COLS, STEP_COL=5, HAS_FOUND_INF=found_inf is not None,
+                BLOCK=_COUNT_BLOCK, num_warps=4)
+            for grid, chunk_table, _, first in launches:
+                _lamb_moments_kernel[grid](meta, chunk_table, hyper, *aux, chunk_p_sq, chunk_u_sq, first,
+                                           float(max_grad_norm), **flags)
+            for partial, out in ((chunk_p_sq, sums[0]), (chunk_u_sq, sums[1])):
+                _norm_tensors_kernel[(n,)](meta, tensors.views["firsts"], partial, norms_out, out, hyper, KIND=1,
+                                           CHUNK=block, BLOCK=_REDUCE_BLOCK, COLS=_META_COLS, NUMEL_COL=4,
+                                           num_warps=4)  # L2
+        else:
+            sums = norms.contiguous()
+        if apply:
+            for grid, chunk_table, _, _ in launches:
+                _lamb_apply_kernel[grid](meta, chunk_table, hyper, *aux, sums[0], sums[1], float(max_grad_norm),
+                                         **flags)
+        work.finish()
+    return sums if not apply else None
+
+
+def _as_tuple(x):
+    return None if x is None else (x,)
+
+
 def lamb_step_triton(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -212,49 +280,17 @@ def lamb_step_triton(
     max_grad_norm: float = 0.0,
 ) -> None:
     """One LAMB step over many tensors, in place (the contract of torch.ops.pyoptim.lamb_step_)."""
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                  l1_weight_decay=l1_weight_decay, group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor,
-                  grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    check_lamb_args(*lists, **kwargs, device_type=device_type_required())
-    if len(params) == 0:
-        return
-    device = params[0].device
-    if interpret() and device.type != "cpu":
-        via_cpu(lamb_step_triton, lists, (0, 2, 3, 4), **kwargs)
-        return
-    dtype = params[0].dtype
-    block, num_warps = LAUNCH[dtype]
-    n = len(params)
-    with on_device(device):
-        group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
-        work = Work((params, grads, exp_avgs, exp_avg_sqs), (True, False, True, True),
-                    ([s.data_ptr() for s in state_steps], group_of))
-        tensors = tensor_tables(_tensor_tables, device, work, block)
-        hyper_values = tuple(x for k in range(len(group_sizes))
-                             for x in (lr[k], beta1[k], beta2[k], eps[k], weight_decay[k],
-                                       group_l1(l1_weight_decay, k)))
-        hyper = float_table(_hyper_tables, device, hyper_values, lambda: _hyper_rows(hyper_values)).views["hyper"]
-        meta = tensors.views["meta"]
-        n_chunks = sum(total for _, _, total in tensors.launches)
-        chunk_p_sq = torch.zeros(max(n_chunks, 1), dtype=torch.float64, device=device)
-        chunk_u_sq = torch.zeros(max(n_chunks, 1), dtype=torch.float64, device=device)
-        p_sq = torch.empty(n, dtype=torch.float64, device=device)
-        u_sq = torch.empty(n, dtype=torch.float64, device=device)
-        norms = torch.empty(n, dtype=torch.float32, device=device)  # the reduction's norms, unused
-        flags = dict(**tl_types(dtype), MAXIMIZE=maximize, **step_flags(lr_tensor, grad_scale, found_inf, grad_norm),
-                     BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)  # note [exact fp32]
-        aux = (lr_tensor, grad_scale, found_inf, grad_norm)
-        step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
-            meta, found_inf, n, COLS=_META_COLS, STEP_COL=5, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
-            num_warps=4)
-        launches = tensors.chunk_launches()
-        for grid, chunk_table, _, first in launches:
-            _lamb_moments_kernel[grid](meta, chunk_table, hyper, *aux, chunk_p_sq, chunk_u_sq, first,
-                                       float(max_grad_norm), **flags)
-        for partial, out in ((chunk_p_sq, p_sq), (chunk_u_sq, u_sq)):
-            _norm_tensors_kernel[(n,)](meta, tensors.views["firsts"], partial, norms, out, hyper, KIND=1,  # L2
-                                       CHUNK=block, BLOCK=_REDUCE_BLOCK, COLS=_META_COLS, NUMEL_COL=4, num_warps=4)
-        for grid, chunk_table, _, _ in launches:
-            _lamb_apply_kernel[grid](meta, chunk_table, hyper, *aux, p_sq, u_sq, float(max_grad_norm), **flags)
-        work.finish()
+    _lamb_triton("lamb_step_", params, grads, exp_avgs, exp_avg_sqs, state_steps, None, lr=lr, beta1=beta1,
+                 beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
+                 group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+                 found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+
+
+def lamb_moments_triton(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs) -> torch.Tensor:
+    """LAMB's first pass, returning the [2, n] norms (the contract of torch.ops.pyoptim.lamb_moments_)."""
+    return _lamb_triton("lamb_moments_", params, grads, exp_avgs, exp_avg_sqs, state_steps, None, **kwargs)
+
+
+def lamb_apply_triton(params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, **kwargs) -> None:
+    """LAMB's second pass from the given norms (the contract of torch.ops.pyoptim.lamb_apply_)."""
+    _lamb_triton("lamb_apply_", params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, **kwargs)

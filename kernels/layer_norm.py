@@ -32,6 +32,7 @@ import triton.language as tl
 
 from pyoptim._validation import check_norm_bwd_args, check_norm_fwd_args, norm_stat_dtype, rms_norm_eps
 from pyoptim.kernels._multi_tensor import exact_div, exact_sqrt
+from pyoptim.kernels._ops import launch, register_op
 
 __all__ = ["layer_norm_fwd_triton", "layer_norm_bwd_triton", "rms_norm_fwd_triton", "rms_norm_bwd_triton"]
 
@@ -300,7 +301,7 @@ def _norm_fwd_triton(op: str, rms: bool, input: torch.Tensor, normalized_shape: 
         one_tile, block_n, rows, warps = _plan(n, input.element_size())
         grid = (triton.cdiv(m, rows),)
         with torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext():
-            _norm_fwd_kernel[grid](x, w, b, y, mean, rstd, m, n, eps, RMS=rms, HAS_W=w is not None,
+            launch(_norm_fwd_kernel, x)[grid](x, w, b, y, mean, rstd, m, n, eps, RMS=rms, HAS_W=w is not None,
                                    HAS_B=b is not None, COMPUTE=_compute(input.dtype), ONE_TILE=one_tile, ROWS=rows,
                                    BLOCK_N=block_n, num_warps=warps)
     return y, mean, rstd
@@ -314,10 +315,10 @@ def _norm_bwd_triton(op: str, rms: bool, grad_out: torch.Tensor, input: torch.Te
     want_dw = bool(output_mask[1]) and weight is not None
     want_db = len(output_mask) > 2 and bool(output_mask[2]) and bias is not None
     wdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
-    empty = input.new_empty(0)
     dx = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    dw = torch.zeros(list(normalized_shape), dtype=wdtype, device=input.device) if want_dw else empty
-    db = torch.zeros(list(normalized_shape), dtype=wdtype, device=input.device) if want_db else empty
+    # Masked off: an empty tensor each (an op's outputs may not alias one another).
+    dw = torch.zeros(list(normalized_shape), dtype=wdtype, device=input.device) if want_dw else input.new_empty(0)
+    db = torch.zeros(list(normalized_shape), dtype=wdtype, device=input.device) if want_db else input.new_empty(0)
     if m > 0 and n > 0:
         x, dy = input.contiguous(), grad_out.contiguous()
         w = weight.contiguous() if weight is not None else None
@@ -331,7 +332,7 @@ def _norm_bwd_triton(op: str, rms: bool, grad_out: torch.Tensor, input: torch.Te
         cd = norm_stat_dtype(input.dtype)
         partial = torch.zeros((g, 2, n) if partials else (1,), dtype=cd, device=input.device)
         with torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext():
-            _norm_bwd_kernel[(g,)](dy, x, w, mean, rstd, dx, partial, m, n, RMS=rms, HAS_W=w is not None,
+            launch(_norm_bwd_kernel, x)[(g,)](dy, x, w, mean, rstd, dx, partial, m, n, RMS=rms, HAS_W=w is not None,
                                    PARTIALS=partials, COMPUTE=_compute(input.dtype), ONE_TILE=one_tile, ROWS=rows,
                                    # No fma behind the code's back: fma(dy, w, -c1) would leave the
                                    # rounding of dy * w, times rstd, where a row of one gives dx = 0
@@ -339,9 +340,9 @@ def _norm_bwd_triton(op: str, rms: bool, grad_out: torch.Tensor, input: torch.Te
                                    BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=False)
             for which, out in ((0, dw if want_dw else None), (1, db if want_db else None)):
                 if out is not None:
-                    _sum_partials_kernel[(triton.cdiv(n, _REDUCE_COLS),)](
+                    launch(_sum_partials_kernel, x)[(triton.cdiv(n, _REDUCE_COLS),)](
                         partial, out, g, n, which, BLOCK_G=_REDUCE_ROWS, BLOCK_COLS=_REDUCE_COLS, num_warps=4)
-    return (dx if output_mask[0] else empty), dw, db
+    return (dx if output_mask[0] else input.new_empty(0)), dw, db
 
 
 def layer_norm_fwd_triton(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor],
@@ -374,3 +375,15 @@ def rms_norm_bwd_triton(grad_out: torch.Tensor, input: torch.Tensor, normalized_
     dx, dw, _ = _norm_bwd_triton("rms_norm_bwd", True, grad_out, input, normalized_shape, None, rstd, weight,
                                  None, output_mask)
     return dx, dw
+
+
+# note [triton ops] (kernels/_ops.py): the launchers as dispatcher ops, with the C++ ops' schemas.
+register_op("layer_norm_fwd_triton", "(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+            "-> (Tensor, Tensor, Tensor)", layer_norm_fwd_triton)
+register_op("layer_norm_bwd_triton", "(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, "
+            "Tensor rstd, Tensor? weight, Tensor? bias, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+            layer_norm_bwd_triton)
+register_op("rms_norm_fwd_triton", "(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) "
+            "-> (Tensor, Tensor)", rms_norm_fwd_triton)
+register_op("rms_norm_bwd_triton", "(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, "
+            "Tensor? weight, bool[2] output_mask) -> (Tensor, Tensor)", rms_norm_bwd_triton)

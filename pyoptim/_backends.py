@@ -38,6 +38,8 @@ _IMPLS: dict[str, dict[str, str]] = {
         ("sgd_step_", "sgd"),
         ("lion_step_", "lion"),
         ("lamb_step_", "lamb"),
+        ("lamb_moments_", "lamb"),
+        ("lamb_apply_", "lamb"),
         ("adagrad_step_", "adagrad"),
         ("rmsprop_step_", "rmsprop"),
         ("multi_tensor_norm", "clip"),
@@ -165,15 +167,30 @@ def _select(op: str, device_type: str, choice: str | None, interpret: bool) -> s
     return choice
 
 
-@functools.cache
+# Triton launchers imported so far, by (op, backend).
+_IMPORTED: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
 def get(op: str, backend: str) -> Callable[..., Any]:
     """The implementation of `op` by `backend`, with the op's signature."""
+    # note [traceable lookup]: torch.compile traces this function where a
+    # Python backend serves an op (pyoptim.functional's _NormFunction), so
+    # the dispatcher ops and the reference are attribute reads of modules it
+    # can follow (no import, no functools.cache, whose wrapped body dynamo
+    # traces on every call, no dict that later lookups grow and its guards
+    # would then fail on); only Triton's kernel modules are imported here, once.
     target = _IMPLS[op][backend]
-    if target.startswith("torch.ops."):
-        _, _, ns, name = target.split(".")
-        return getattr(getattr(torch.ops, ns), name)
-    module, _, fn = target.partition(":")
-    return getattr(importlib.import_module(module), fn)
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.pyoptim, op)
+    if backend == "reference":
+        from pyoptim import reference
+
+        return getattr(reference, target.partition(":")[2])
+    impl = _IMPORTED.get((op, backend))
+    if impl is None:
+        module, _, fn = target.partition(":")
+        impl = _IMPORTED[(op, backend)] = getattr(importlib.import_module(module), fn)
+    return impl
 
 
 def backend_info() -> dict[str, Any]:

@@ -283,9 +283,9 @@ def check_lion_args(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, 
 
 def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
                     group_sizes, l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
-                    max_grad_norm=0.0, device_type=None, **_unused) -> None:
-    """Raise RuntimeError, as the C++ backends do, on any bad argument of lamb_step_."""
-    op = "lamb_step_"
+                    max_grad_norm=0.0, device_type=None, op="lamb_step_", **_unused) -> None:
+    """Raise RuntimeError, as the C++ backends do, on any bad argument of lamb_step_ (or of lamb_moments_ and
+    lamb_apply_, `op`, which take the same arguments)."""
     check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                        device_type)
     n = len(params)
@@ -302,6 +302,16 @@ def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, be
     check_l1_weight_decay(op, l1_weight_decay, len(group_sizes))
     _check_state_steps(op, state_steps, params)
     check_step_aux(op, params, len(group_sizes), lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm)
+
+
+def check_lamb_norms(op: str, norms, params) -> None:
+    """lamb_apply_'s norms: float64 [2, n] on the params' device (csrc/optim_host.cpp's check_lamb_norms)."""
+    n = len(params)
+    _check(isinstance(norms, torch.Tensor) and norms.dtype == torch.float64 and norms.dim() == 2
+           and norms.shape[0] == 2 and norms.shape[1] == n, op, "norms must be a float64 tensor of shape [2, ", n,
+           "] (lamb_moments_'s), got ", list(norms.shape) if isinstance(norms, torch.Tensor) else norms)
+    if n:
+        _check(norms.device == params[0].device, op, "norms is on ", norms.device, ", expected ", params[0].device)
 
 
 def _check_not_negative(op: str, what: str, values: Sequence[float], k: int) -> None:
@@ -381,6 +391,12 @@ def check_clip_scale_args(tensors, total_norm, max_norm, device_type=None) -> No
 _NORM_DTYPES = FLOAT_DTYPES
 
 
+def _strided(t: torch.Tensor) -> bool:
+    """t.layout == torch.strided; taken as given while torch.compile traces (dynamo's strict mode forbids reading
+    .layout in an autograd.Function's backward, and it traces strided tensors only)."""
+    return torch.compiler.is_compiling() or t.layout == torch.strided
+
+
 def _torch_check(cond: bool, *msg: object) -> None:
     # torch's own messages carry no op prefix.
     if not cond:
@@ -435,7 +451,7 @@ def check_norm_fwd_args(op: str, rms: bool, input: torch.Tensor, normalized_shap
     if device_type is not None:
         _check(input.device.type == device_type, op, "input is on ", input.device, ", expected a ",
                     device_type, " tensor")
-    _check(input.layout == torch.strided, op, "input is not a strided tensor")
+    _check(_strided(input), op, "input is not a strided tensor")
     _check(input.dtype in _NORM_DTYPES, op, "input has dtype ", _dtype_name(input.dtype),
                 "; supported are float32, float64, float16 and bfloat16")
     if weight is not None and bias is not None:
@@ -502,7 +518,7 @@ def check_batch_norm_fwd_args(op: str, input: torch.Tensor, weight: Optional[tor
     if device_type is not None:
         _check(input.device.type == device_type, op, "input is on ", input.device, ", expected a ", device_type,
                " tensor")
-    _check(input.layout == torch.strided, op, "input is not a strided tensor")
+    _check(_strided(input), op, "input is not a strided tensor")
     _check(input.dtype in _NORM_DTYPES, op, "input has dtype ", _dtype_name(input.dtype),
            "; supported are float32, float64, float16 and bfloat16")
     # torch checks the running statistics before weight and bias; so do we, so the first message matches.

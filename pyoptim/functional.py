@@ -18,17 +18,18 @@ from pyoptim import _backends
 from pyoptim._validation import (FLOAT_DTYPES, batch_norm_layout, check_adagrad_args, check_adam_args,
                                  check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
                                  check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
-                                 check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lion_args,
-                                 check_norm_args, check_norm_bwd_args, check_norm_fwd_args, check_rmsprop_args,
-                                 check_sgd_args, norm_stat_dtype)
+                                 check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lamb_norms,
+                                 check_lion_args, check_norm_args, check_norm_bwd_args, check_norm_fwd_args,
+                                 check_rmsprop_args, check_sgd_args, norm_stat_dtype)
 
-__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "adagrad_step_", "rmsprop_step_",
+__all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "lamb_moments_", "lamb_apply_", "adagrad_step_",
+           "rmsprop_step_",
            "multi_tensor_norm",
            "clip_scale_", "layer_norm", "rms_norm", "batch_norm", "instance_norm"]
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
-    return _backends.get(op, _backends.select(op, tensors[0].device, backend))
+    return _backends.get(op, _select(op, tensors[0].device.type, backend))
 
 
 def _step(op: str, check, tensor_lists: Sequence[Sequence[torch.Tensor]], hyper: dict[str, Sequence[float]],
@@ -190,6 +191,42 @@ def lamb_step_(
           grad_norm=grad_norm, max_grad_norm=max_grad_norm)
 
 
+def lamb_moments_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
+                  l1_weight_decay=(), group_sizes=None, maximize=False, lr_tensor=None, grad_scale=None,
+                  found_inf=None, grad_norm=None, max_grad_norm=0.0, backend=None) -> torch.Tensor:
+    """LAMB's first pass (steps, m and v moved), returning float64 [2, n]: each tensor's ||p||^2 and ||u||^2.
+
+    With lamb_apply_ over the same arguments and these norms, lamb_step_ (note [LAMB's two passes] in
+    pyoptim/optim/lamb.py): a caller may reduce the norms in between, as DTensor shards need.
+    """
+    lists = [list(t) for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
+    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
+                  l1_weight_decay=list(l1_weight_decay),
+                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
+                  lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                  max_grad_norm=max_grad_norm)
+    if not lists[0]:
+        check_lamb_args(*lists, **kwargs, op="lamb_moments_")
+        return torch.zeros(2, 0, dtype=torch.float64)
+    return _impl("lamb_moments_", lists[0], backend)(*lists, **kwargs)
+
+
+def lamb_apply_(params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2, weight_decay, eps,
+                l1_weight_decay=(), group_sizes=None, maximize=False, lr_tensor=None, grad_scale=None,
+                found_inf=None, grad_norm=None, max_grad_norm=0.0, backend=None) -> None:
+    """LAMB's second pass: p moved by -lr * r * u, r the trust ratio of the given [2, n] norms (lamb_moments_'s)."""
+    lists = [list(t) for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
+    kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
+                  l1_weight_decay=list(l1_weight_decay),
+                  group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
+                  lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
+                  max_grad_norm=max_grad_norm)
+    if not lists[0]:
+        check_lamb_args(*lists, **kwargs, op="lamb_apply_")
+        return
+    _impl("lamb_apply_", lists[0], backend)(*lists, norms, **kwargs)
+
+
 def adagrad_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -295,6 +332,16 @@ if _backends.EXTENSION_LOADED:
     def _lamb_step_fake(*args, **kwargs):
         check_lamb_args(*args, **kwargs)
 
+    @torch.library.register_fake("pyoptim::lamb_moments_")
+    def _lamb_moments_fake(*args, **kwargs):
+        check_lamb_args(*args, **kwargs, op="lamb_moments_")
+        return args[0][0].new_empty((2, len(args[0])), dtype=torch.float64)
+
+    @torch.library.register_fake("pyoptim::lamb_apply_")
+    def _lamb_apply_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, **kwargs):
+        check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs, op="lamb_apply_")
+        check_lamb_norms("lamb_apply_", norms, params)
+
     @torch.library.register_fake("pyoptim::adagrad_step_")
     def _adagrad_step_fake(*args, **kwargs):
         check_adagrad_args(*args, **kwargs)
@@ -394,8 +441,27 @@ def _dispatched(name: str) -> bool:
 @torch.compiler.assume_constant_result
 def _select(op: str, device_type: str, backend: Optional[str]) -> str:
     # Under torch.compile the choice is made once, at trace time: dynamo does
-    # not trace into _backends (its caches and build queries).
-    return _backends.select(op, device_type, backend)
+    # not trace into _backends (its caches, build queries and imports). The
+    # choice's implementations are resolved here too, so that what the trace
+    # then calls (_NormFunction's lookups, the Triton ops) is there to read.
+    name = _backends.select(op, device_type, backend)
+    _prepare(op, name)
+    return name
+
+
+# The forward ops whose backward op _prepare resolves with them.
+_BACKWARD_OF = {"layer_norm_fwd": "layer_norm_bwd", "rms_norm_fwd": "rms_norm_bwd", "batch_norm_fwd": "batch_norm_bwd"}
+
+
+@functools.cache
+def _prepare(op: str, backend: str) -> None:
+    """Resolve `op` and its backward by `backend` (importing a Triton kernel module registers its ops: note
+    [triton ops] in kernels/_ops.py) and give the Triton forward op its autograd formula, once."""
+    for name in (op, _BACKWARD_OF.get(op)):
+        if name is not None:
+            _backends.get(name, backend)
+    if backend == "triton" and op in _BACKWARD_OF:
+        _register_triton_autograd(op)
 
 
 def _as_shape(normalized_shape: _ShapeLike) -> list[int]:
@@ -416,7 +482,15 @@ def _python_norm(rms: bool, name: str, input, shape, weight, bias, eps):
         input, weight, bias = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                                for t in (input, weight, bias))
         with torch.autocast("cuda", enabled=False):
-            return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)[0]
+            return _python_norm_call(rms, name, input, shape, weight, bias, eps)
+    return _python_norm_call(rms, name, input, shape, weight, bias, eps)
+
+
+def _python_norm_call(rms: bool, name: str, input, shape, weight, bias, eps):
+    if name == "triton":  # its ops, with their autograd (note [triton ops]); _dispatched refused transforms
+        if rms:
+            return torch.ops.pyoptim.rms_norm_fwd_triton(input, shape, weight, eps)[0]
+        return torch.ops.pyoptim.layer_norm_fwd_triton(input, shape, weight, bias, eps)[0]
     return _NormFunction.apply(rms, name, input, shape, weight, bias, eps)[0]
 
 
@@ -534,9 +608,9 @@ def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runni
                 eps: float, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_running_mean, new_running_var) of batch_norm_fwd, differentiable in input, weight and bias."""
     name = _select("batch_norm_fwd", input.device.type, backend)
-    if _dispatched(name):
-        out, _, _, new_mean, new_var = torch.ops.pyoptim.batch_norm_fwd(input, weight, bias, running_mean,
-                                                                       running_var, training, momentum, eps)
+    if _dispatched(name) or name == "triton":  # the triton op has its autograd (note [triton ops])
+        op = torch.ops.pyoptim.batch_norm_fwd if name != "triton" else torch.ops.pyoptim.batch_norm_fwd_triton
+        out, _, _, new_mean, new_var = op(input, weight, bias, running_mean, running_var, training, momentum, eps)
         return out, new_mean, new_var
     return _BatchNormFunction.apply(name, input, weight, bias, running_mean, running_var, training, momentum,
                                     eps)[:3]
@@ -657,3 +731,53 @@ if _backends.EXTENSION_LOADED:
     def _batch_norm_backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
         check_batch_norm_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
         return torch.empty_like(batch_norm_layout(input))
+
+
+# -- the Triton ops' autograd (note [triton ops] in kernels/_ops.py) --------------------
+#
+# The formulas of _NormFunction and _BatchNormFunction, registered on the
+# Triton backend's forward ops when _prepare first resolves them.
+
+
+def _norm_triton_setup_context(ctx, inputs, output) -> None:
+    rms = len(inputs) == 4  # rms_norm_fwd_triton(input, normalized_shape, weight, eps)
+    input, normalized_shape, weight = inputs[:3]
+    bias = None if rms else inputs[3]
+    mean, rstd = (None, output[1]) if rms else output[1:]
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.rms, ctx.normalized_shape = rms, normalized_shape
+    ctx.mark_non_differentiable(*(t for t in (mean, rstd) if t is not None))
+
+
+def _norm_triton_backward(ctx, grad_out, *_grad_stats):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], weight is not None and need[2], bias is not None and not ctx.rms and need[3]]
+    bwd = torch.ops.pyoptim.rms_norm_bwd_triton if ctx.rms else torch.ops.pyoptim.layer_norm_bwd_triton
+    dx, dw, db = _norm_bwd(ctx.rms, bwd, grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, mask)
+    grads = (dx if mask[0] else None, None, dw if mask[1] else None)
+    return grads + ((None,) if ctx.rms else (db if mask[2] else None, None))
+
+
+def _batch_norm_triton_setup_context(ctx, inputs, output) -> None:
+    input, weight, _, _, _, training, _, _ = inputs
+    _, save_mean, save_invstd, new_mean, new_var = output
+    ctx.save_for_backward(input, weight, save_mean, save_invstd)
+    ctx.training = training
+    ctx.mark_non_differentiable(save_mean, save_invstd, new_mean, new_var)
+
+
+def _batch_norm_triton_backward(ctx, grad_out, *_grad_stats):
+    input, weight, save_mean, save_invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], weight is not None and need[1], need[2]]
+    dx, dw, db = torch.ops.pyoptim.batch_norm_bwd_triton(grad_out, input, weight, save_mean, save_invstd,
+                                                         ctx.training, mask)
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None, None)
+
+
+def _register_triton_autograd(op: str) -> None:
+    """Give torch.ops.pyoptim.<op>_triton (a forward norm op) its autograd formula."""
+    setup, backward = ((_batch_norm_triton_setup_context, _batch_norm_triton_backward) if op == "batch_norm_fwd"
+                       else (_norm_triton_setup_context, _norm_triton_backward))
+    torch.library.register_autograd(f"pyoptim::{op}_triton", backward, setup_context=setup)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pyoptim._validation import (_dense, batch_norm_layout, check_adagrad_args, check_adam_args,
+from pyoptim._validation import (_dense, batch_norm_layout, check_adagrad_args, check_adam_args, check_lamb_norms,
                                  check_batch_norm_backward_elemt_args, check_batch_norm_backward_reduce_args,
                                  check_batch_norm_bwd_args, check_batch_norm_elemt_args, check_batch_norm_fwd_args,
                                  check_batch_norm_stats_args, check_clip_scale_args, check_lamb_args, check_lion_args,
@@ -294,6 +294,56 @@ def lion_step_ref(
         exp_avgs[i].copy_(exp_avg * beta2[k] + (1 - beta2[k]) * grad)
 
 
+def _lamb_ref(op: str, params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2, weight_decay,
+              eps, l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
+              max_grad_norm) -> Optional[torch.Tensor]:
+    """The passes of lamb_step_ that `op` makes (lamb_step_: both; lamb_moments_: the first, returning the
+    norms; lamb_apply_: the second, from `norms`)."""
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes,
+                  l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                  grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+    check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs, op=op)
+    if op == "lamb_apply_":
+        check_lamb_norms(op, norms, params)
+    device = params[0].device if len(params) else None
+    out = torch.zeros(2, len(params), dtype=torch.float64, device=device) if op == "lamb_moments_" else None
+    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
+                            maximize)
+    if prelude is None:
+        return out
+    grad_mul, group_of, lrs = prelude
+    for i, p in enumerate(params):
+        k = group_of[i]
+        b1, b2 = beta1[k], beta2[k]
+        ct = _opmath(p.dtype)
+        param = p.to(ct)
+        if op != "lamb_apply_":
+            state_steps[i].add_(1)
+            grad = grads[i].to(ct) * grad_mul
+            l1 = group_l1(l1_weight_decay, k)
+            if l1 != 0:
+                grad = grad + l1 * torch.sign(param)
+            exp_avgs[i].copy_(exp_avgs[i].to(ct) * b1 + (1 - b1) * grad)
+            exp_avg_sqs[i].copy_(exp_avg_sqs[i].to(ct) * b2 + (1 - b2) * grad * grad)
+        step = state_steps[i].item()
+        # u from m and v as stored, so that r is the ratio of the u applied
+        exp_avg, exp_avg_sq = exp_avgs[i].to(ct), exp_avg_sqs[i].to(ct)
+        update = (exp_avg / (1 - b1**step)) / ((exp_avg_sq / (1 - b2**step)).sqrt() + eps[k])
+        if weight_decay[k] != 0:
+            update = update + weight_decay[k] * param
+        if op == "lamb_apply_":
+            p_norm, u_norm = norms[0, i].sqrt(), norms[1, i].sqrt()
+        else:
+            p_norm = torch.linalg.vector_norm(param.double())
+            u_norm = torch.linalg.vector_norm(update.double())
+        if op == "lamb_moments_":
+            out[0, i], out[1, i] = p_norm.square(), u_norm.square()
+            continue
+        ratio = (p_norm / u_norm).item() if p_norm > 0 and u_norm > 0 else 1.0
+        p.copy_(param + (-lrs[k] * ratio) * update)
+    return out
+
+
 def lamb_step_ref(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -316,37 +366,30 @@ def lamb_step_ref(
     max_grad_norm: float = 0.0,
 ) -> None:
     """One LAMB step over many tensors, in place (the contract of torch.ops.pyoptim.lamb_step_)."""
-    check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
-                    weight_decay=weight_decay, eps=eps, group_sizes=group_sizes, l1_weight_decay=l1_weight_decay,
-                    lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                    max_grad_norm=max_grad_norm)
-    prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
-                            maximize)
-    if prelude is None:
-        return
-    grad_mul, group_of, lrs = prelude
-    for i, p in enumerate(params):
-        k = group_of[i]
-        b1, b2 = beta1[k], beta2[k]
-        state_steps[i].add_(1)
-        step = state_steps[i].item()
-        ct = _opmath(p.dtype)
-        param = p.to(ct)
-        grad = grads[i].to(ct) * grad_mul
-        l1 = group_l1(l1_weight_decay, k)
-        if l1 != 0:
-            grad = grad + l1 * torch.sign(param)
-        exp_avgs[i].copy_(exp_avgs[i].to(ct) * b1 + (1 - b1) * grad)
-        exp_avg_sq_i = exp_avg_sqs[i].copy_(exp_avg_sqs[i].to(ct) * b2 + (1 - b2) * grad * grad)
-        # u from m and v as stored, so that r is the ratio of the u applied
-        exp_avg, exp_avg_sq = exp_avgs[i].to(ct), exp_avg_sq_i.to(ct)
-        update = (exp_avg / (1 - b1**step)) / ((exp_avg_sq / (1 - b2**step)).sqrt() + eps[k])
-        if weight_decay[k] != 0:
-            update = update + weight_decay[k] * param
-        p_norm = torch.linalg.vector_norm(param.double())
-        u_norm = torch.linalg.vector_norm(update.double())
-        ratio = (p_norm / u_norm).item() if p_norm > 0 and u_norm > 0 else 1.0
-        p.copy_(param + (-lrs[k] * ratio) * update)
+    _lamb_ref("lamb_step_", params, grads, exp_avgs, exp_avg_sqs, state_steps, None, lr=lr, beta1=beta1,
+              beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
+              group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+              found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+
+
+def lamb_moments_ref(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
+                     l1_weight_decay=(), group_sizes, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+                     grad_norm=None, max_grad_norm=0.0) -> torch.Tensor:
+    """LAMB's first pass, returning the [2, n] norms (the contract of torch.ops.pyoptim.lamb_moments_)."""
+    return _lamb_ref("lamb_moments_", params, grads, exp_avgs, exp_avg_sqs, state_steps, None, lr=lr, beta1=beta1,
+                     beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
+                     group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+                     found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+
+
+def lamb_apply_ref(params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2, weight_decay, eps,
+                   l1_weight_decay=(), group_sizes, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+                   grad_norm=None, max_grad_norm=0.0) -> None:
+    """LAMB's second pass from the given norms (the contract of torch.ops.pyoptim.lamb_apply_)."""
+    _lamb_ref("lamb_apply_", params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, lr=lr, beta1=beta1,
+              beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
+              group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+              found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
 
 
 def adagrad_step_ref(

@@ -355,3 +355,76 @@ def test_cuda_graph_capture(backend):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, **TOL[torch.float32])
         assert float(oa.state[x]["step"]) == float(ob.state[y]["step"]) == 6
+
+
+# -- LAMB's two passes as ops (note [LAMB's two passes]) ------------------------------
+
+
+def test_moments_then_apply_is_the_step(lamb_impl):
+    """lamb_moments_ then lamb_apply_ over its norms is lamb_step_ bit for bit, on every backend; the norms are
+    each tensor's ||p||^2 (p before the step) and ||u||^2, against the reference's (the grads' clip, grad_scale
+    and l1 included)."""
+    device = device_of(lamb_impl)
+    args, kwargs = _op_args()
+    kwargs.update(grad_scale=torch.tensor(2.0, device=device), grad_norm=torch.tensor(3.0, device=device),
+                  max_grad_norm=1.0)
+    args = tuple([t.to(device) for t in lst] for lst in args)
+    whole, split, ref = copy.deepcopy(args), copy.deepcopy(args), copy.deepcopy(args)
+    pyoptim.functional.lamb_step_(*whole, **kwargs, backend=lamb_impl[1])
+    norms = pyoptim.functional.lamb_moments_(*split, **kwargs, backend=lamb_impl[1])
+    assert norms.shape == (2, 3) and norms.dtype == torch.float64 and norms.device == device
+    ref_norms = pyoptim.reference.lamb_moments_ref(*ref, **kwargs)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norms[0], torch.stack([p.double().square().sum() for p in args[0]]), rtol=1e-6,
+                               atol=0)
+    pyoptim.functional.lamb_apply_(*split, norms, **kwargs, backend=lamb_impl[1])
+    for xs, ys in zip(whole, split):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_apply_takes_the_norms_given(lamb_impl):
+    """lamb_apply_ moves p by the trust ratio of the norms it is given (here 4x the local ones: r doubles), and
+    reads the steps as lamb_moments_ left them; found_inf skips both passes (zeros back)."""
+    device = device_of(lamb_impl)
+    args, kwargs = _op_args()
+    args = tuple([t.to(device) for t in lst] for lst in args)
+    a, b = copy.deepcopy(args), copy.deepcopy(args)
+    norms = pyoptim.functional.lamb_moments_(*a, **kwargs, backend=lamb_impl[1])
+    pyoptim.functional.lamb_moments_(*b, **kwargs, backend=lamb_impl[1])
+    scaled = norms * torch.tensor([[4.0], [1.0]], dtype=torch.float64, device=device)
+    before = [p.clone() for p in a[0]]
+    pyoptim.functional.lamb_apply_(*a, norms, **kwargs, backend=lamb_impl[1])
+    pyoptim.functional.lamb_apply_(*b, scaled, **kwargs, backend=lamb_impl[1])
+    for p0, pa, pb in zip(before, a[0], b[0]):
+        # twice the move, up to the rounding of each new p (an ulp of p: |p| < 4 here)
+        torch.testing.assert_close(pb - p0, 2 * (pa - p0), rtol=1e-5, atol=5e-7)
+    assert all(float(s) == 3.0 for s in a[4])  # advanced once, by the moments pass
+    c = copy.deepcopy(args)
+    snap = copy.deepcopy(c)
+    inf = torch.tensor(1.0, device=device)
+    out = pyoptim.functional.lamb_moments_(*c, **kwargs, found_inf=inf, backend=lamb_impl[1])
+    torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=0)
+    pyoptim.functional.lamb_apply_(*c, norms, **kwargs, found_inf=inf, backend=lamb_impl[1])
+    for xs, ys in zip(c, snap):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_apply_refuses_bad_norms(lamb_impl):
+    device = device_of(lamb_impl)
+    args, kwargs = _op_args()
+    args = tuple([t.to(device) for t in lst] for lst in args)
+    for bad in (torch.zeros(2, 2, dtype=torch.float64, device=device), torch.zeros(2, 3, device=device),
+                torch.zeros(3, dtype=torch.float64, device=device)):
+        with pytest.raises(RuntimeError, match=r"lamb_apply_: norms must be a float64 tensor of shape \[2, 3\]"):
+            pyoptim.functional.lamb_apply_(*args, bad, **kwargs, backend=lamb_impl[1])
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+def test_opcheck_two_passes():
+    args, kwargs = _op_args()
+    torch.library.opcheck(torch.ops.pyoptim.lamb_moments_, args, kwargs)
+    args, kwargs = _op_args()
+    norms = torch.ops.pyoptim.lamb_moments_(*copy.deepcopy(args), **kwargs)
+    torch.library.opcheck(torch.ops.pyoptim.lamb_apply_, args[:5] + (norms,), kwargs)

@@ -88,15 +88,32 @@ struct LambMomentsFunctor {
 };
 
 // One thread per tensor of a launch: its chunks' partials added in order,
-// its trust ratio to ratio[tensor].
-__global__ void lamb_ratio_kernel(const __grid_constant__ LambMeta meta, const double* partial, double* ratio) {
+// its trust ratio to ratio[tensor] or (lamb_moments_) its squared norms to
+// sums[tensor] and sums[n + tensor] (zeros when the step is skipped).
+__global__ void lamb_ratio_kernel(const __grid_constant__ LambMeta meta, const double* partial, double* ratio,
+                                  double* sums, int64_t n, StepDeviceAux aux) {
   for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < meta.num_tensors; s += gridDim.x * blockDim.x) {
     double p_sq = 0.0, u_sq = 0.0;
-    for (int64_t c = meta.chunk_prefix[s]; c < meta.chunk_prefix[s + 1]; ++c) {
-      p_sq += partial[2 * (meta.extra.chunk_base + c)];
-      u_sq += partial[2 * (meta.extra.chunk_base + c) + 1];
+    if (!aux.skip()) {
+      for (int64_t c = meta.chunk_prefix[s]; c < meta.chunk_prefix[s + 1]; ++c) {
+        p_sq += partial[2 * (meta.extra.chunk_base + c)];
+        u_sq += partial[2 * (meta.extra.chunk_base + c) + 1];
+      }
     }
-    ratio[meta.first_tensor + s] = lamb_trust_ratio(p_sq, u_sq);
+    if (sums != nullptr) {
+      sums[meta.first_tensor + s] = p_sq;
+      sums[n + meta.first_tensor + s] = u_sq;
+    } else {
+      ratio[meta.first_tensor + s] = lamb_trust_ratio(p_sq, u_sq);
+    }
+  }
+}
+
+// lamb_apply_: each tensor's trust ratio from the [2, n] norms it is given.
+__global__ void lamb_norms_ratio_kernel(const double* norms, double* ratio, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    ratio[i] = lamb_trust_ratio(norms[i], norms[n + i]);
   }
 }
 
@@ -119,6 +136,90 @@ struct LambApplyFunctor {
   }
 };
 
+
+// The three ops' work, one launcher: lamb_step_ is lamb_moments_ then
+// lamb_apply_ with the norms in between (note [LAMB's two passes]).
+enum class LambPass { kStep, kMoments, kApply };
+
+at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms) {
+  const char* op = pass == LambPass::kStep ? "lamb_step_" : pass == LambPass::kMoments ? "lamb_moments_" : "lamb_apply_";
+  check_lamb_args(args, c10::DeviceType::CUDA, op);
+  const int64_t n = static_cast<int64_t>(args.params.size());
+  if (pass == LambPass::kApply) {
+    check_lamb_norms(op, *norms, args.params);
+  }
+  if (args.params.empty()) {
+    return pass == LambPass::kMoments ? at::zeros({2, 0}, at::TensorOptions().dtype(at::kDouble)) : at::Tensor();
+  }
+  const c10::cuda::CUDAGuard guard(args.params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MultiTensorWork work = prepare_work({args.params, args.grads, args.exp_avgs, args.exp_avg_sqs},
+                                      {pass != LambPass::kMoments, false, pass != LambPass::kApply,
+                                       pass != LambPass::kApply},
+                                      args.group_sizes);
+  const StepDeviceAux aux = StepDeviceAux::from(args.aux, args.maximize);
+  auto fill = [&](LambMeta& meta, int s, int64_t i) {
+    meta.ptr[0][s] = work.lists[0][i].data_ptr();
+    meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only
+    meta.ptr[2][s] = work.lists[2][i].data_ptr();
+    meta.ptr[3][s] = work.lists[3][i].data_ptr();
+    meta.ptr[4][s] = args.state_steps[i].data_ptr<float>();
+    const int64_t k = work.group_of[i];
+    meta.extra.hyper[meta.group[s]] = LambHyper{args.lr[k], args.beta1[k], args.beta2[k], args.eps[k],
+                                                args.weight_decay[k], group_l1(args.l1_weight_decay, k)};
+  };
+  std::vector<LambMeta> metas = build_metas<5, LambExtra>(work.numel, work.group_of, kMaxGroups, fill);
+  int64_t chunks = 0;
+  for (auto& meta : metas) {
+    meta.extra.chunk_base = chunks;
+    chunks += num_chunks(meta);
+  }
+  const auto f64 = args.params[0].options().dtype(at::kDouble);
+  at::Tensor partial = at::empty({std::max<int64_t>(2 * chunks, 1)}, f64);
+  at::Tensor ratio = at::empty({n}, f64);
+  at::Tensor out = pass == LambPass::kMoments ? at::empty({2, n}, f64) : at::Tensor();
+  if (pass == LambPass::kApply) {
+    const at::Tensor given = norms->contiguous();
+    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(n, kRatioThreads), 1024));
+    lamb_norms_ratio_kernel<<<blocks, kRatioThreads, 0, stream>>>(given.const_data_ptr<double>(),
+                                                                  ratio.data_ptr<double>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.params[0].scalar_type(), "lamb_step_cuda", [&] {
+    const LambMomentsFunctor<scalar_t> moments{aux, partial.data_ptr<double>()};
+    const LambApplyFunctor<scalar_t> apply{aux, ratio.const_data_ptr<double>()};
+    for (const LambMeta& meta : metas) {
+      const int blocks = static_cast<int>(ceil_div(meta.num_tensors, kRatioThreads));
+      if (pass != LambPass::kApply) {
+        step_count_kernel<4><<<blocks, kRatioThreads, 0, stream>>>(meta, aux);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_chunks(meta, moments, stream);
+        lamb_ratio_kernel<<<blocks, kRatioThreads, 0, stream>>>(
+            meta, partial.const_data_ptr<double>(), ratio.data_ptr<double>(),
+            pass == LambPass::kMoments ? out.data_ptr<double>() : nullptr, n, aux);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (pass != LambPass::kMoments) {
+        launch_chunks(meta, apply, stream);
+      }
+    }
+  });
+  work.finish();
+  return out;
+}
+
+LambArgs lamb_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList state_steps, at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
+                   at::ArrayRef<double> beta2, at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
+                   at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
+                   const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                   double max_grad_norm) {
+  return LambArgs{params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
+                  l1_weight_decay, group_sizes, maximize,
+                  StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+}
+
 }  // namespace
 
 void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -128,57 +229,43 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
                     double max_grad_norm) {
-  const LambArgs args{params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
-                      l1_weight_decay, group_sizes, maximize,
-                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
-  check_lamb_args(args, c10::DeviceType::CUDA);
-  if (params.empty()) {
-    return;
-  }
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  MultiTensorWork work =
-      prepare_work({params, grads, exp_avgs, exp_avg_sqs}, {true, false, true, true}, group_sizes);
-  const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
-  const int64_t n = static_cast<int64_t>(params.size());
-  auto fill = [&](LambMeta& meta, int s, int64_t i) {
-    meta.ptr[0][s] = work.lists[0][i].data_ptr();
-    meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only
-    meta.ptr[2][s] = work.lists[2][i].data_ptr();
-    meta.ptr[3][s] = work.lists[3][i].data_ptr();
-    meta.ptr[4][s] = state_steps[i].data_ptr<float>();
-    const int64_t k = work.group_of[i];
-    meta.extra.hyper[meta.group[s]] =
-        LambHyper{lr[k], beta1[k], beta2[k], eps[k], weight_decay[k], group_l1(l1_weight_decay, k)};
-  };
-  std::vector<LambMeta> metas = build_metas<5, LambExtra>(work.numel, work.group_of, kMaxGroups, fill);
-  int64_t chunks = 0;
-  for (auto& meta : metas) {
-    meta.extra.chunk_base = chunks;
-    chunks += num_chunks(meta);
-  }
-  const auto f64 = params[0].options().dtype(at::kDouble);
-  at::Tensor partial = at::empty({std::max<int64_t>(2 * chunks, 1)}, f64);
-  at::Tensor ratio = at::empty({n}, f64);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lamb_step_cuda", [&] {
-    const LambMomentsFunctor<scalar_t> moments{aux, partial.data_ptr<double>()};
-    const LambApplyFunctor<scalar_t> apply{aux, ratio.const_data_ptr<double>()};
-    for (const LambMeta& meta : metas) {
-      const int blocks = static_cast<int>(ceil_div(meta.num_tensors, kRatioThreads));
-      step_count_kernel<4><<<blocks, kRatioThreads, 0, stream>>>(meta, aux);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_chunks(meta, moments, stream);
-      lamb_ratio_kernel<<<blocks, kRatioThreads, 0, stream>>>(meta, partial.const_data_ptr<double>(),
-                                                              ratio.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_chunks(meta, apply, stream);
-    }
-  });
-  work.finish();
+  run_lamb(lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
+                     l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
+                     max_grad_norm),
+           LambPass::kStep, nullptr);
+}
+
+at::Tensor lamb_moments_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList state_steps, at::ArrayRef<double> lr,
+                             at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                             at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
+                             at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
+                             const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
+                             double max_grad_norm) {
+  return run_lamb(lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
+                            l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
+                            max_grad_norm),
+                  LambPass::kMoments, nullptr);
+}
+
+void lamb_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList state_steps, const at::Tensor& norms, at::ArrayRef<double> lr,
+                     at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> weight_decay,
+                     at::ArrayRef<double> eps, at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes,
+                     bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+  run_lamb(lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
+                     l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
+                     max_grad_norm),
+           LambPass::kApply, &norms);
 }
 
 }  // namespace pyoptim::cuda
 
 TORCH_LIBRARY_IMPL(pyoptim, CUDA, m) {
   m.impl("lamb_step_", &pyoptim::cuda::lamb_step_cuda);
+  m.impl("lamb_moments_", &pyoptim::cuda::lamb_moments_cuda);
+  m.impl("lamb_apply_", &pyoptim::cuda::lamb_apply_cuda);
 }

@@ -1,9 +1,10 @@
 """BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm1d/2d/3d: torch's modules, computed by pyoptim's kernels.
 
-Each subclasses its torch twin, so parameters, buffers (running_mean,
-running_var, num_batches_tracked), state_dict() keys, reset_parameters() and
-repr are torch's own and weights load both ways; only the forward runs our
-ops, chosen by `backend` (default: the fastest here).
+Each subclasses its torch twin (SyncBatchNorm: torch's _BatchNorm, as torch's
+SyncBatchNorm does, note [not a torch SyncBatchNorm]), so parameters, buffers
+(running_mean, running_var, num_batches_tracked), state_dict() keys,
+reset_parameters() and repr are torch's own and weights load both ways; only
+the forward runs our ops, chosen by `backend` (default: the fastest here).
 """
 
 from __future__ import annotations
@@ -196,14 +197,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNormForward, torch.nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm by pyoptim's ops, on any device a process group serves (gloo on CPU, nccl on GPU)."""
+class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
+    """torch.nn.SyncBatchNorm by pyoptim's ops, on any device a process group serves (gloo on CPU, nccl on GPU).
+
+    note [not a torch SyncBatchNorm]: torch.nn.SyncBatchNorm's arguments,
+    attributes (process_group), buffers, input checks and state_dict keys,
+    and a `_BatchNorm` as torch's is (what FSDP's mixed precision and torch's
+    fusion utilities look for), but not a subclass of torch.nn.SyncBatchNorm:
+    DistributedDataParallel refuses any torch.nn.SyncBatchNorm in a CPU
+    module (torch's has no CPU kernels), and this one runs on gloo.
+    """
+
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: Optional[Any] = None, device: _Device = None,
                  dtype: Optional[torch.dtype] = None, *, bias: bool = True, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **_bias_kwargs(bias))
+        self.process_group = process_group
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _optimizer
 
-from pyoptim import _backends, functional
+from pyoptim import _backends, _dtensor, functional
 from pyoptim.optim._flat import FlatUnit, can_flatten
 
 # Backends the step plan replays (dispatcher ops); the Python ones take the ordinary path.
@@ -107,6 +107,8 @@ class _Bucket:
         self.lists: dict[str, list[Tensor]] = {name: [] for name in lists}
         self.groups: list[dict[str, Any]] = []
         self.group_sizes: list[int] = []
+        #: per tensor, its _dtensor.norm_class (None: a plain tensor); None while the bucket holds no DTensor
+        self.classes: Optional[list] = None
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -388,32 +390,41 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            self._compiled_step(grad_scale, found_inf)
+            return loss
         if self._run_plan(grad_scale, found_inf):
             return loss
 
+        buckets, calls, new_state, replayable = self._ordinary_step(grad_scale, found_inf)
+        self._plan = (self._record_plan(buckets, calls, replayable)
+                      if replayable is not None and not new_state and calls else None)
+        return loss
+
+    def _ordinary_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> tuple:
+        """The step by way of _gather: (buckets, calls, the state it made, what a plan needs: see _gather)."""
         buckets, new_state, replayable, sparse = self._gather()
         if sparse:
             self._check_sparse(sparse)
         calls = [self._call(key, b, grad_scale, found_inf) for key, b in buckets.items()]
+        classes = [b.classes for b in buckets.values()]
         if self.max_grad_norm is not None and calls:
-            self._fuse_clip(calls, grad_scale)
+            self._fuse_clip(calls, grad_scale, classes)
         if len(calls) > 1:
             # note [exception safety]: each call checks its own arguments
             # before writing; with several calls, check them all before the
             # first one writes anything.
             for _, _, args, kwargs in calls:
                 type(self)._check_args(*args, **kwargs)
-        for op, backend, args, kwargs in calls:
-            getattr(functional, op)(*args, **kwargs, backend=backend)
+        for call, cls in zip(calls, classes):
+            self._run_call(call, cls)
         self.state.update(new_state)
         if sparse:
             self._step_sparse(sparse, grad_scale, found_inf)
-        self._plan = (self._record_plan(buckets, calls, replayable)
-                      if replayable is not None and not new_state and calls else None)
-        return loss
+        return buckets, calls, new_state, replayable
 
-    def _gather(self) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]], Optional[list],
-                               list[tuple[dict[str, Any], Tensor]]]:
+    def _gather(self, views: bool = True) -> tuple[dict[tuple, _Bucket], dict[Tensor, dict[str, Tensor]],
+                                                   Optional[list], list[tuple[dict[str, Any], Tensor]]]:
         """Every param with a grad, in buckets of one device, dtype and set of call-wide flags; and new state.
 
         The fourth result lists the (group, param) pairs whose grads are sparse
@@ -423,6 +434,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyperparameters ride along, so many groups still make one call. The
         third result, per bucket, lists its params and their state dicts when
         the step can be recorded as a plan (note [step plan]), else is None.
+        With views=False (the compiled step's) complex tensors stay complex
+        (their real views are the trace's) and DTensors are refused.
         """
         buckets: dict[tuple, _Bucket] = {}
         new_state: dict[Tensor, dict[str, Tensor]] = {}
@@ -475,7 +488,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bucket.group_sizes.append(0)
                 bucket.group_sizes[-1] += 1
                 lists = bucket.lists
-                if p.is_complex():  # as torch: the update of a complex param is that of its real view
+                dist_class = None
+                if type(p) not in _PLAIN:
+                    replayable = None  # a tensor subclass (DTensor ...): the ordinary path only
+                    if _dtensor.is_dtensor(p):
+                        if not views:
+                            raise NotImplementedError(f"pyoptim.optim.{type(self).__name__}: a compiled step over "
+                                                      "DTensor params; call step() outside torch.compile")
+                        # note [DTensor by unwrapping] (pyoptim/_dtensor.py): the op runs on the local shards.
+                        dist_class = _dtensor.norm_class(p)
+                        p, grad = _dtensor.local_param_and_grad(p, grad, type(self).__name__)
+                        state = {k: _dtensor.local(v) for k, v in state.items()}
+                        if bucket.classes is None:
+                            bucket.classes = [None] * len(lists["params"])
+                if bucket.classes is not None:
+                    bucket.classes.append(dist_class)
+                if p.is_complex() and views:  # as torch: the update of a complex param is that of its real view
                     replayable = None
                     lists["params"].append(torch.view_as_real(p))
                     lists["grads"].append(torch.view_as_real(grad))
@@ -483,8 +511,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                         t = state[k]
                         lists[name].append(torch.view_as_real(t) if t.is_complex() else t)
                 else:
-                    if type(p) not in _PLAIN:
-                        replayable = None  # a tensor subclass (DTensor ...): the ordinary path only
                     lists["params"].append(p)
                     lists["grads"].append(grad)
                     for name, k in keys:
@@ -497,6 +523,75 @@ class FusedOptimizer(torch.optim.Optimizer):
                         entry[0].append(p)
                         entry[1].append(state)
         return buckets, new_state, replayable, sparse
+
+    # -- the compiled step (note [compiled step]) ----------------------------------------
+    #
+    # note [compiled step]: under torch.compile the step is traced, but not
+    # its gathering: dynamo's OptimizerVariable runs a method named
+    # `_init_group` eagerly (as it does torch's optimizers' own), then hands
+    # the tensors that call put in an empty list to the trace as the graph's
+    # inputs they are (params, their grads, state tensors) and guards the
+    # param groups and the state. _init_group makes the first step's state
+    # and lays every bucket's tensors out in one list, returning the layout
+    # as constants; the trace slices the list, reads the hyperparameters
+    # (the lr as a tensor: note [compiled lr]) and calls the ops, so a
+    # compiled step is one graph that later steps reuse.
+
+    def _init_group(self, tensors: list) -> tuple:
+        """Make the state of params stepped for the first time; append every bucket's tensors (params, grads and
+        state lists, in the op's order) to `tensors`; return the buckets' layout as constants."""
+        buckets, new_state, _, sparse = self._gather(views=False)
+        if sparse:  # note [sparse grads]: torch's for-loop update, which the trace does not take
+            raise RuntimeError(f"{type(self).__name__}: sparse gradients are not supported under torch.compile")
+        self.state.update(new_state)
+        index = {id(g): i for i, g in enumerate(self.param_groups)}
+        layout = []
+        for key, b in buckets.items():
+            counts = tuple(len(b.lists[name]) for name in self._lists)
+            for name in self._lists:
+                tensors.extend(b.lists[name])
+            layout.append((key[2], tuple(key[3:]), tuple(index[id(g)] for g in b.groups), tuple(b.group_sizes),
+                           counts))
+        return tuple(layout)
+
+    def _compiled_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The step as torch.compile traces it (note [compiled step])."""
+        if self._first_call_differs():
+            # Dynamo guards the state as _init_group leaves it, so a layout
+            # that holds a first step's flags (SGD's is_first_step) would be
+            # replayed on the later steps: that step runs eagerly instead.
+            self._eager_step(grad_scale, found_inf)
+            return
+        tensors: list[Tensor] = []
+        layout = self._init_group(tensors)
+        calls = []
+        pos = 0
+        for backend, flags, group_indices, group_sizes, counts in layout:
+            args = []
+            for count in counts:
+                args.append([torch.view_as_real(t) if t.is_complex() else t for t in tensors[pos:pos + count]])
+                pos += count
+            groups = [self.param_groups[i] for i in group_indices]
+            kwargs = self._step_kwargs(args[0][0].device, flags, groups, grad_scale, found_inf)
+            kwargs["group_sizes"] = list(group_sizes)
+            calls.append((self._op, backend, tuple(args), kwargs))
+        if self.max_grad_norm is not None and calls:
+            self._fuse_clip(calls, grad_scale, [None] * len(calls))
+        for call in calls:
+            self._run_call(call, None)
+
+    def _first_call_differs(self) -> bool:
+        """Whether a param with a grad has no state yet in a group whose first step's call flags differ."""
+        for g in self.param_groups:
+            if self._call_flags(g, True) != self._call_flags(g, False):
+                if any(p.grad is not None and not self.state.get(p) for p in g["params"]):
+                    return True
+        return False
+
+    @torch.compiler.disable
+    def _eager_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The ordinary step, outside the trace (a graph break)."""
+        self._ordinary_step(grad_scale, found_inf)
 
     # -- the step plan (note [step plan] in csrc/step_plan.cpp) -------------------------
 
@@ -606,12 +701,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The op's keywords that may change from step to step: the groups' hyperparameters and GradScaler's."""
         lrs = [g["lr"] for g in groups]
         lr_tensor = None
-        if device.type != "cpu" and any(isinstance(lr, Tensor) and lr.device.type != "cpu" for lr in lrs):
+        # note [compiled lr]: under torch.compile the lr is read as a tensor
+        # on the device, float or Tensor alike: a float the compiler treats as
+        # a changing input (an LR scheduler's) then needs no guard on its
+        # value, and a Tensor lr no .item() (a graph break), so a compiled
+        # step is not recompiled when the lr moves.
+        if torch.compiler.is_compiling() or (device.type != "cpu" and any(
+                isinstance(lr, Tensor) and lr.device.type != "cpu" for lr in lrs)):
             # Read lr on the device (capturable, no host sync): one float64
             # value per group (exact for float32 and float64 lr tensors).
+            # A float lr enters as `zeros + lr`: arithmetic the compiler keeps
+            # symbolic (a torch.full of it would be specialized to its value).
             lr_tensor = torch.stack([
                 lr.reshape(()).to(device=device, dtype=torch.float64) if isinstance(lr, Tensor)
-                else torch.full((), lr, dtype=torch.float64, device=device)
+                else torch.zeros((), dtype=torch.float64, device=device) + lr
                 for lr in lrs
             ])
             lr_floats = [0.0] * len(lrs)
@@ -631,18 +734,43 @@ class FusedOptimizer(torch.optim.Optimizer):
             return total
         return total * grad_scale.double().reciprocal().float().to(total.device)
 
-    def _fuse_clip(self, calls: list, grad_scale: Optional[Tensor]) -> None:
+    def _run_call(self, call: tuple, classes: Optional[list]) -> None:
+        """One op call of the step; `classes` (the bucket's) says which tensors are DTensor shards (LAMB's
+        per-tensor norms need them: note [DTensor by unwrapping])."""
+        op, backend, args, kwargs = call
+        getattr(functional, op)(*args, **kwargs, backend=backend)
+
+    def _fuse_clip(self, calls: list, grad_scale: Optional[Tensor], classes: list) -> None:
         """One norm pass over all grads; the clip factor is applied inside each step kernel."""
-        totals = []
-        for _, backend, args, _ in calls:
+        totals: dict[Any, list[Tensor]] = {}  # norm class -> the local norms of its tensors, per call
+        for (_, backend, args, _), cls in zip(calls, classes):
             grads = args[1]
             norm_backend = backend if backend in _backends.available("multi_tensor_norm", grads[0].device.type) \
                 else None
-            totals.append(functional.multi_tensor_norm(grads, 2.0, backend=norm_backend)[0])
-        device0 = totals[0].device
-        total = totals[0] if len(totals) == 1 else torch.linalg.vector_norm(
-            torch.stack([t.to(device0, non_blocking=True) for t in totals]))
+            for key, members in _by_class(grads, cls).items():
+                totals.setdefault(key, []).append(functional.multi_tensor_norm(members, 2.0,
+                                                                               backend=norm_backend)[0])
+        device0 = calls[0][2][0][0].device
+
+        def combined(parts: list[Tensor]) -> Tensor:
+            return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
+                torch.stack([t.to(device0, non_blocking=True) for t in parts]))
+
+        if list(totals) == [None]:
+            total = combined(totals[None])
+        else:  # DTensor shards: their partial norms reduced across their meshes
+            total = _dtensor.global_norm({k: combined(v).to(device0) for k, v in totals.items()}, 2.0)
         for _, _, args, kwargs in calls:
             kwargs["grad_norm"] = total if total.device == args[0][0].device else total.to(args[0][0].device)
             kwargs["max_grad_norm"] = float(self.max_grad_norm)
         self.grad_norm = self._unscaled_norm(total, grad_scale)
+
+
+def _by_class(tensors: list[Tensor], classes: Optional[list]) -> dict[Any, list[Tensor]]:
+    """`tensors` by their norm class (pyoptim/_dtensor.py's; None for every tensor when `classes` is None)."""
+    if classes is None:
+        return {None: tensors}
+    out: dict[Any, list[Tensor]] = {}
+    for t, c in zip(tensors, classes):
+        out.setdefault(c, []).append(t)
+    return out

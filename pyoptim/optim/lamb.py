@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from pyoptim import _dtensor, functional
 from pyoptim._validation import check_lamb_args
 from pyoptim.optim._base import FusedOptimizer, _as_float
 from pyoptim.optim.lion import _check_common
@@ -75,6 +76,34 @@ class LAMB(FusedOptimizer):
 
     def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         return (bool(group["maximize"]),)
+
+    def _run_call(self, call: tuple, classes: Optional[list]) -> None:
+        """One lamb_step_ call; over DTensor shards, its two passes with the norms reduced in between.
+
+        note [LAMB's two passes]: the trust ratio r = ||p|| / ||u|| is per
+        tensor, and a shard's local norms are not its tensor's. Over a bucket
+        holding DTensor shards the step is lamb_moments_ (m, v and steps
+        moved; each tensor's ||p||^2 and ||u||^2 returned), one reduction of
+        those partial sums across each mesh (pyoptim/_dtensor.py's
+        reduce_sums: one all-reduce per mesh dimension for the whole bucket),
+        then lamb_apply_ with the global norms. Plain tensors of the bucket
+        keep their own norms. One call of lamb_step_ does the same passes with
+        nothing in between.
+        """
+        if classes is None or all(c is None for c in classes):
+            return super()._run_call(call, classes)
+        _, backend, args, kwargs = call
+        norms = functional.lamb_moments_(*args, **kwargs, backend=backend)
+        # Per norm class, its tensors' columns (the others 0): the classes of a mesh add up without overlapping
+        # and travel in one all-reduce.
+        columns: dict[Any, list[int]] = {}
+        for i, c in enumerate(classes):
+            columns.setdefault(c, []).append(i)
+        parts: dict[Any, Tensor] = {}
+        for c, cols in columns.items():
+            index = torch.tensor(cols, device=norms.device)
+            parts[c] = torch.zeros_like(norms).index_copy_(1, index, norms.index_select(1, index))
+        functional.lamb_apply_(*args, _dtensor.reduce_sums(parts), **kwargs, backend=backend)
 
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         return {

@@ -1,0 +1,70 @@
+"""The Triton norm launchers as dispatcher ops, so that torch.compile sees them (note [triton ops]).
+
+note [triton ops]: torch.ops.pyoptim.<op>_triton is the launcher <op>_triton
+of kernels/layer_norm.py or kernels/batch_norm.py as an op with the schema
+of the C++ op <op> (csrc/ops.cpp); pyoptim.functional gives the forward ops
+their autograd formula, so a model's norm compiles with fullgraph=True on
+this backend as on the C++ ones (the raw launcher under an
+autograd.Function is a graph break). Two ways, chosen once:
+
+- torch.library.triton_op where torch has it and Triton compiles the
+  kernels: the compiler traces into the launcher and sees each kernel
+  (through wrap_triton, the launch() below), so Inductor can schedule them
+  with the rest of the graph;
+- torch.library.custom_op otherwise, an opaque op whose fake runs the
+  launcher with its launches skipped (launch() again): under
+  TRITON_INTERPRET=1, where a kernel is an InterpretedFunction that
+  wrap_triton cannot trace (it reads the data of the fake tensors), and on a
+  torch without triton_op.
+
+Either way eager calls launch the kernels directly, as the launchers always did.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ._multi_tensor import interpret
+
+__all__ = ["launch", "register_op", "TRACES_INTO_KERNELS"]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: whether the ops are triton_ops the compiler traces into (else opaque custom ops)
+TRACES_INTO_KERNELS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") \
+    and not interpret()
+
+
+class _NoLaunch:
+    """A launch that does nothing: the opaque op's fake only needs the launcher's outputs' shapes."""
+
+    def __getitem__(self, grid: Any) -> "_NoLaunch":
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_NO_LAUNCH = _NoLaunch()
+
+
+def launch(kernel: Any, probe: torch.Tensor) -> Any:
+    """`kernel` as a launcher launches it (launch(kernel, x)[grid](...)): itself on real tensors outside any
+    tracing; wrap_triton's traceable kernel while a triton_op is traced; a no-op in the opaque op's fake."""
+    if type(probe) in _PLAIN and _get_current_dispatch_mode() is None:
+        return kernel
+    if TRACES_INTO_KERNELS:
+        return torch.library.wrap_triton(kernel)
+    return _NO_LAUNCH
+
+
+def register_op(name: str, schema: str, launcher: Callable[..., Any]) -> None:
+    """Register `launcher` as the op pyoptim::`name` with `schema` (arguments and returns, no name)."""
+    qualname = f"pyoptim::{name}"
+    if TRACES_INTO_KERNELS:
+        torch.library.triton_op(qualname, launcher, mutates_args=(), schema=schema)
+    else:
+        op = torch.library.custom_op(qualname, launcher, mutates_args=(), schema=schema)
+        op.register_fake(launcher)

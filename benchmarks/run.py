@@ -4,20 +4,25 @@
         [--impls pyoptim-*,torch-fused] [--dtype fp32] [--device cpu|cuda]
         [--out DIR] [--quick] [--no-plot] [--threads N] [--default-allocator] [--list]
 
-See harness.py for what is measured and how, and bench_adam.py for an op. The ops are found, not listed:
-every benchmarks/bench_<op>.py that defines OP (adam, sgd, lion, lamb, clip, clip_adamw, layer_norm,
-batch_norm). After them, bench_host.py times the optimizer step's host path (microseconds per step over tiny
-tensors, not GB/s); `--ops host` runs it alone.
+The harness and the ops live in the package (pyoptim/benchmark/harness.py for what is measured and how,
+pyoptim/benchmark/ops/adam.py for an op), so that an installed pyoptim runs the same method on a user's
+shapes (`python -m pyoptim.benchmark`); this script runs the project's own cases, with the working tree's
+pyoptim. The ops are found, not listed: every module of pyoptim/benchmark/ops that defines OP (adam, sgd,
+lion, lamb, adagrad, rmsprop, clip, clip_adamw, layer_norm, rms_norm, batch_norm; an op this pyoptim lacks
+is skipped). After them, bench_host.py times the optimizer step's host path (microseconds per step over
+tiny tensors, not GB/s); `--ops host` runs it alone.
 """
 
 import sys
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH_DIR = Path(__file__).resolve().parent
+for path in (BENCH_DIR, BENCH_DIR.parent):  # bench_host, and the working tree's pyoptim
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import bench_host  # noqa: E402
-from harness import main  # noqa: E402
+from pyoptim.benchmark.harness import main  # noqa: E402
 
 
 def _split_host(argv: list[str]) -> tuple[list[str], bool, bool]:
@@ -46,7 +51,7 @@ def _split_host(argv: list[str]) -> tuple[list[str], bool, bool]:
 
 if __name__ == "__main__":
     argv, host, others = _split_host(sys.argv[1:])
-    rc = main(argv) if others else 0
+    rc = main(argv, default_out=BENCH_DIR / "results") if others else 0
     if host and rc == 0 and "--list" not in argv:
         rc = bench_host.main(argv)  # it reads --device, --quick and --out, and ignores the rest
     sys.exit(rc)

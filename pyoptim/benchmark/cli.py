@@ -331,23 +331,26 @@ def _memory_note(chosen: Sequence[tuple[Op, list[str]]], device, dtype, opts: ar
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the user's benchmark; 0 on success, 2 on a bad command line."""
+    """Run the user's benchmark; 0 on success, 2 on a bad command line. Called with `argv` (not the process's
+    own command line), it never re-executes the process for the allocator (note [CPU allocator])."""
     t_start = time.perf_counter()
     ops = harness.discover_ops()
     parser = build_parser(ops)
     opts = parser.parse_args(argv)
     _check_lists(parser, opts)
-    device, dtype = harness.setup_device(parser, opts)
+    chosen = []
+    if not opts.list:
+        try:  # the cases are checked before the allocator re-exec, which imports everything again
+            chosen = plan(ops, opts)
+        except (ValueError, KeyError, OSError) as e:
+            parser.error(str(e.args[0]) if e.args else str(e))
+        if not chosen:
+            parser.error("nothing to run: give --shapes, --model, --state-dict, --layer-norm or --batch-norm")
+    device, dtype = harness.setup_device(parser, opts, reexec=argv is None)
     if opts.list:
         print("models:", ", ".join(models.known_models()), "(and torchvision's / timm's when installed)")
         harness.list_ops([dataclasses.replace(op, cases={}) for op in ops.values()], device, opts)
         return 0
-    try:
-        chosen = plan(ops, opts)
-    except (ValueError, KeyError, OSError) as e:
-        parser.error(str(e.args[0]) if e.args else str(e))
-    if not chosen:
-        parser.error("nothing to run: give --shapes, --model, --state-dict, --layer-norm or --batch-norm")
     for op, _ in chosen:
         why = harness.without_pyoptim(op, device, opts)
         if why is not None:

@@ -957,12 +957,14 @@ def maybe_reexec_with_allocator(device_type: str, opts: argparse.Namespace) -> N
     os.execve(sys.executable, argv, env)
 
 
-def setup_device(parser: argparse.ArgumentParser, opts: argparse.Namespace):
-    """(device, dtype) of the run, after the allocator re-exec (CPU) and --threads."""
+def setup_device(parser: argparse.ArgumentParser, opts: argparse.Namespace, reexec: bool = True):
+    """(device, dtype) of the run, after the allocator re-exec (CPU; only with `reexec`: a process that was not
+    started by this command line, a test calling main(argv), must not be replaced) and --threads."""
     import torch
 
     device_type = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    maybe_reexec_with_allocator(device_type, opts)
+    if reexec:
+        maybe_reexec_with_allocator(device_type, opts)
     if device_type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False here")
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")

@@ -1,7 +1,9 @@
 # The README's first two commands: `make bench` and `make test`. Each creates
 # .venv/ on first use, installs torch and the tools, builds the extension
 # (CPU kernels always; CUDA kernels whenever torch is a CUDA build and nvcc is
-# found) and runs.
+# found) and runs. `make test` includes the wheel check (tests/test_wheel.py
+# runs tools/check_wheel.sh: after the build it only links, about a minute);
+# `make check-wheel` runs that check alone.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,14 +18,14 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 # Extra pytest/bench arguments: make test ARGS="-k adam", make bench ARGS="--cases large".
 ARGS ?=
 
-.PHONY: all venv build test bench wheel info clean
+.PHONY: all venv build test bench wheel check-wheel info clean
 
 all: build
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib lion-pytorch hypothesis
+	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib lion-pytorch hypothesis scikit-learn
 	touch $@
 
 venv: $(VENV)/.deps
@@ -42,9 +44,14 @@ bench: build
 info: build
 	$(PY) -m pyoptim info
 
-# A wheel for the archs in TORCH_CUDA_ARCH_LIST, into dist/.
+# A wheel for the archs in TORCH_CUDA_ARCH_LIST, into dist/; its metadata pins
+# the torch release it is built against.
 wheel: venv
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
+# The wheel built, installed into a fresh venv outside the tree, smoke-tested there.
+check-wheel: build
+	PYTHON=$(PY) bash tools/check_wheel.sh
+
 clean:
-	rm -rf build dist *.egg-info pyoptim/*.so
+	rm -rf build dist *.egg-info pyoptim/*.so pyoptim/_build_info.py

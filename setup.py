@@ -70,8 +70,33 @@ def _cuda_archs() -> list[int]:
     return archs
 
 
+def _torch_release() -> tuple[int, int]:
+    """(major, minor) of the torch this builds against: "2.14.1+cu130" -> (2, 14)."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _torch_requirement() -> str:
+    """The torch releases pyoptim._C works with: the one it is compiled against. Its C++ uses ATen, c10 and
+    the dispatcher, whose ABI holds within a release (2.14.0 to 2.14.x), not across releases; an import under
+    another torch falls back to the triton/reference backends (note [torch mismatch] in pyoptim/_backends.py)."""
+    major, minor = _torch_release()
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
+def _build_info_text(with_cuda: bool) -> str:
+    """pyoptim/_build_info.py: what pyoptim._C was compiled against, read before the library is loaded."""
+    fields = dict(TORCH_VERSION=torch.__version__, TORCH_RELEASE=list(_torch_release()),
+                  TORCH_CUDA=torch.version.cuda if with_cuda else None,
+                  CUDA_ARCHS=[f"sm_{a}" for a in _cuda_archs()] if with_cuda else [],
+                  CPU_ISAS=list(ISAS), PYTHON=f"{sys.version_info.major}.{sys.version_info.minor}")
+    body = "".join(f"{k} = {v!r}\n" for k, v in fields.items())
+    return ('"""What pyoptim._C was compiled against (written by setup.py\'s build_ext beside the library; read by\n'
+            'pyoptim._backends before it loads the library: note [torch mismatch])."""\n\n' + body)
+
+
 class BuildExt(cpp_extension.BuildExtension):
-    """BuildExtension, plus the per-instruction-set CPU kernel objects."""
+    """BuildExtension, plus the per-instruction-set CPU kernel objects and pyoptim/_build_info.py beside the library."""
 
     def finalize_options(self):
         super().finalize_options()
@@ -105,7 +130,29 @@ class BuildExt(cpp_extension.BuildExtension):
                 depends=ext.depends,
             )
             ext.extra_objects = list(ext.extra_objects or []) + objects
+        # The library is relinked when the build information changed (another
+        # torch, other archs) even if no source did: setuptools compares only
+        # the sources' times with the library's.
+        info_path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
+        info = _build_info_text(_with_cuda())
+        old = open(info_path).read() if os.path.exists(info_path) else None
+        if old != info:
+            self.force = True
         super().build_extension(ext)
+        if old != info:
+            with open(info_path, "w") as f:
+                f.write(info)
+
+    def copy_extensions_to_source(self):
+        # --inplace and editable installs (`make build`) copy the library from
+        # build/lib into the source tree; its build information goes with it.
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            info = os.path.join(os.path.dirname(regular_file), "_build_info.py")
+            if os.path.exists(info):
+                self.copy_file(info, os.path.join(os.path.dirname(inplace_file), "_build_info.py"), level=self.verbose)
 
 
 def _extension():
@@ -159,6 +206,8 @@ def _extension():
 
 
 setup(
+    # pyproject.toml declares dependencies dynamic: the torch release the library is built against.
+    install_requires=[_torch_requirement()],
     # kernels/ (the Triton kernels) ships inside the package as pyoptim.kernels.
     packages=find_packages(include=["pyoptim", "pyoptim.*"]) + ["pyoptim.kernels"],
     package_dir={"pyoptim.kernels": "kernels"},

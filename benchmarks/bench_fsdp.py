@@ -38,7 +38,7 @@ from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO_ROOT, cpu_model, git_info, gpt2_like_shapes  # noqa: E402
+from pyoptim.benchmark.harness import REPO_ROOT, cpu_model, git_info, gpt2_like_shapes  # noqa: E402
 
 WORLD = 2
 KINDS = ("AdamW", "AdamW+clip")

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO_ROOT, device_kind, device_name, git_info  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # the working tree's pyoptim
+from pyoptim.benchmark.harness import device_kind, device_name, git_info  # noqa: E402
 
 COUNTS = (1, 40, 2000)
 NUMEL = 4
@@ -147,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     device_type = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device_type)
     threads = torch.get_num_threads()

@@ -4,22 +4,28 @@
         [--impls pyoptim-*,torch-fused] [--dtype fp32] [--device cpu|cuda]
         [--out DIR] [--quick] [--no-plot] [--threads N] [--default-allocator] [--list]
 
-See harness.py for what is measured and how, and bench_adam.py for an op. The ops are found, not listed:
-every benchmarks/bench_<op>.py that defines OP (adam, sgd, lion, lamb, adagrad, rmsprop, clip,
-clip_adamw, layer_norm, batch_norm). After them, bench_host.py times the optimizer step's host path (microseconds per step over tiny
-tensors, not GB/s; `--ops host` runs it alone) and bench_fsdp.py the step under FSDP2 on two gloo ranks (milliseconds
-per step against torch's fused AdamW, on DTensor shards and on plain ones; `--ops fsdp` runs it alone).
+The harness and the ops live in the package (pyoptim/benchmark/harness.py for what is measured and how,
+pyoptim/benchmark/ops/adam.py for an op), so that an installed pyoptim runs the same method on a user's
+shapes (`python -m pyoptim.benchmark`); this script runs the project's own cases, with the working tree's
+pyoptim. The ops are found, not listed: every module of pyoptim/benchmark/ops that defines OP (adam, sgd,
+lion, lamb, adagrad, rmsprop, precision, clip, clip_adamw, layer_norm, rms_norm, batch_norm; an op this
+pyoptim lacks is skipped). After them, bench_host.py times the optimizer step's host path (microseconds per
+step over tiny tensors, not GB/s; `--ops host` runs it alone) and bench_fsdp.py the step under FSDP2 on two
+gloo ranks (milliseconds per step against torch's fused AdamW, on DTensor shards and on plain ones; `--ops
+fsdp` runs it alone).
 """
 
 import sys
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH_DIR = Path(__file__).resolve().parent
+for path in (BENCH_DIR, BENCH_DIR.parent):  # bench_host, and the working tree's pyoptim
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import bench_fsdp  # noqa: E402
 import bench_host  # noqa: E402
-from harness import main  # noqa: E402
+from pyoptim.benchmark.harness import main  # noqa: E402
 
 
 # Benchmarks of their own kind (not GB/s), run after the others: --ops names them like any op.
@@ -52,7 +58,7 @@ def _split_extra(argv: list[str]) -> tuple[list[str], list[str], bool]:
 
 if __name__ == "__main__":
     argv, extras, others = _split_extra(sys.argv[1:])
-    rc = main(argv) if others else 0
+    rc = main(argv, default_out=BENCH_DIR / "results") if others else 0
     if "--list" not in argv:
         for name in extras:
             if rc == 0:

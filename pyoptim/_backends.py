@@ -58,7 +58,31 @@ _IMPLS: dict[str, dict[str, str]] = {
 }
 
 
+def _build_info() -> dict[str, Any] | None:
+    """What pyoptim._C was compiled against (pyoptim/_build_info.py, written beside it by the build), or None."""
+    try:
+        mod = importlib.import_module("pyoptim._build_info")
+    except ImportError:  # a build from before the file existed, or no build
+        return None
+    return {k: v for k, v in vars(mod).items() if k.isupper()}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a torch version: "2.14.1+cu130" -> (2, 14)."""
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+
+
 def _load_extension() -> tuple[bool, str | None]:
+    # note [torch mismatch]: the library's C++ is compiled against one torch
+    # release's ATen/c10/dispatcher ABI. Under another release it may fail to
+    # load with an undefined symbol, or load and crash in an op, so the build's
+    # record is compared with the running torch first, and a mismatch never
+    # loads it: one warning, and the triton/reference backends serve.
+    built = BUILD_INFO.get("TORCH_VERSION") if BUILD_INFO else None
+    if built is not None and _release(built) != _release(torch.__version__):
+        return False, (f"it was built against torch {built} and this is torch {torch.__version__}, "
+                       f"a release it cannot load under; reinstall pyoptim built for torch "
+                       f"{'.'.join(map(str, _release(torch.__version__)))}")
     try:
         importlib.import_module("pyoptim._C")
     except (ImportError, OSError) as e:  # not built, or built against another torch
@@ -66,13 +90,15 @@ def _load_extension() -> tuple[bool, str | None]:
     return True, None
 
 
+BUILD_INFO = _build_info()
 EXTENSION_LOADED, EXTENSION_ERROR = _load_extension()
 if not EXTENSION_LOADED:
     # note [missing extension]: logged once, never raised; the reference
     # backend (and Triton on GPUs) still serve every op.
     warnings.warn(
         f"pyoptim: the compiled extension pyoptim._C is not available ({EXTENSION_ERROR}); "
-        "falling back to the triton/reference backends. Build it with `pip install --no-build-isolation -e .`.",
+        "falling back to the triton/reference backends. In a checkout, build it with "
+        "`pip install --no-build-isolation -e .`.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -200,6 +226,7 @@ def backend_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "extension_loaded": EXTENSION_LOADED,
         "extension_error": EXTENSION_ERROR,
+        "built_with": BUILD_INFO,
         "cpu_capability": cpu_capability(),
         "cuda_archs": cuda_archs(),
         "cuda_available": torch.cuda.is_available(),

@@ -5,19 +5,15 @@ norm pass reads every grad, the scale pass reads and writes it, 12 bytes per
 fp32 parameter. max_norm is 1e-3, so every call scales (by about 0.999 once
 the first call has clipped), for every implementation alike.
 
-Run on its own: python benchmarks/bench_clip.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops clip [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _params, param_list_op  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.ops.adam import _params, param_list_op
+from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
 
 MAX_NORM = 1e-3
 
@@ -57,7 +53,6 @@ OP = param_list_op(
     providers=providers,
     baseline="torch-foreach",
     settings=lambda opts: {"max_norm": MAX_NORM, "norm_type": 2.0},
+    api="pyoptim.nn.utils.clip_grad_norm_",
+    torch_api="torch.nn.utils.clip_grad_norm_",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["clip"]))

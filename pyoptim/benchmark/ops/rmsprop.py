@@ -5,20 +5,18 @@ fp32 step must move, with momentum and centered (the default here, the
 heaviest): 36 per parameter (p, g, square_avg, grad_avg, momentum_buffer
 read; p and the three states written), in general 9 times the element size;
 --plain drops both (20 bytes: p, g, square_avg read; p, square_avg written).
+A pyoptim without RMSprop (it lands with rmsprop_step_) leaves its providers
+unavailable, and torch's still run.
 
-Run on its own: python benchmarks/bench_rmsprop.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops rmsprop [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _step_of, param_list_op, torch_providers  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
+from pyoptim.benchmark.ops.adam import _step_of, param_list_op, torch_providers
 
 LR, ALPHA, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.99, 0.9, 1e-2
 
@@ -66,7 +64,6 @@ OP = param_list_op(
     baseline="torch-foreach",
     add_arguments=add_arguments,
     settings=lambda opts: dict(_hyper(opts), optimizer="RMSprop"),
+    api="pyoptim.optim.RMSprop",
+    torch_api="torch.optim.RMSprop",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["rmsprop"]))

@@ -4,19 +4,15 @@ One timed call is one optimizer.step() with every .grad already set. Bytes an
 fp32 step must move: 20 per parameter (p, g, momentum_buffer read; p,
 momentum_buffer written), in general 5 times the element size.
 
-Run on its own: python benchmarks/bench_sgd.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops sgd [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _step_of, param_list_op, torch_providers  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.ops.adam import _step_of, param_list_op, torch_providers
+from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-2, 0.9, 1e-4
 
@@ -46,7 +42,6 @@ OP = param_list_op(
     providers=providers,
     baseline="torch-fused",
     settings=lambda opts: {"optimizer": "SGD", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+    api="pyoptim.optim.SGD",
+    torch_api="torch.optim.SGD",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["sgd"]))

@@ -2,21 +2,18 @@
 
 One timed call is one optimizer.step() with every .grad already set. Bytes an
 fp32 step must move: 20 per parameter (p, g, sum read; p, sum written), in
-general 5 times the element size.
+general 5 times the element size. A pyoptim without Adagrad (it lands with
+adagrad_step_) leaves its providers unavailable, and torch's still run.
 
-Run on its own: python benchmarks/bench_adagrad.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops adagrad [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _missing, _step_of, param_list_op, torch_providers  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.harness import Case, Provider, missing_module, pyoptim_providers
+from pyoptim.benchmark.ops.adam import _step_of, param_list_op, torch_providers
 
 LR, LR_DECAY, WEIGHT_DECAY = 1e-2, 1e-4, 1e-2
 
@@ -43,13 +40,13 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
             from apex.optimizers import FusedAdagrad
             return FusedAdagrad(ps, lr=LR, weight_decay=WEIGHT_DECAY)
 
-        out.append(Provider("apex-fused", "peer", _step_of(apex_adagrad), unavailable=_missing("apex")))
+        out.append(Provider("apex-fused", "peer", _step_of(apex_adagrad), unavailable=missing_module("apex")))
     else:
         def ds_cpu_adagrad(ps):  # no lr_decay: its step is otherwise the same
             from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
             return DeepSpeedCPUAdagrad(ps, lr=LR, weight_decay=WEIGHT_DECAY)
 
-        out.append(Provider("deepspeed-cpu", "peer", _step_of(ds_cpu_adagrad), unavailable=_missing("deepspeed")))
+        out.append(Provider("deepspeed-cpu", "peer", _step_of(ds_cpu_adagrad), unavailable=missing_module("deepspeed")))
     return out
 
 
@@ -60,7 +57,6 @@ OP = param_list_op(
     providers=providers,
     baseline="torch-fused",
     settings=lambda opts: {"optimizer": "Adagrad", "lr": LR, "lr_decay": LR_DECAY, "weight_decay": WEIGHT_DECAY},
+    api="pyoptim.optim.Adagrad",
+    torch_api="torch.optim.Adagrad",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["adagrad"]))

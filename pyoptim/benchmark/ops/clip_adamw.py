@@ -5,19 +5,15 @@ step kernel (grads untouched): 32 bytes per fp32 parameter, the floor of this
 work, which is what GB/s is computed from for every implementation. torch's
 two calls move 40 (a norm pass, a scale pass, the step).
 
-Run on its own: python benchmarks/bench_clip_adamw.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops clip_adamw [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import LR, WEIGHT_DECAY, _params, _step_of, param_list_op, torch_providers  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.ops.adam import LR, WEIGHT_DECAY, _params, _step_of, param_list_op, torch_providers
+from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
 
 MAX_NORM = 1e-3
 
@@ -63,7 +59,6 @@ OP = param_list_op(
     providers=providers,
     baseline="torch-fused",
     settings=lambda opts: {"optimizer": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_NORM},
+    api="pyoptim.optim.AdamW(..., max_grad_norm=...)",
+    torch_api="torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["clip_adamw"]))

@@ -1,4 +1,6 @@
-"""The benchmark harness: one module that every per-op script (bench_<op>.py) uses.
+"""The benchmark harness: one module that every op (pyoptim/benchmark/ops/<op>.py) and both command lines use:
+the project's own run (benchmarks/run.py, `make bench`) and the user's (`python -m pyoptim.benchmark`, the
+same method on the user's shapes, models and norm sizes).
 
 What it does, in order, for one run:
 
@@ -25,12 +27,13 @@ What it does, in order, for one run:
    .png (plus _<dtype> when not fp32), fixed names so that a committed result
    is overwritten by the next run on that kind of device.
 
-Adding an op: write benchmarks/bench_<op>.py that defines `OP = Op(...)` (see
-bench_adam.py); run.py finds it by its file name. An op
+Adding an op: write pyoptim/benchmark/ops/<op>.py that defines `OP = Op(...)`
+(see ops/adam.py); discover_ops() finds it by its module. An op
 supplies its cases (the tensors it works on, as shapes: `PARAM_CASES` below
 serve every optimizer-like op), a function that builds the inputs for a case,
 the bytes one call must move, and its providers: a name and a `setup(inputs)`
-returning the zero-argument callable that is timed.
+returning the zero-argument callable that is timed. An op's cases are only
+its defaults: the user's command line swaps in cases of its own (dataclasses.replace).
 
 note [CPU allocator]: with glibc's default malloc every freshly allocated
 buffer over 32 MB is mmap'ed and munmap'ed on free, so a kernel that allocates
@@ -67,8 +70,11 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None  # type: ignore[assignment]
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The checkout this module runs from, if it does (git SHA, benchmarks/results);
+# an installed pyoptim has none.
+REPO_ROOT = PACKAGE_DIR.parents[1]
+IN_CHECKOUT = (REPO_ROOT / "setup.py").is_file() and (REPO_ROOT / "csrc").is_dir()
 
 GLIBC_TUNABLES_KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
 
@@ -176,45 +182,87 @@ class Op:
     providers: Callable[[Any, argparse.Namespace], list[Provider]]
     default_cases: Sequence[str] = ()
     baseline: str = "torch-fused"
+    # What a case's shapes mean, for the user's command line: "params" (a model's
+    # parameter list), "rows" ((rows, N) inputs, the last dim normalized) or
+    # "nchw" ((N, C, H, W) inputs, per-channel statistics).
+    case_kind: str = "params"
     # Adds op-specific options (like --amsgrad) to the command line.
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     # Describes op-specific settings for the results' metadata.
     settings: Optional[Callable[[argparse.Namespace], dict]] = None
+    # What a user writes for each impl, for the table of picks: pyoptim's public
+    # API ("pyoptim.optim.AdamW") and torch's ("torch.optim.AdamW").
+    api: str = ""
+    torch_api: str = ""
+
+    def usage(self, impl: str) -> str:
+        """The call that stands for `impl` in user code, like pyoptim.optim.AdamW(..., backend="cpu")."""
+        if impl.startswith("pyoptim-") and self.api:
+            backend = f'backend="{impl[len("pyoptim-"):]}"'
+            return f"{self.api[:-1]}, {backend})" if self.api.endswith(")") else f"{self.api}(..., {backend})"
+        torch_kw = {"torch-forloop": "foreach=False", "torch-foreach": "foreach=True", "torch-fused": "fused=True"}
+        if impl in torch_kw and self.torch_api:
+            return f"{self.torch_api}(..., {torch_kw[impl]})"
+        if impl == "torch" and self.torch_api:
+            return self.torch_api
+        return impl
 
 
-def pyoptim_providers(op: str, device, setup_for: Callable[[str], Callable[[Any], Callable[[], Any]]]) -> list[Provider]:
+def pyoptim_providers(op: str, device, setup_for: Callable[[str], Callable[[Any], Callable[[], Any]]],
+                      reference: bool = True) -> list[Provider]:
     """One provider per pyoptim backend of `op` on `device`, named pyoptim-<backend>; `setup_for(backend)` builds it.
 
     Triton on the CPU is its interpreter: a numerics tool, timed only when
-    --impls names it.
+    --impls names it; so is the reference backend when `reference` is False
+    (the norms: plain torch ops, a test oracle, not a contender). An op this pyoptim does not have (an older install)
+    leaves every pyoptim provider unavailable, and torch's still run.
     """
     from pyoptim import _backends
 
-    available = _backends.available(op, device.type)
+    try:
+        available, no_op = _backends.available(op, device.type), None
+    except KeyError:
+        available, no_op = [], f"this pyoptim ({_pyoptim_version()}) has no op {op!r}"
     candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference", "triton")
     return [
         Provider(
             f"pyoptim-{b}", "pyoptim", setup_for(b),
             unavailable=None if b in available else
-            f"pyoptim backend {b!r} is not available here (backend_info: {available})",
-            default=not (b == "triton" and device.type == "cpu"),
+            no_op or f"pyoptim backend {b!r} is not available here (backend_info: {available})",
+            default=not (b == "triton" and device.type == "cpu") and (reference or b != "reference"),
         )
         for b in candidates
     ]
 
 
+def _pyoptim_version() -> str:
+    import pyoptim
+
+    return f"pyoptim {getattr(pyoptim, '__version__', '?')}"
+
+
 def discover_ops() -> dict[str, Op]:
-    """Every `OP` defined by a benchmarks/bench_<name>.py, by op name."""
+    """Every `OP` defined by a module of pyoptim.benchmark.ops, by op name."""
+    import pkgutil
+
+    from pyoptim.benchmark import ops as ops_pkg
+
     ops: dict[str, Op] = {}
-    for path in sorted(BENCH_DIR.glob("bench_*.py")):
-        spec = importlib.util.spec_from_file_location(f"_pyoptim_bench_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        spec.loader.exec_module(mod)
-        op = getattr(mod, "OP", None)
-        if isinstance(op, Op):
-            ops[op.name] = op
+    for info in sorted(pkgutil.iter_modules(ops_pkg.__path__), key=lambda m: m.name):
+        mod = importlib.import_module(f"{ops_pkg.__name__}.{info.name}")
+        for op in getattr(mod, "OPS", None) or [getattr(mod, "OP", None)]:
+            if isinstance(op, Op):
+                ops[op.name] = op
     return ops
+
+
+def missing_module(module: str) -> Optional[str]:
+    """Why `module` cannot serve here ("... is not importable"), or None when it is found (without importing it)."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{module} is not importable"
 
 
 # --------------------------------------------------------------------------
@@ -497,7 +545,7 @@ def device_kind(device) -> str:
 
 
 def git_info() -> dict[str, Any]:
-    """HEAD's SHA (else $PYOPTIM_GIT_SHA, else "unknown") and whether the tree has uncommitted changes."""
+    """The checkout's HEAD SHA (else $PYOPTIM_GIT_SHA, else "unknown") and whether the tree has uncommitted changes."""
     def git(*args: str) -> Optional[str]:
         try:
             r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
@@ -505,7 +553,9 @@ def git_info() -> dict[str, Any]:
             return None
         return r.stdout.strip() if r.returncode == 0 else None
 
-    sha = git("rev-parse", "HEAD")
+    # Only a checkout's own repository: an installed pyoptim inside some other
+    # repository (a venv in a project) must not report that project's SHA.
+    sha = git("rev-parse", "HEAD") if IN_CHECKOUT else None
     status = git("status", "--porcelain", "--untracked-files=no") if sha else None
     # A copy of the tree without .git (a GPU box) can be told its SHA.
     sha = sha or os.environ.get("PYOPTIM_GIT_SHA") or "unknown"
@@ -603,16 +653,20 @@ def _select(providers: list[Provider], patterns: Optional[list[str]]) -> tuple[l
     return [p for p in chosen if p.unavailable is None], [p for p in chosen if p.unavailable is not None]
 
 
-def run_op(op: Op, cases: list[str], device, dtype, opts: argparse.Namespace, bandwidth: dict) -> tuple[list[Row], dict[str, str]]:
+def run_op(op: Op, cases: list[str], device, dtype, opts: argparse.Namespace, bandwidth: dict,
+           progress: Optional["Progress"] = None) -> tuple[list[Row], dict[str, str]]:
     """Time every selected provider of `op` on every case; returns the rows and {impl: why skipped}.
 
     On CUDA the providers of a case are set up and timed one at a time, and
     fractions are of the run-start bandwidth; on CPU they are all set up, then
     timed in turns (note [interleaved CPU timing]) together with an in-place
     bandwidth probe (note [per-case CPU roofline]). Either way a case's tensors
-    are freed before the next case's are made.
+    are freed before the next case's are made. `progress`, when given, prints
+    the lines and counts the cases.
     """
     import torch
+
+    say = progress.write if progress is not None else _say
 
     providers = op.providers(device, opts)
     run, skipped = _select(providers, opts.impls)
@@ -627,8 +681,8 @@ def run_op(op: Op, cases: list[str], device, dtype, opts: argparse.Namespace, ba
     for case_name in cases:
         case = op.cases[case_name]
         nbytes = op.bytes_moved(case, dtype, opts)
-        print(f"  {op.name} {case.name}: {case.ntensors} tensors, {case.numel:,} elements, "
-              f"{nbytes / 1e6:,.1f} MB per call", flush=True)
+        say(f"  {op.name} {case.name}: {case.ntensors} tensors, {case.numel:,} elements, "
+            f"{nbytes / 1e6:,.1f} MB per call")
         inputs = op.make_inputs(case, device, dtype, opts)
         case_rows = {p.name: Row(op.name, case.name, p.name, p.family, case.numel, case.ntensors, nbytes) for p in run}
         results: dict[str, Any] = {}
@@ -662,29 +716,31 @@ def run_op(op: Op, cases: list[str], device, dtype, opts: argparse.Namespace, ba
         probe_t = results.pop(BW_PROBE, None)
         if isinstance(probe_t, Timing):
             roofline = 2 * CPU_BW_BYTES / probe_t.ms / 1e6
-            print(f"    {'in-place bandwidth':<20} {probe_t.ms:10.3f} ms  {roofline:8.1f} GB/s  ({probe_t.reps} samples; "
-                  "the roofline of this case's fractions)")
+            say(f"    {'in-place bandwidth':<20} {probe_t.ms:10.3f} ms  {roofline:8.1f} GB/s  ({probe_t.reps} samples; "
+                "the roofline of this case's fractions)")
         for name, row in case_rows.items():
             t = results[name]
             row.cpu_busy_elsewhere = busy_elsewhere
             row.roofline_GBps = roofline
             if isinstance(t, BaseException):
                 row.error = err(t)
-                print(f"    {name:<20} ERROR {row.error}")
+                say(f"    {name:<20} ERROR {row.error}")
                 continue
             row.ms, row.ms_min, row.ms_q1, row.ms_q3 = t.ms, t.ms_min, t.ms_q1, t.ms_q3
             row.reps, row.calls_per_sample, row.minflt_per_call = t.reps, t.calls_per_sample, t.minflt_per_call
             row.GBps = nbytes / t.ms / 1e6
             row.frac_of_bw = row.GBps / roofline
-            print(f"    {name:<20} {t.ms:10.3f} ms  {row.GBps:8.1f} GB/s  ({t.reps} samples)")
+            say(f"    {name:<20} {t.ms:10.3f} ms  {row.GBps:8.1f} GB/s  ({t.reps} samples)")
         if busy_elsewhere is not None:
-            print(f"    other processes used {100 * busy_elsewhere:.0f}% of the machine's CPU time meanwhile"
-                  + ("  <-- shared machine: these timings are noisy" if busy_elsewhere > 0.10 else ""))
+            say(f"    other processes used {100 * busy_elsewhere:.0f}% of the machine's CPU time meanwhile"
+                + ("  <-- shared machine: these timings are noisy" if busy_elsewhere > 0.10 else ""))
         base = case_rows.get(op.baseline)
         for row in case_rows.values():
             if base is not None and base.ms is not None and row.ms is not None:
                 row.speedup_vs_baseline = base.ms / row.ms
         rows += case_rows.values()
+        if progress is not None:
+            progress.update(f"{op.name} {case.name}")
         del inputs, results
         _free_memory(device)  # each case's tensors go before the next case's
     return rows, skipped_why
@@ -808,14 +864,49 @@ def write_plot(path: Path, rows: list[Row], meta: dict) -> Optional[str]:
 # Command line
 # --------------------------------------------------------------------------
 
-def build_parser(ops: dict[str, Op]) -> argparse.ArgumentParser:
-    """The command line of run.py (and of each bench_<op>.py run on its own)."""
-    p = argparse.ArgumentParser(
-        description="pyoptim benchmarks: each op's implementations against torch and peers, "
-                    "with the device's measured memory bandwidth as the roofline.")
+class Progress:
+    """A progress bar over a run's steps (the bandwidth, then each op's cases): tqdm's when it imports and
+    stderr is a terminal, else one line per step (a log file gets no bar redrawn in it); write() prints a
+    line without breaking the bar."""
+
+    def __init__(self, total: int, desc: str = "benchmark") -> None:
+        self.total, self.done, self._t0 = total, 0, time.perf_counter()
+        self._bar = None
+        try:
+            from tqdm import tqdm
+        except ImportError:  # optional: plain lines instead
+            return
+        if sys.stderr.isatty():
+            self._bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def write(self, msg: str) -> None:
+        """Print one line (above the bar, when there is one)."""
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def update(self, what: str) -> None:
+        """One step done: `what` ("adam resnet50")."""
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {what} done, {time.perf_counter() - self._t0:.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options of every run: which impls, dtype, device, where the results go, timing mode, threads."""
     csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    p.add_argument("--ops", type=csv, default=None, help=f"comma-separated ops (default: all: {','.join(ops)})")
-    p.add_argument("--cases", type=csv, default=None, help="comma-separated cases (default: each op's defaults)")
     p.add_argument("--impls", type=csv, default=None,
                    help="comma-separated impl names or fnmatch patterns, like pyoptim-*,torch-fused "
                         "(default: every available impl; a non-default one such as pyoptim-triton on CPU "
@@ -823,14 +914,25 @@ def build_parser(ops: dict[str, Op]) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when torch.cuda.is_available(), else cpu")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
-                   help="where <op>_<device kind>[_<dtype>].json and .png go (default: benchmarks/results)")
+    p.add_argument("--out", type=Path, default=default_out,
+                   help=f"where <op>_<device kind>[_<dtype>].json and .png go (default: {default_out})")
     p.add_argument("--quick", action="store_true", help="short warm-up and time budget: a smoke run")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument("--default-allocator", action="store_true",
                    help="CPU: keep glibc's default malloc settings instead of re-executing with "
                         "GLIBC_TUNABLES that keep freed memory (see note [CPU allocator])")
+
+
+def build_parser(ops: dict[str, Op], default_out: Path) -> argparse.ArgumentParser:
+    """The command line of benchmarks/run.py: the project's ops and their own cases."""
+    p = argparse.ArgumentParser(
+        description="pyoptim benchmarks: each op's implementations against torch and peers, "
+                    "with the device's measured memory bandwidth as the roofline.")
+    csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    p.add_argument("--ops", type=csv, default=None, help=f"comma-separated ops (default: all: {','.join(ops)})")
+    p.add_argument("--cases", type=csv, default=None, help="comma-separated cases (default: each op's defaults)")
+    add_run_arguments(p, default_out)
     p.add_argument("--list", action="store_true", help="list ops, cases and impls here, then exit")
     for op in ops.values():
         if op.add_arguments is not None:
@@ -840,7 +942,7 @@ def build_parser(ops: dict[str, Op]) -> argparse.ArgumentParser:
 
 def maybe_reexec_with_allocator(device_type: str, opts: argparse.Namespace) -> None:
     """note [CPU allocator]: on CPU with glibc, re-exec this process once with GLIBC_TUNABLES that keep freed memory."""
-    if device_type != "cpu" or opts.default_allocator or opts.list:
+    if device_type != "cpu" or opts.default_allocator or getattr(opts, "list", False):
         return
     if "mmap_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return
@@ -855,78 +957,85 @@ def maybe_reexec_with_allocator(device_type: str, opts: argparse.Namespace) -> N
     os.execve(sys.executable, argv, env)
 
 
-def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> int:
-    """Run the benchmarks; `only` restricts the ops (a bench_<op>.py run on its own passes its op)."""
-    t_start = time.perf_counter()
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # the working tree's pyoptim
-    ops = discover_ops()
-    if only is not None:
-        ops = {k: v for k, v in ops.items() if k in only}
-    parser = build_parser(ops)
-    opts = parser.parse_args(argv)
-
+def setup_device(parser: argparse.ArgumentParser, opts: argparse.Namespace, reexec: bool = True):
+    """(device, dtype) of the run, after the allocator re-exec (CPU; only with `reexec`: a process that was not
+    started by this command line, a test calling main(argv), must not be replaced) and --threads."""
     import torch
 
     device_type = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    maybe_reexec_with_allocator(device_type, opts)
+    if reexec:
+        maybe_reexec_with_allocator(device_type, opts)
     if device_type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False here")
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    dtype = getattr(torch, DTYPES[opts.dtype])
+    return device, getattr(torch, DTYPES[opts.dtype])
 
-    op_names = opts.ops or list(ops)
-    for name in op_names:
-        if name not in ops:
-            parser.error(f"unknown op {name!r}; known: {', '.join(ops)}")
 
-    if opts.list:
-        for name in op_names:
-            op = ops[name]
-            print(f"{name}: {op.description}")
-            for c in op.cases.values():
-                mark = "*" if c.name in op.default_cases else " "
-                print(f"  case {mark} {c.name:<12} {c.ntensors:>5} tensors {c.numel:>12,} elements  {c.description}")
-            for p in op.providers(device, opts):
-                state = "default" if p.default else "on request"
-                print(f"  impl   {p.name:<20} {state if p.unavailable is None else 'unavailable: ' + p.unavailable}")
-        return 0
+def check_impls(parser: argparse.ArgumentParser, ops: Sequence[Op], device, opts: argparse.Namespace) -> None:
+    """Every --impls pattern names some impl of every op (checked before anything is timed)."""
+    import fnmatch
 
-    # Check every name before anything is timed.
-    for name in op_names:
-        op = ops[name]
-        for c in opts.cases or []:
-            if c not in op.cases:
-                parser.error(f"op {name}: unknown case {c!r}; known: {', '.join(op.cases)}")
-        if opts.impls:
-            names = [p.name for p in op.providers(device, opts)]
-            import fnmatch
-            for pat in opts.impls:
-                if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                    parser.error(f"op {name}: no impl matches {pat!r}; known: {', '.join(names)}")
+    for op in ops:
+        names = [p.name for p in op.providers(device, opts)]
+        for pat in opts.impls or []:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                parser.error(f"op {op.name}: no impl matches {pat!r}; known: {', '.join(names)}")
+
+
+def without_pyoptim(op: Op, device, opts: argparse.Namespace) -> Optional[str]:
+    """Why no pyoptim impl of `op` can run here (an op this pyoptim lacks), or None: such an op is not timed."""
+    ours = [p for p in op.providers(device, opts) if p.family == "pyoptim"]
+    if ours and all(p.unavailable for p in ours):
+        return ours[0].unavailable
+    return None
+
+
+def list_ops(ops: Sequence[Op], device, opts: argparse.Namespace) -> None:
+    """Print each op, its cases (* marks the defaults) and its impls here."""
+    for op in ops:
+        print(f"{op.name}: {op.description}")
+        for c in op.cases.values():
+            mark = "*" if c.name in op.default_cases else " "
+            print(f"  case {mark} {c.name:<12} {c.ntensors:>5} tensors {c.numel:>12,} elements  {c.description}")
+        for p in op.providers(device, opts):
+            state = "default" if p.default else "on request"
+            print(f"  impl   {p.name:<20} {state if p.unavailable is None else 'unavailable: ' + p.unavailable}")
+
+
+def run_ops(plan: Sequence[tuple[Op, list[str]]], device, dtype, opts: argparse.Namespace,
+            progress: Optional[Progress] = None) -> list[dict[str, Any]]:
+    """Measure the bandwidth, then time each (op, its cases): print the op's table, write its JSON (and PNG).
+
+    Returns one {"meta": ..., "rows": [Row, ...], "path": json path} per op.
+    """
+    import torch
 
     import pyoptim
 
+    say = progress.write if progress is not None else _say
+    device_type = device.type
     threads = torch.get_num_threads()
     name_here = device_name(device)
-    print(f"device: {name_here} ({device_type}, {threads} torch threads), torch {torch.__version__}, "
-          f"pyoptim {getattr(pyoptim, '__version__', '?')}")
+    say(f"device: {name_here} ({device_type}, {threads} torch threads), torch {torch.__version__}, "
+        f"pyoptim {getattr(pyoptim, '__version__', '?')}")
     if device_type == "cpu":
         tun = os.environ.get("GLIBC_TUNABLES")
-        print(f"allocator: {'GLIBC_TUNABLES=' + tun if tun else 'glibc defaults (freed buffers > 32 MB go back to the OS)'}")
+        say(f"allocator: {'GLIBC_TUNABLES=' + tun if tun else 'glibc defaults (freed buffers > 32 MB go back to the OS)'}")
     mode = "quick" if opts.quick else "full"
-    print(f"timing: {CUDA_TIMING[mode] if device_type == 'cuda' else CPU_TIMING[mode]} ({mode})")
-    print("measuring memory bandwidth ...", flush=True)
+    say(f"timing: {CUDA_TIMING[mode] if device_type == 'cuda' else CPU_TIMING[mode]} ({mode})")
+    say("measuring memory bandwidth ...")
     bw = measure_bandwidth(device, mode)
     peak = lambda k: "" if bw[f"{k}_peak_GBps"] is None else f" (fastest call {bw[f'{k}_peak_GBps']:.1f})"  # noqa: E731
-    print(f"bandwidth (median, bytes read + written): in-place {bw['inplace_GBps']:.1f} GB/s{peak('inplace')}, "
-          f"copy {bw['copy_GBps']:.1f} GB/s{peak('copy')}; roofline = {bw['roofline']} {bw['roofline_GBps']:.1f} GB/s "
-          f"({bw['roofline_from']})")
+    say(f"bandwidth (median, bytes read + written): in-place {bw['inplace_GBps']:.1f} GB/s{peak('inplace')}, "
+        f"copy {bw['copy_GBps']:.1f} GB/s{peak('copy')}; roofline = {bw['roofline']} {bw['roofline_GBps']:.1f} GB/s "
+        f"({bw['roofline_from']})")
     if bw["cpu_busy_elsewhere"] is not None:
-        print(f"    other processes used {100 * bw['cpu_busy_elsewhere']:.0f}% of the machine's CPU time meanwhile"
-              + ("  <-- shared machine: these timings are noisy" if bw["cpu_busy_elsewhere"] > 0.10 else ""))
+        say(f"    other processes used {100 * bw['cpu_busy_elsewhere']:.0f}% of the machine's CPU time meanwhile"
+            + ("  <-- shared machine: these timings are noisy" if bw["cpu_busy_elsewhere"] > 0.10 else ""))
+    if progress is not None:
+        progress.update("bandwidth")
 
     common_meta = {
         "device": device_type,
@@ -937,6 +1046,7 @@ def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> 
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "pyoptim": getattr(pyoptim, "__version__", None),
         "dtype": opts.dtype,
         **git_info(),
         "pyoptim_backend_info": pyoptim.backend_info(),
@@ -946,33 +1056,33 @@ def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> 
         "timing": {"mode": mode, **(CUDA_TIMING[mode] if device_type == "cuda" else CPU_TIMING[mode])},
         "hostname": platform.node(),
         "argv": sys.argv[1:],
+        "triton": None,
     }
     try:
         import triton
         common_meta["triton"] = triton.__version__
     except Exception:
-        common_meta["triton"] = None
+        pass
 
     opts.out.mkdir(parents=True, exist_ok=True)
-    for name in op_names:
-        op = ops[name]
-        cases = opts.cases or list(op.default_cases or op.cases)
-        print(f"\n== {name}: {op.description}")
+    results = []
+    for op, cases in plan:
+        say(f"\n== {op.name}: {op.description}")
         t_op = time.perf_counter()
-        rows, skipped = run_op(op, cases, device, dtype, opts, bw)
-        print()
-        print(format_table(rows, op.baseline, cpu=device_type == "cpu"))
+        rows, skipped = run_op(op, cases, device, dtype, opts, bw, progress)
+        say("")
+        say(format_table(rows, op.baseline, cpu=device_type == "cpu"))
         note = sweep_note(rows)
         if note:
-            print(note)
+            say(note)
         above = [f"{r.case}/{r.impl}" for r in rows if r.frac_of_bw is not None and r.frac_of_bw > 1.05]
         if above:
-            print(f"above the roofline: {', '.join(above)} (a bandwidth measurement that met a busy spell, "
-                  "or data that stayed in cache)")
+            say(f"above the roofline: {', '.join(above)} (a bandwidth measurement that met a busy spell, "
+                "or data that stayed in cache)")
         for impl, why in skipped.items():
-            print(f"skipped {impl}: {why}")
+            say(f"skipped {impl}: {why}")
         meta = {
-            "op": name,
+            "op": op.name,
             "description": op.description,
             **common_meta,
             "settings": op.settings(opts) if op.settings else {},
@@ -987,13 +1097,51 @@ def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None) -> 
             "seconds": round(time.perf_counter() - t_op, 1),
         }
         # Fixed names, so that the next run on this kind of device overwrites a committed result.
-        stem = opts.out / (f"{name}_{meta['device_kind']}" + ("" if opts.dtype == "fp32" else f"_{opts.dtype}"))
-        Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]},
-                                                   indent=1, default=str) + "\n")
-        print(f"wrote {stem}.json", end="")
+        stem = opts.out / (f"{op.name}_{meta['device_kind']}" + ("" if opts.dtype == "fp32" else f"_{opts.dtype}"))
+        json_path = Path(f"{stem}.json")
+        json_path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]},
+                                        indent=1, default=str) + "\n")
+        wrote = f"wrote {json_path}"
         if not opts.no_plot:
             why_not = write_plot(Path(f"{stem}.png"), rows, meta)
-            print(f", {stem}.png" if why_not is None else f" ({why_not})", end="")
-        print()
+            wrote += f", {stem}.png" if why_not is None else f" ({why_not})"
+        say(wrote)
+        results.append({"meta": meta, "rows": rows, "path": json_path})
+    return results
+
+
+def main(argv: Optional[list[str]] = None, only: Optional[list[str]] = None,
+         default_out: Optional[Path] = None) -> int:
+    """The project's run (benchmarks/run.py): each op's own cases; `only` restricts the ops."""
+    t_start = time.perf_counter()
+    ops = discover_ops()
+    if only is not None:
+        ops = {k: v for k, v in ops.items() if k in only}
+    parser = build_parser(ops, default_out or (REPO_ROOT / "benchmarks" / "results" if IN_CHECKOUT
+                                               else Path("pyoptim-benchmark")))
+    opts = parser.parse_args(argv)
+    device, dtype = setup_device(parser, opts)
+
+    op_names = opts.ops or list(ops)
+    for name in op_names:
+        if name not in ops:
+            parser.error(f"unknown op {name!r}; known: {', '.join(ops)}")
+    chosen = []
+    for name in op_names:
+        why = without_pyoptim(ops[name], device, opts)
+        if why is None:
+            chosen.append(ops[name])
+        else:
+            print(f"skipped op {name}: {why}")
+    if opts.list:
+        list_ops(chosen, device, opts)
+        return 0
+    # Check every name before anything is timed.
+    for op in chosen:
+        for c in opts.cases or []:
+            if c not in op.cases:
+                parser.error(f"op {op.name}: unknown case {c!r}; known: {', '.join(op.cases)}")
+    check_impls(parser, chosen, device, opts)
+    run_ops([(op, opts.cases or list(op.default_cases or op.cases)) for op in chosen], device, dtype, opts)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -12,20 +12,17 @@ Bytes moved (for GB/s): those of the None policy, 7 x 2 per param; the
 policies' extra traffic (masters 8, remainders 4 bytes a param) shows as a
 lower rate.
 
-Run on its own: python benchmarks/bench_precision.py [run.py's options].
+Run on its own: python -m pyoptim.benchmark.ops.precision [run.py's options]; in make bench as --ops precision.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _params, make_inputs, torch_providers  # noqa: E402
-from harness import PARAM_CASES, Op, Provider, main  # noqa: E402
+from pyoptim.benchmark.harness import PARAM_CASES, Op, Provider, main
+from pyoptim.benchmark.ops.adam import _params, make_inputs, torch_providers
 
 LR, WEIGHT_DECAY = 1e-3, 1e-2
 # (policy, state dtype) pairs timed: None is torch's behaviour.

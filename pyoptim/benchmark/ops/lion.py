@@ -6,20 +6,15 @@ the list, as a user would. One timed call is one optimizer.step() with every
 .grad already set. Bytes an fp32 step must move: 20 per parameter (p, g,
 exp_avg read; p, exp_avg written), in general 5 times the element size.
 
-Run on its own: python benchmarks/bench_lion.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops lion [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _step_of, param_list_op  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.ops.adam import _step_of, param_list_op
+from pyoptim.benchmark.harness import Case, Provider, missing_module, pyoptim_providers
 
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.99), 1e-2
 
@@ -77,8 +72,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
         from lion_pytorch import Lion
         return Lion(ps, **hp)
 
-    missing = None if importlib.util.find_spec("lion_pytorch") else "lion_pytorch is not importable"
-    out.append(Provider("lion-pytorch", "peer", _step_of(lion_pytorch), unavailable=missing))
+    out.append(Provider("lion-pytorch", "peer", _step_of(lion_pytorch), unavailable=missing_module("lion_pytorch")))
     return out
 
 
@@ -89,7 +83,5 @@ OP = param_list_op(
     providers=providers,
     baseline="torch-foreach",
     settings=lambda opts: {"optimizer": "Lion", "lr": LR, "betas": BETAS, "weight_decay": WEIGHT_DECAY},
+    api="pyoptim.optim.Lion",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["lion"]))

@@ -12,19 +12,15 @@ p, m, v written) plus what the norms cost: u's norm is known only after
 every element of u is, so the step reads p, m and v a second time (12 more),
 40 in all; in general 10 times the element size.
 
-Run on its own: python benchmarks/bench_lamb.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops lamb [options].
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import _step_of, param_list_op  # noqa: E402
-from harness import Case, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.ops.adam import _step_of, param_list_op
+from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-6, 1e-2
 
@@ -104,7 +100,5 @@ OP = param_list_op(
     providers=providers,
     baseline="torch-foreach",
     settings=lambda opts: {"optimizer": "LAMB", "lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY},
+    api="pyoptim.optim.LAMB",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["lamb"]))

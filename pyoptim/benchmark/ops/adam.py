@@ -5,20 +5,16 @@ fp32 step must move: 28 per parameter (p, g, exp_avg, exp_avg_sq read; p,
 exp_avg, exp_avg_sq written), 36 with amsgrad (max_exp_avg_sq read and
 written); in general 7 (or 9) times the element size.
 
-Run on its own: python benchmarks/bench_adam.py [run.py's options].
+Run on its own: python benchmarks/run.py --ops adam [options]; on your own shapes:
+python -m pyoptim.benchmark --ops adam --model resnet50.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PARAM_CASES, Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.harness import PARAM_CASES, Case, Op, Provider, missing_module, pyoptim_providers
 
 LR, WEIGHT_DECAY = 1e-3, 1e-2
 
@@ -81,14 +77,6 @@ def param_list_op(**kw: Any) -> Op:
     return Op(cases=PARAM_CASES, default_cases=("large", "many_small", "transformer"), make_inputs=make_inputs, **kw)
 
 
-def _missing(module: str) -> str | None:
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else f"{module} is not importable"
-
-
 def providers(device, opts: argparse.Namespace) -> list[Provider]:
     """pyoptim's backends for the device, torch's three AdamWs, and apex / DeepSpeed where importable."""
     import torch
@@ -109,14 +97,14 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
             from deepspeed.ops.adam import FusedAdam
             return FusedAdam(ps, **hp, adam_w_mode=True)
 
-        out.append(Provider("apex-fused", "peer", _step_of(apex_adam), unavailable=_missing("apex")))
-        out.append(Provider("deepspeed-fused", "peer", _step_of(ds_adam), unavailable=_missing("deepspeed")))
+        out.append(Provider("apex-fused", "peer", _step_of(apex_adam), unavailable=missing_module("apex")))
+        out.append(Provider("deepspeed-fused", "peer", _step_of(ds_adam), unavailable=missing_module("deepspeed")))
     else:
         def ds_cpu_adam(ps):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam(ps, **hp, adamw_mode=True)
 
-        out.append(Provider("deepspeed-cpu", "peer", _step_of(ds_cpu_adam), unavailable=_missing("deepspeed")))
+        out.append(Provider("deepspeed-cpu", "peer", _step_of(ds_cpu_adam), unavailable=missing_module("deepspeed")))
     return out
 
 
@@ -134,7 +122,6 @@ OP = param_list_op(
     add_arguments=add_arguments,
     settings=lambda opts: {"optimizer": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": (0.9, 0.999),
                            "eps": 1e-8, "amsgrad": opts.amsgrad},
+    api="pyoptim.optim.AdamW",
+    torch_api="torch.optim.AdamW",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["adam"]))

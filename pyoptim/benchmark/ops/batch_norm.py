@@ -19,30 +19,30 @@ so a two-pass kernel tops out at 2/3 of the roofline on a large input; the backw
 twice (reductions, then dx): 5 x numel against 3, at most 3/5. The counted minimum keeps the fractions
 comparable with the other ops' and shows what a cache-resident (single-read) kernel could reach.
 
-Run on its own: python benchmarks/bench_batch_norm.py [run.py's options], e.g.
-    python benchmarks/bench_batch_norm.py --quick --impls pyoptim-reference,torch --cases 32x512x7x7-nchw-fwd
+Run on its own: python benchmarks/run.py --ops batch_norm [options], e.g.
+    python benchmarks/run.py --ops batch_norm --quick --impls pyoptim-reference,torch --cases 32x512x7x7-nchw-fwd
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, Op, Provider, main, pyoptim_providers  # noqa: E402
+from pyoptim.benchmark.harness import Case, Op, Provider, pyoptim_providers
 
 SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (32, 512, 7, 7))
 LAYOUTS = {"nchw": "contiguous (NCHW)", "cl": "channels_last"}
 PASSES = ("fwd", "bwd", "fwdbwd")
 MOMENTUM, EPS = 0.1, 1e-5
-CASES = {
-    f"{'x'.join(map(str, s))}-{layout}-{p}": Case(f"{'x'.join(map(str, s))}-{layout}-{p}", (s,),
-                                                  f"{s} input, {LAYOUTS[layout]}, {p}")
-    for s in SHAPES for layout in LAYOUTS for p in PASSES
-}
+
+
+def bn_case(shape: tuple[int, int, int, int], layout: str, which: str) -> Case:
+    """The case of an (N, C, H, W) input in `layout` ("nchw", "cl") and pass `which`, named as make_inputs reads it."""
+    name = f"{'x'.join(map(str, shape))}-{layout}-{which}"
+    return Case(name, (tuple(shape),), f"{tuple(shape)} input, {LAYOUTS[layout]}, {which}")
+
+
+CASES = {c.name: c for c in (bn_case(s, layout, p) for s in SHAPES for layout in LAYOUTS for p in PASSES)}
 
 
 def _layout_and_pass(case: Case) -> tuple[str, str]:
@@ -120,10 +120,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
         return _setup(lambda x, rm, rv, w, b, training, momentum, eps: batch_norm(
             x, rm, rv, w, b, training, momentum, eps, backend=backend))
 
-    out = pyoptim_providers("batch_norm_fwd", device, ours)
-    for p in out:
-        if p.name == "pyoptim-reference":
-            p.default = False  # plain torch ops: a test oracle, not a contender
+    out = pyoptim_providers("batch_norm_fwd", device, ours, reference=False)
     out.append(Provider("torch", "torch", _setup(F.batch_norm)))
     return out
 
@@ -138,9 +135,9 @@ OP = Op(
     bytes_moved=bytes_moved,
     providers=providers,
     baseline="torch",
+    case_kind="nchw",
     settings=lambda opts: {"eps": EPS, "momentum": MOMENTUM, "affine": True, "training": True,
                            "param_dtype": "float32 for fp16/bf16 input, else the input's"},
+    api="pyoptim.nn.BatchNorm2d",
+    torch_api="torch.nn.BatchNorm2d",
 )
-
-if __name__ == "__main__":
-    sys.exit(main(only=["batch_norm"]))

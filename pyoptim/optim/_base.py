@@ -550,13 +550,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             counts = tuple(len(b.lists[name]) for name in self._lists)
             for name in self._lists:
                 tensors.extend(b.lists[name])
-            layout.append((key[2], tuple(key[3:]), tuple(index[id(g)] for g in b.groups), tuple(b.group_sizes),
+            # key: (device, dtype, backend, precision) + the call's flags (_gather's).
+            layout.append((key[2], tuple(key[4:]), tuple(index[id(g)] for g in b.groups), tuple(b.group_sizes),
                            counts))
         return tuple(layout)
 
     def _compiled_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         """The step as torch.compile traces it (note [compiled step])."""
-        if self._first_call_differs():
+        if self._first_call_differs() or self._has_precision_policy():
             # Dynamo guards the state as _init_group leaves it, so a layout
             # that holds a first step's flags (SGD's is_first_step) would be
             # replayed on the later steps: that step runs eagerly instead.
@@ -579,6 +580,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._fuse_clip(calls, grad_scale, [None] * len(calls))
         for call in calls:
             self._run_call(call, None)
+
+    def _has_precision_policy(self) -> bool:
+        """Whether a group keeps masters or rounds stochastically: the compiled step does not trace those lists
+        (note [precision policy]); such a step runs eagerly."""
+        return any(g.get("master_weights") is not None for g in self.param_groups)
 
     def _first_call_differs(self) -> bool:
         """Whether a param with a grad has no state yet in a group whose first step's call flags differ."""

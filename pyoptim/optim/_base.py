@@ -579,7 +579,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None and calls:
             self._fuse_clip(calls, grad_scale, [None] * len(calls))
         for call in calls:
-            self._run_call(call, None)
+            op, backend, args, _ = call
+            if _backends.select(op, args[0][0].device, backend) in _DISPATCHED:
+                self._run_call(call, None)
+            else:
+                # The Python backends' step launchers are not dispatcher ops:
+                # dynamo cannot trace the Triton interpreter's launch (it
+                # fails inside triton.runtime.interpreter), so such a call
+                # runs eagerly, a graph break, with the values the trace made.
+                self._eager_call(call)
+
+    @torch.compiler.disable
+    def _eager_call(self, call: tuple) -> None:
+        """One op call of a compiled step, outside the trace (a graph break)."""
+        self._run_call(call, None)
 
     def _has_precision_policy(self) -> bool:
         """Whether a group keeps masters or rounds stochastically: the compiled step does not trace those lists

@@ -192,6 +192,40 @@ def fsdp_case(name: str) -> Callable[[int, int], None]:
     return case
 
 
+def fsdp_clip_as_torch_on_dtensors(rank: int, world: int) -> None:
+    """The clip over FSDP2's DTensor grads against torch's clip_grad_norm_ over the same DTensor grads: AdamW's
+    and LAMB's max_grad_norm and pyoptim.nn.utils.clip_grad_norm_ give torch's global norm every step, and
+    their 10 steps equal torch's clip then the unclipped step (torch's AdamW, pyoptim's LAMB) on FSDP2."""
+    import pyoptim
+
+    mesh = mesh1d()
+    xs = batches(world)
+    pairs = {
+        "adamw": (lambda ps: pyoptim.optim.AdamW(ps, lr=1e-2, max_grad_norm=0.05), None,
+                  lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False)),
+        "lamb": (lambda ps: pyoptim.optim.LAMB(ps, lr=1e-2, max_grad_norm=0.05), None,
+                 lambda ps: pyoptim.optim.LAMB(ps, lr=1e-2)),
+        "clip_grad_norm_": (lambda ps: pyoptim.optim.SGD(ps, lr=0.1, momentum=0.5),
+                            lambda ps: pyoptim.nn.utils.clip_grad_norm_(ps, 0.05),
+                            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.5, foreach=False)),
+    }
+    for name, (ours_opt, ours_clip, oracle_opt) in pairs.items():
+        ours, oracle = fsdp(blocks()[0], mesh), fsdp(blocks()[0], mesh)
+        opt, ref = ours_opt(ours.parameters()), oracle_opt(oracle.parameters())
+        for i, x in enumerate(xs):
+            for model, o in ((ours, opt), (oracle, ref)):
+                o.zero_grad()
+                loss_of(model, rows(x, rank)).backward()
+            torch_norm = torch.nn.utils.clip_grad_norm_(list(oracle.parameters()), 0.05)
+            assert type(torch_norm).__name__ == "DTensor", type(torch_norm)
+            ref.step()
+            norm = ours_clip(list(ours.parameters())) if ours_clip is not None else None
+            opt.step()
+            norm = full(norm) if norm is not None else opt.grad_norm
+            torch.testing.assert_close(norm, torch_norm.full_tensor(), **TOL, msg=lambda m: f"{name} {i}: {m}")
+        assert_params_close(ours, oracle, name)
+
+
 def fsdp_dcp(rank: int, world: int) -> None:
     """DCP save of the FSDP2 model and optimizer after 5 steps, load into fresh ones: the next 5 steps equal the
     uninterrupted run's."""
@@ -401,6 +435,7 @@ CASES: dict[str, Callable[[int, int], None]] = {
     **{f"fsdp_{name}": fsdp_case(name) for name in ("adamw", "sgd_momentum", "adamw_max_grad_norm",
                                                      "sgd_clip_grad_norm_", "adagrad", "rmsprop", "lion",
                                                      "lamb_max_grad_norm")},
+    "fsdp_clip_as_torch_on_dtensors": fsdp_clip_as_torch_on_dtensors,
     "fsdp_dcp": fsdp_dcp,
     "mixed_params": mixed_params,
     "ddp_adamw_max_grad_norm": _ddp_case(_adamw_pair, bucket_view=False),

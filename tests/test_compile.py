@@ -311,31 +311,37 @@ def test_step_fullgraph(name):
 
 
 @requires_cuda
+@pytest.mark.parametrize("clip", ["max_grad_norm", "clip_grad_norm_"])
 @pytest.mark.parametrize("opt_name", ["AdamW", "SGD"])
-def test_cuda_graph_of_a_whole_training_step(opt_name):
-    """Forward, backward, the fused clip and a capturable step captured in one torch.cuda.graph and replayed 20
-    times over new batches: params and state equal eager's."""
+def test_cuda_graph_of_a_whole_training_step(opt_name, clip):
+    """Forward, backward, the clip (fused into the step, or pyoptim.nn.utils.clip_grad_norm_ before it) and the
+    step (AdamW with capturable=True and a Tensor lr on the device) captured in one torch.cuda.graph, as torch's
+    docs capture a whole network (warm-up on a side stream, grads made before the capture so that backward
+    accumulates into the same tensors), and replayed 20 times over new batches: params, buffers and every state
+    tensor equal an eager run's over the same batches."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     eager = ConvNet(pyoptim.nn).to(device)
     captured = copy.deepcopy(eager)
+    fused = dict(max_grad_norm=0.5) if clip == "max_grad_norm" else {}
 
     def make(params):
         if opt_name == "AdamW":
-            return pyoptim.optim.AdamW(params, lr=torch.tensor(1e-2, device=device), capturable=True,
-                                       max_grad_norm=0.5)
-        return pyoptim.optim.SGD(params, lr=1e-2, momentum=0.9, max_grad_norm=0.5)
+            return pyoptim.optim.AdamW(params, lr=torch.tensor(1e-2, device=device), capturable=True, **fused)
+        return pyoptim.optim.SGD(params, lr=1e-2, momentum=0.9, **fused)
 
     oe, oc = make(eager.parameters()), make(captured.parameters())
     batches = [(torch.randn(8, 3, 8, 8, device=device), torch.randn(8, 2, device=device)) for _ in range(21)]
     static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
 
     def step(model, opt, x, y):
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=False)  # the grads stay the graph's tensors
         F.mse_loss(model(x), y).backward()
+        if clip == "clip_grad_norm_":
+            pyoptim.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # no host sync (error_if_nonfinite=False)
         opt.step()
 
-    # Warm up on a side stream (the state and the grads are made here), as torch's CUDA graph docs do.
+    # Warm up on a side stream (the state, the grads and the step plan are made here), as torch's docs do.
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -345,7 +351,7 @@ def test_cuda_graph_of_a_whole_training_step(opt_name):
     for _ in range(3):
         step(eager, oe, static_x, static_y)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # records, runs nothing: both models have taken 3 steps
         step(captured, oc, static_x, static_y)
     for x, y in batches[1:]:
         static_x.copy_(x)
@@ -355,5 +361,10 @@ def test_cuda_graph_of_a_whole_training_step(opt_name):
     torch.cuda.synchronize()
     for (name, p), q in zip(captured.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+        assert oc.state[p].keys() == oe.state[q].keys(), name
+        for key, value in oe.state[q].items():
+            torch.testing.assert_close(oc.state[p][key], value, **TOL[torch.float32],
+                                       msg=lambda m: f"{name} {key}: {m}")
     for (name, s1), s2 in zip(captured.named_buffers(), eager.buffers()):
         torch.testing.assert_close(s1, s2, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+    assert int(captured.bn.num_batches_tracked) == 3 + 20  # the warm-up steps and the replays; the capture ran none

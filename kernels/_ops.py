@@ -29,12 +29,24 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._multi_tensor import interpret
 
-__all__ = ["launch", "register_op", "TRACES_INTO_KERNELS"]
+__all__ = ["launch", "register_op", "traces_into_kernels", "TRACES_INTO_KERNELS", "MODE"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-#: whether the ops are triton_ops the compiler traces into (else opaque custom ops)
-TRACES_INTO_KERNELS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") \
-    and not interpret()
+
+
+def traces_into_kernels(library: Any = torch.library, interpreting: bool | None = None) -> bool:
+    """Whether the ops can be triton_ops the compiler traces into: `library` (torch.library) has triton_op and
+    wrap_triton (torch >= 2.6) and Triton compiles the kernels (not under TRITON_INTERPRET=1)."""
+    interpreting = interpret() if interpreting is None else interpreting
+    return hasattr(library, "triton_op") and hasattr(library, "wrap_triton") and not interpreting
+
+
+#: whether the ops are triton_ops the compiler traces into (else opaque custom ops), chosen once
+TRACES_INTO_KERNELS = traces_into_kernels()
+#: the choice in words, for backend_info() and `python -m pyoptim info`
+MODE = ("triton_op (torch.compile traces into the kernels)" if TRACES_INTO_KERNELS else
+        "custom_op (opaque to torch.compile: " + ("TRITON_INTERPRET=1" if interpret() else
+                                                 "this torch has no torch.library.triton_op") + ")")
 
 
 class _NoLaunch:

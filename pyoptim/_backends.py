@@ -219,6 +219,15 @@ def get(op: str, backend: str) -> Callable[..., Any]:
     return impl
 
 
+def _triton_norm_ops() -> str | None:
+    """How the Triton norms are registered (note [triton ops]), or None without Triton."""
+    if triton_version() is None:
+        return None
+    from pyoptim.kernels import _ops  # imports Triton: asked for, never at import
+
+    return _ops.MODE
+
+
 def backend_info() -> dict[str, Any]:
     """What was built, and which backend serves each op on each device type here."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -233,6 +242,7 @@ def backend_info() -> dict[str, Any]:
         "triton": triton_version(),
         "triton_interpret": triton_interpret(),
         "env_backend": os.environ.get("PYOPTIM_BACKEND"),
+        "triton_norm_ops": _triton_norm_ops(),
         "ops": {
             op: {dt: {"available": available(op, dt), "default": (available(op, dt) or [None])[0]}
                  for dt in device_types}

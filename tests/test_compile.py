@@ -133,6 +133,25 @@ def test_triton_ops_are_dispatcher_ops():
         torch.library.opcheck(op, args)
 
 
+def test_triton_ops_fallback_is_chosen_and_shown():
+    """note [triton ops]: triton_op only where torch.library has triton_op and wrap_triton and Triton compiles;
+    otherwise (an older torch, the interpreter) the opaque custom_op, and backend_info() says which."""
+    if _backends.triton_version() is None:
+        pytest.skip("no Triton here")
+    from pyoptim.kernels import _ops
+
+    class OldLibrary:  # torch.library before triton_op (torch < 2.6): custom_op only
+        custom_op = torch.library.custom_op
+
+    assert not _ops.traces_into_kernels(OldLibrary, interpreting=False)
+    assert not _ops.traces_into_kernels(torch.library, interpreting=True)
+    assert _ops.traces_into_kernels(torch.library, interpreting=False) == hasattr(torch.library, "triton_op")
+    mode = pyoptim.backend_info()["triton_norm_ops"]
+    assert mode == _ops.MODE and mode.startswith("triton_op" if _ops.TRACES_INTO_KERNELS else "custom_op")
+    if _backends.triton_interpret():
+        assert "TRITON_INTERPRET=1" in mode
+
+
 # -- (2) a compiled training step --------------------------------------------------------
 
 
@@ -186,7 +205,7 @@ def _training(make_opt, lr, compiled: bool, steps: int, backend=None):
 
 
 def _assert_same_run(model, opt, eager, eager_opt) -> None:
-    """Params and every state tensor of a compiled run equal the eager run's."""
+    """Params and every state tensor of a compiled (or captured) run equal the eager run's."""
     for (pname, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, **TOL[torch.float32], msg=lambda m: f"{pname}: {m}")
         assert eager_opt.state[q].keys() == opt.state[p].keys(), pname
@@ -359,12 +378,7 @@ def test_cuda_graph_of_a_whole_training_step(opt_name, clip):
         graph.replay()
         step(eager, oe, x, y)
     torch.cuda.synchronize()
-    for (name, p), q in zip(captured.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
-        assert oc.state[p].keys() == oe.state[q].keys(), name
-        for key, value in oe.state[q].items():
-            torch.testing.assert_close(oc.state[p][key], value, **TOL[torch.float32],
-                                       msg=lambda m: f"{name} {key}: {m}")
+    _assert_same_run(captured, oc, eager, oe)
     for (name, s1), s2 in zip(captured.named_buffers(), eager.buffers()):
         torch.testing.assert_close(s1, s2, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
     assert int(captured.bn.num_batches_tracked) == 3 + 20  # the warm-up steps and the replays; the capture ran none

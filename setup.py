@@ -12,8 +12,10 @@ them (nothing here asks for a GPU). Environment:
   PYOPTIM_DEBUG=1       -O0 -g builds
 """
 
+import importlib.util
 import os
 import platform
+import subprocess
 import sys
 
 if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
@@ -23,11 +25,67 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-import torch  # noqa: E402
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+_NO_TORCH = """
+pyoptim compiles its library against the torch it will run with, and this build cannot import torch.
+- torch is installed, but the build runs in an isolated environment without it (python -m build, uv, or
+  pip's --use-feature=venv-isolation): build in your environment instead:
+      pip install setuptools wheel ninja
+      pip install --no-build-isolation .        (python -m build --no-isolation; uv pip install --no-build-isolation .)
+- torch is not installed: install the release you train with first (https://pytorch.org/get-started), then run
+  the lines above.
+"""
+
+
+def _import_torch():
+    """torch: the build environment's, or else the one this interpreter imports outside pip's build isolation.
+
+    `pip install .` builds in an isolated environment holding only [build-system] requires, which leave torch
+    out on purpose: from there pip would download the newest torch (GBs), compile against it, pin the wheel to
+    that release and so replace the user's torch at install. The library must match the torch it runs with
+    (note [torch mismatch]), so the build takes this interpreter's own torch: pip's default isolation runs the
+    build with the user's interpreter and only hides its site-packages, which a subprocess without pip's
+    environment (-E) still sees. Elsewhere (a separate build venv) nothing is found, and the message says
+    what to run.
+    """
+    try:
+        import torch
+
+        return torch
+    except ImportError:
+        pass
+    probe = subprocess.run([sys.executable, "-E", "-c",
+                            "import sys; sys.path[:] = [p for p in sys.path if p]; import os, torch; "
+                            "print(os.path.dirname(os.path.dirname(torch.__file__)))"],
+                           capture_output=True, text=True)
+    site = probe.stdout.strip().splitlines()[-1] if probe.returncode == 0 and probe.stdout.strip() else None
+    if site is None or not os.path.isdir(os.path.join(site, "torch")):
+        sys.exit(_NO_TORCH)
+    # Appended: the isolated environment's setuptools, wheel and ninja stay first.
+    sys.path.append(site)
+    import torch
+
+    print(f"pyoptim: building against torch {torch.__version__} from {site}, the torch of {sys.executable} "
+          "(hidden by pip's build isolation; `pip install --no-build-isolation .` builds there directly)",
+          file=sys.stderr)
+    return torch
+
+
+torch = _import_torch()
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+
+def _load_sources_helper():
+    """pyoptim/_sources.py, loaded by its path: importing the package would load the library being built."""
+    spec = importlib.util.spec_from_file_location("_pyoptim_sources", os.path.join(ROOT, "pyoptim", "_sources.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_SOURCES = _load_sources_helper()
 DEBUG = os.environ.get("PYOPTIM_DEBUG", "0") == "1"
 
 # CPU kernel sources built once per instruction set, each into namespace
@@ -76,6 +134,11 @@ def _torch_release() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+if _torch_release() < (2, 11):
+    sys.exit(f"pyoptim builds against torch 2.11 or newer; this build imports torch {torch.__version__} "
+             f"from {os.path.dirname(torch.__file__)}")
+
+
 def _torch_requirement() -> str:
     """The torch releases pyoptim._C works with: the one it is compiled against. Its C++ uses ATen, c10 and
     the dispatcher, whose ABI holds within a release (2.14.0 to 2.14.x), not across releases; an import under
@@ -89,7 +152,9 @@ def _build_info_text(with_cuda: bool) -> str:
     fields = dict(TORCH_VERSION=torch.__version__, TORCH_RELEASE=list(_torch_release()),
                   TORCH_CUDA=torch.version.cuda if with_cuda else None,
                   CUDA_ARCHS=[f"sm_{a}" for a in _cuda_archs()] if with_cuda else [],
-                  CPU_ISAS=list(ISAS), PYTHON=f"{sys.version_info.major}.{sys.version_info.minor}")
+                  CPU_ISAS=list(ISAS), PYTHON=f"{sys.version_info.major}.{sys.version_info.minor}",
+                  # what a checkout's import compares with its csrc/ (note [stale library])
+                  SOURCES_SHA256=_SOURCES.fingerprint(os.path.join(ROOT, "csrc")))
     body = "".join(f"{k} = {v!r}\n" for k, v in fields.items())
     return ('"""What pyoptim._C was compiled against (written by setup.py\'s build_ext beside the library; read by\n'
             'pyoptim._backends before it loads the library: note [torch mismatch])."""\n\n' + body)

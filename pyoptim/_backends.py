@@ -12,10 +12,13 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
 import torch
+
+from pyoptim import _sources
 
 log = logging.getLogger("pyoptim")
 
@@ -72,6 +75,48 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
 
 
+def _stale_sources(record: dict[str, Any] | None, package_dir: str, library: str | None) -> str | None:
+    """Why the library file `library` of the package in `package_dir`, built as `record` says, is older than
+    the checkout's sources (note [stale library]); None when it is not, or when this is no checkout."""
+    # note [stale library]: in a checkout (an in-place or editable build), a
+    # `git pull` or an edit under csrc/ without a rebuild leaves a library
+    # compiled from other sources than the Python beside it calls: an op that
+    # takes other arguments fails mid-step, one whose arguments mean something
+    # else silently computes the wrong thing. The build records a fingerprint
+    # of the compiled sources (pyoptim/_sources.py); a checkout whose sources
+    # differ from it never loads the library: one warning, and the
+    # triton/reference backends serve, as under another torch. The contents
+    # are compared, not the files' times: a checkout of another branch and
+    # back touches files without changing them. An installed wheel carries no
+    # sources (its library came with its Python) and is not checked here.
+    csrc = _sources.checkout_csrc(package_dir)
+    if csrc is None or record is None or library is None or not os.path.exists(library):
+        return None  # no checkout, or no library (the import says so)
+    files = _sources.source_files(csrc)
+    built = record.get("SOURCES_SHA256")
+    if built is None:  # a build from before the record had the fingerprint: the times are all there is
+        stale = _sources.newest_mtime(csrc, files) > os.stat(library).st_mtime
+    else:
+        stale = _sources.fingerprint(csrc, files) != built
+    if not stale:
+        return None
+    return (f"it is older than the sources: {csrc} changed after it was built, and its ops may not match "
+            f"what this Python calls; rebuild it with `pip install --no-build-isolation -e .` (or `make build`)")
+
+
+def _missing_ops() -> list[str]:
+    """The ops this Python calls that the loaded library lacks (a library older than the Python sources)."""
+    missing = []
+    for op in list(_IMPLS) + ["_cuda_archs", "_cpu_capability"]:
+        try:
+            getattr(torch.ops.pyoptim, op)
+        except (AttributeError, RuntimeError):
+            missing.append(op)
+    if not hasattr(sys.modules.get("pyoptim._C"), "StepPlan"):
+        missing.append("StepPlan")
+    return missing
+
+
 def _load_extension() -> tuple[bool, str | None]:
     # note [torch mismatch]: the library's C++ is compiled against one torch
     # release's ATen/c10/dispatcher ABI. Under another release it may fail to
@@ -83,25 +128,36 @@ def _load_extension() -> tuple[bool, str | None]:
         return False, (f"it was built against torch {built} and this is torch {torch.__version__}, "
                        f"a release it cannot load under; reinstall pyoptim built for torch "
                        f"{'.'.join(map(str, _release(torch.__version__)))}")
+    spec = importlib.util.find_spec("pyoptim._C")
+    stale = _stale_sources(BUILD_INFO, os.path.dirname(os.path.abspath(__file__)), spec.origin if spec else None)
+    if stale is not None:
+        return False, stale
     try:
         importlib.import_module("pyoptim._C")
     except (ImportError, OSError) as e:  # not built, or built against another torch
         return False, f"{type(e).__name__}: {e}"
+    missing = _missing_ops()
+    if missing:
+        # Loaded, but older than the Python sources: its ops stay registered and
+        # unused (nothing selects the cpu/cuda backends while it counts as not loaded).
+        return False, (f"it is older than the Python sources: it lacks {', '.join(missing)}; rebuild or "
+                       f"reinstall pyoptim")
     return True, None
 
 
 BUILD_INFO = _build_info()
 EXTENSION_LOADED, EXTENSION_ERROR = _load_extension()
+# The fallback's one warning (None when the library loaded), shown again by `python -m pyoptim info`.
+FALLBACK_WARNING: str | None = None
 if not EXTENSION_LOADED:
     # note [missing extension]: logged once, never raised; the reference
     # backend (and Triton on GPUs) still serve every op.
-    warnings.warn(
+    FALLBACK_WARNING = (
         f"pyoptim: the compiled extension pyoptim._C is not available ({EXTENSION_ERROR}); "
         "falling back to the triton/reference backends. In a checkout, build it with "
-        "`pip install --no-build-isolation -e .`.",
-        RuntimeWarning,
-        stacklevel=2,
+        "`pip install --no-build-isolation -e .`."
     )
+    warnings.warn(FALLBACK_WARNING, RuntimeWarning, stacklevel=2)
 
 
 def cuda_archs() -> list[str]:
@@ -235,6 +291,7 @@ def backend_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "extension_loaded": EXTENSION_LOADED,
         "extension_error": EXTENSION_ERROR,
+        "fallback_warning": FALLBACK_WARNING,
         "built_with": BUILD_INFO,
         "cpu_capability": cpu_capability(),
         "cuda_archs": cuda_archs(),

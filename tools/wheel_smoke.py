@@ -150,10 +150,22 @@ def _child() -> None:
         adam_backend = adamw_step(pyoptim)
         ln_backend = layer_norm_fwd_bwd(pyoptim)
         import pyoptim.optim  # noqa: F401  (importing again must not warn again)
+        # `python -m pyoptim info`, run in this process (no second interpreter): what it prints
+        import contextlib
+        import io
+
+        from pyoptim.__main__ import main as info_main
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            info_main(["info", "--compact"])
+        info = json.loads(buf.getvalue())
     ours = [str(w.message) for w in caught if str(w.message).startswith("pyoptim:")]
     print(json.dumps(dict(warnings=ours, loaded=pyoptim._backends.EXTENSION_LOADED,
                           library_imported="pyoptim._C" in sys.modules, file=pyoptim.__file__,
-                          adam_backend=adam_backend, ln_backend=ln_backend)))
+                          adam_backend=adam_backend, ln_backend=ln_backend,
+                          info_loaded=info["extension_loaded"], info_warning=info["fallback_warning"],
+                          info_built_with=info["built_with"])))
 
 
 def copy_package(package_dir: Path, dest: Path) -> Path:
@@ -183,21 +195,30 @@ def run_copy(root: Path) -> dict:
     return report
 
 
+FALLBACK_CASES = ("as built", "no library", "other torch", "stale sources")
+
+
 def check_fallbacks(package_dir: Path) -> dict:
-    """Three copies of the package: as built (the library loads, no warning), without its library, and with
-    build information that names another torch release. Each of the last two warns once, never loads the
+    """Four copies of the package: as built (the library loads, no warning), without its library, with build
+    information that names another torch release, and in a checkout whose C++ sources are not the ones the
+    library was built from (note [stale library]). Each of the last three warns once, never loads the
     library, and still takes an AdamW step and a LayerNorm pass on the reference backend."""
     import torch
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        for case in ("as built", "no library", "other torch"):
+        for case in FALLBACK_CASES:
             root = base / case.replace(" ", "_")
             pkg = copy_package(package_dir, root)
             if case == "no library":
                 for so in pkg.glob("_C*.so"):
                     so.unlink()
+            elif case == "stale sources":
+                # The copy inside a checkout (setup.py and csrc/ beside the package) whose sources changed.
+                (root / "setup.py").write_text("# a checkout's setup.py\n")
+                (root / "csrc").mkdir()
+                (root / "csrc" / "ops.cpp").write_text("// edited after the library was built\n")
             elif case == "other torch":
                 info = pkg / "_build_info.py"
                 assert info.exists(), f"no {info}: the build did not record its torch"
@@ -207,6 +228,11 @@ def check_fallbacks(package_dir: Path) -> dict:
                 info.write_text("\n".join(f"TORCH_VERSION = {other!r}" if line.startswith("TORCH_VERSION =") else line
                                           for line in text.splitlines()) + "\n")
             report = run_copy(root)
+            # `python -m pyoptim info` says the same: loaded or not, and the warning
+            assert report["info_loaded"] == report["loaded"], report
+            assert report["info_warning"] == (report["warnings"][0] if report["warnings"] else None), report
+            if case != "no library":
+                assert report["info_built_with"] is not None, report
             if case == "as built":
                 assert report["loaded"] and report["library_imported"] and not report["warnings"], report
                 assert report["adam_backend"] == "cpu" and report["ln_backend"] == "cpu", report
@@ -216,6 +242,8 @@ def check_fallbacks(package_dir: Path) -> dict:
                 assert "falling back to the triton/reference backends" in report["warnings"][0], report
                 if case == "other torch":
                     assert f"built against torch {other}" in report["warnings"][0], report
+                if case == "stale sources":
+                    assert "older than the sources" in report["warnings"][0], report
                 assert report["adam_backend"] == "reference" and report["ln_backend"] == "reference", report
             print(f"fallback, {case}: {report['warnings'][0] if report['warnings'] else 'no warning, library loaded'}")
             out[case] = report

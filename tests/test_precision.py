@@ -665,3 +665,26 @@ def test_every_optimizer_grad_scaler_and_clip_with_policy(case, policy):
     for a, m in zip(ref, _masters(o_low, low, policy)):
         # The fused clip scales inside the kernel, torch's clip multiplies the grads first: equal to fp32 rounding.
         torch.testing.assert_close(m, a.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("kwargs", [dict(master_weights="fp32"), dict(state_dtype=torch.bfloat16)])
+def test_flat_with_a_policy_raises_naming_it(name, kwargs):
+    # Not built (README, "Low precision"): a clear error at construction, before any state exists.
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="flat=True with master_weights"):
+        _make(name, [p], flat=True, **kwargs)
+
+
+@pytest.mark.parametrize("policy, state_dtype, want", [
+    (None, None, 4), ("fp32", None, 10), ("remainder", None, 8), ("remainder", torch.bfloat16, 6),
+    ("stochastic", None, 6), ("stochastic", torch.bfloat16, 4)])
+def test_sgd_bytes_per_param(policy, state_dtype, want):
+    # The README's table: bf16 SGD with momentum, param + per-element state (0-d steps not counted).
+    p = torch.zeros(1000, dtype=torch.bfloat16, requires_grad=True)
+    opt = pyoptim.optim.SGD([p], lr=0.1, momentum=0.9, master_weights=policy, state_dtype=state_dtype,
+                            backend="reference")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
+    assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want

@@ -146,7 +146,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if flat and not self._supports_flat:
             raise ValueError(f"pyoptim.optim.{type(self).__name__} does not support flat=True")
         if flat and (master_weights is not None or state_dtype is not None):
-            raise ValueError("flat=True does not support master_weights or state_dtype yet")
+            # Flat storage (note [flat storage], _flat.py) lays out the params, grads and the op's own state lists
+            # as views of one buffer per (device, dtype); a policy's masters, remainders and step counters, and
+            # state of another dtype than the params, have no place in those buffers yet.
+            raise ValueError(f"pyoptim.optim.{type(self).__name__}: flat=True with master_weights={master_weights!r} "
+                             f"/ state_dtype={state_dtype!r} is not supported: flat storage keeps params, grads and "
+                             "state as views of one buffer per (device, dtype), with no room for fp32 masters, "
+                             "remainders or state of another dtype; use flat=False with a precision policy")
         #: note [flat storage]: each group's params, grads and state as views of one buffer per (device, dtype)
         self.flat = bool(flat)
         self._flat_units: dict[int, FlatUnit] = {}  # id(param) -> its unit

@@ -85,14 +85,19 @@ TORCH_LIBRARY(pyoptim, m) {
   // adam_step_. momentum_buffers is empty when no group has momentum; with
   // is_first_step they are written with the (decayed) grads, as torch's SGD
   // clones the grad into a new buffer. lr_tensor, grad_scale, found_inf,
-  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_.
+  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_; the
+  // momentum buffers' dtype and the precision policy (master_params,
+  // param_remainders, stochastic_seed) too. SGD keeps no step counter, so
+  // stochastic_seed needs state_steps (advanced by one unless found_inf is
+  // nonzero): its random bits are a hash of the seed and that step.
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
       "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, float[] l1_weight_decay=[], "
       "int[] group_sizes, "
       "bool nesterov, bool maximize, bool is_first_step, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, Tensor(f!)[]? master_params=None, "
+      "Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None, Tensor(e!)[]? state_steps=None) -> ()");
 
   // One Lion step (Chen et al., 2023) over many tensors of one device and
   // dtype, in place, with per-group hyperparameters as in adam_step_:

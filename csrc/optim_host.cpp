@@ -133,11 +133,20 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
 
 void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
   const char* op = "sgd_step_";
-  check_tensor_lists(op, device_type, {"params", a.params},
-                     {{"grads", a.grads}, {"momentum_buffers", a.momentum_buffers}});
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+                     {{"momentum_buffers", a.momentum_buffers}});
+  check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
+                  a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
   PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n, op, ": params and grads must have the same length, got ", n,
               " and ", a.grads.size());
+  PYOPTIM_CHECK(!a.precision.stochastic_seed || a.state_steps, op,
+                ": stochastic_seed needs state_steps (the step counters its random bits hash)");
+  if (a.state_steps) {
+    PYOPTIM_CHECK(static_cast<int64_t>(a.state_steps->size()) == n, op, ": state_steps has ", a.state_steps->size(),
+                  " entries but params has ", n);
+    check_state_steps(op, *a.state_steps, a.params);
+  }
   check_group_lists(op, a.group_sizes,
                     {{"lr", a.lr}, {"momentum", a.momentum}, {"dampening", a.dampening},
                      {"weight_decay", a.weight_decay}},

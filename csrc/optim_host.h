@@ -77,6 +77,8 @@ struct SgdArgs {
   c10::IntArrayRef group_sizes;
   bool nesterov, maximize, is_first_step;
   StepAux aux;
+  PrecisionArgs precision;
+  const std::optional<at::TensorList>& state_steps;  // stochastic rounding's step counters (SGD keeps none else)
 };
 
 void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type);

@@ -25,13 +25,14 @@ import triton.language as tl
 
 from pyoptim._validation import check_sgd_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table, fma,
-                            interpret, on_device, program_chunk, step_flags, step_inputs, tensor_tables, tl_types,
-                            via_cpu)
+from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table,
+                            fma, interpret, load_master, on_device, program_chunk, step_count_kernel, step_flags,
+                            step_inputs, stochastic_key, store_master, tensor_tables, tl_types, via_cpu)
 
 __all__ = ["sgd_step_triton"]
 
-_META_COLS = 5  # columns of the tensor table: p, g, buf, numel, group
+_META_COLS = 8  # columns of the tensor table: p, g, buf, extra, numel, step, group, index
+_COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
 _HYPER_COLS = 5  # columns of the hyperparameter table: lr, momentum, dampening, weight_decay, l1
 
 
@@ -39,9 +40,9 @@ _HYPER_COLS = 5  # columns of the hyperparameter table: lr, momentum, dampening,
 
 
 @triton.jit
-def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1,
+def _sgd_chunk(P, G, B, EXTRA, key, offs, numel, grad_mul, weight_decay, momentum, one_minus_dampening, neg_lr, l1,
                has_weight_decay, has_l1, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               FIRST_STEP: tl.constexpr, MASKED: tl.constexpr):
+               FIRST_STEP: tl.constexpr, MASKED: tl.constexpr, POLICY: tl.constexpr):
     # sgd.h's sgd_update over one chunk, op for op as torch computes each op.
     # Unmasked (a whole chunk) the accesses can be vectorized; masked (a
     # tensor's last, partial chunk) they cannot.
@@ -51,7 +52,7 @@ def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus
     else:
         mask = None
         zero = None
-    p = tl.load(P + offs, mask=mask, other=zero).to(COMPUTE)
+    p = load_master(P, EXTRA, offs, mask, zero, COMPUTE, POLICY)
     g = tl.load(G + offs, mask=mask, other=zero).to(COMPUTE) * grad_mul
     if has_l1:
         g = add_l1(g, p, l1)
@@ -67,18 +68,18 @@ def _sgd_chunk(P, G, B, offs, numel, grad_mul, weight_decay, momentum, one_minus
             g = fma(buf, momentum, g)  # grad.add(buf, alpha=momentum)
         else:
             g = buf
-        if P.dtype.element_ty == tl.bfloat16:
+        if B.dtype.element_ty == tl.bfloat16:
             buf = bf16_rne(buf)
-        tl.store(B + offs, buf.to(P.dtype.element_ty), mask=mask)
+        tl.store(B + offs, buf.to(B.dtype.element_ty), mask=mask)
     p = fma(g, neg_lr, p)  # param.add_(grad, alpha=-lr)
-    if P.dtype.element_ty == tl.bfloat16:
-        p = bf16_rne(p)
-    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
+    store_master(P, EXTRA, offs, mask, p, key, POLICY)
 
 
 @triton.jit
 def _sgd_kernel(
-    META,  # [n_tensors, 5] int64: per tensor the addresses of p, g, buf (0 without MOMENTUM); numel; group
+    META,  # [n_tensors, 8] int64: per tensor the addresses of p, g, buf (0 without MOMENTUM), extra (masters or
+    #        remainders, 0 without); numel; the address of its step (0 without state_steps); group; its index in
+    #        the op's lists
     CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
     HYPER,  # [groups, 5] float64: per group lr, momentum, dampening, weight_decay, l1
     LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
@@ -86,7 +87,11 @@ def _sgd_kernel(
     FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
     GRAD_NORM,  # [1] float32: the norm of the grads as passed, read when HAS_GRAD_NORM
     max_grad_norm,  # float32: the norm to clip to, when HAS_GRAD_NORM
-    DTYPE: tl.constexpr,  # storage type of p, g, buf
+    seed_lo,  # int64: the low 32 bits of stochastic_seed (POLICY 3)
+    seed_hi,  # int64: its high 32 bits
+    DTYPE: tl.constexpr,  # storage type of p, g
+    STATE: tl.constexpr,  # storage type of buf (note [state dtype])
+    POLICY: tl.constexpr,  # precision.h's MasterWeights: 0 None, 1 fp32 masters, 2 remainders, 3 stochastic
     COMPUTE: tl.constexpr,  # math type: float32, or float64 for float64 storage
     MOMENTUM: tl.constexpr,  # momentum buffers were given
     NESTEROV: tl.constexpr,
@@ -102,17 +107,22 @@ def _sgd_kernel(
     if HAS_FOUND_INF:
         if tl.load(FOUND_INF) != 0.0:
             return  # a step with inf/nan grads changes nothing
-    row, chunk = program_chunk(META, CHUNKS, 5)  # _META_COLS
+    row, chunk = program_chunk(META, CHUNKS, 8)  # _META_COLS
     P = tl.load(row + 0).to(tl.pointer_type(DTYPE))
     G = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    B = tl.load(row + 2).to(tl.pointer_type(DTYPE))  # null without MOMENTUM: never read
+    B = tl.load(row + 2).to(tl.pointer_type(STATE))  # null without MOMENTUM: never read
+    EXTRA = tl.load(row + 3).to(tl.pointer_type(tl.int8))  # null under POLICY 0 and 3: never read
     if ALIGNED:
         # In bytes: whole chunks then use 16-byte accesses.
         P = tl.multiple_of(P, 16)
         G = tl.multiple_of(G, 16)
         B = tl.multiple_of(B, 16)
-    numel = tl.load(row + 3)
-    k = tl.load(row + 4)
+    numel = tl.load(row + 4)
+    k = tl.load(row + 6)
+    key = 0
+    if POLICY == 3:
+        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 7))
 
     # sgd.h's sgd_scalars: computed in fp64, rounded once to COMPUTE.
     hyper = HYPER + 5 * k  # _HYPER_COLS
@@ -134,11 +144,11 @@ def _sgd_kernel(
     start = chunk * BLOCK  # int64: tensors of 2^31 elements and more
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _sgd_chunk(P, G, B, offs, numel, c_grad_mul, c_weight_decay, c_momentum, c_one_minus_dampening, c_neg_lr,
-                   c_l1, has_weight_decay, has_l1, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, False)
+        _sgd_chunk(P, G, B, EXTRA, key, offs, numel, c_grad_mul, c_weight_decay, c_momentum, c_one_minus_dampening,
+                   c_neg_lr, c_l1, has_weight_decay, has_l1, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, False, POLICY)
     else:
-        _sgd_chunk(P, G, B, offs, numel, c_grad_mul, c_weight_decay, c_momentum, c_one_minus_dampening, c_neg_lr,
-                   c_l1, has_weight_decay, has_l1, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, True)
+        _sgd_chunk(P, G, B, EXTRA, key, offs, numel, c_grad_mul, c_weight_decay, c_momentum, c_one_minus_dampening,
+                   c_neg_lr, c_l1, has_weight_decay, has_l1, COMPUTE, MOMENTUM, NESTEROV, FIRST_STEP, True, POLICY)
 
 
 # -- host code -----------------------------------------------------------------
@@ -167,34 +177,57 @@ def sgd_step_triton(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
+    state_steps: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """One SGD step over many tensors, in place (the contract of torch.ops.pyoptim.sgd_step_)."""
     kwargs = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                   l1_weight_decay=l1_weight_decay, group_sizes=group_sizes,
                   nesterov=nesterov, maximize=maximize, is_first_step=is_first_step, lr_tensor=lr_tensor,
-                  grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                  grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                  stochastic_seed=stochastic_seed)
     lists = (params, grads, momentum_buffers)
-    check_sgd_args(*lists, **kwargs, device_type=device_type_required())
+    optional = {k: v for k, v in (("master_params", master_params), ("param_remainders", param_remainders),
+                                  ("state_steps", state_steps)) if v is not None}
+    check_sgd_args(*lists, **kwargs, **optional, device_type=device_type_required())
     if len(params) == 0:
         return
     device = params[0].device
     if interpret() and device.type != "cpu":
-        via_cpu(sgd_step_triton, lists, (0, 2), **kwargs)
+        names = list(optional)
+        via_cpu(lambda *ls, **kw: sgd_step_triton(*ls[:3], **kw, **dict(zip(names, ls[3:]))),
+                lists + tuple(optional.values()), (0, 2) + tuple(range(3, 3 + len(names))), **kwargs)
         return
+    extra = master_params if master_params is not None else param_remainders
+    policy = 1 if master_params is not None else 2 if param_remainders is not None else \
+        3 if stochastic_seed is not None else 0
     dtype = params[0].dtype
     block, num_warps = LAUNCH[dtype]
     has_momentum = len(momentum_buffers) > 0
+    seed = stochastic_seed or 0
+    n = len(params)
     with on_device(device):
         group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
-        work = Work((params, grads, momentum_buffers if has_momentum else None), (True, False, True), (group_of,))
+        steps = [s.data_ptr() for s in state_steps] if state_steps is not None else [0] * n
+        work = Work((params, grads, momentum_buffers if has_momentum else None, extra), (True, False, True, True),
+                    (steps, group_of, range(n)))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
                              for x in (lr[k], momentum[k], dampening[k], weight_decay[k], group_l1(l1_weight_decay, k)))
         hyper = float_table(_hyper_tables, device, hyper_values, lambda: list(hyper_values))
+        meta = tensors.views["meta"]
+        if state_steps is not None:
+            step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
+                meta, found_inf, n, COLS=_META_COLS, STEP_COL=5, HAS_FOUND_INF=found_inf is not None,
+                BLOCK=_COUNT_BLOCK, num_warps=4)
+        state = momentum_buffers[0].dtype if has_momentum else dtype
         for grid, chunk_table, is_aligned, _ in tensors.chunk_launches():
             _sgd_kernel[grid](
-                tensors.views["meta"], chunk_table, hyper.views["hyper"], lr_tensor, grad_scale,
-                found_inf, grad_norm, float(max_grad_norm), **tl_types(dtype), MOMENTUM=has_momentum,
+                meta, chunk_table, hyper.views["hyper"], lr_tensor, grad_scale,
+                found_inf, grad_norm, float(max_grad_norm), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
+                **tl_types(dtype), STATE=TL_DTYPE[state], POLICY=policy, MOMENTUM=has_momentum,
                 NESTEROV=nesterov, FIRST_STEP=is_first_step, MAXIMIZE=maximize,
                 **step_flags(lr_tensor, grad_scale, found_inf, grad_norm), ALIGNED=is_aligned, BLOCK=block,
                 num_warps=num_warps, enable_fp_fusion=False)  # note [torch's fmas]

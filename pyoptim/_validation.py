@@ -230,12 +230,20 @@ def _check_momentum_buffers(op: str, momentum: Sequence[float], k: int, buffers,
 
 def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, group_sizes, nesterov,
                    l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
-                   max_grad_norm=0.0, device_type=None, **_unused) -> None:
+                   max_grad_norm=0.0, master_params=None, param_remainders=None, stochastic_seed=None,
+                   state_steps=None, device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of sgd_step_."""
     op = "sgd_step_"
-    check_tensor_lists(op, "params", params, {"grads": grads, "momentum_buffers": momentum_buffers}, device_type)
+    check_tensor_lists(op, "params", params, {"grads": grads}, device_type,
+                       state={"momentum_buffers": momentum_buffers})
+    check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n, op, "params and grads must have the same length, got ", n, " and ", len(grads))
+    _check(stochastic_seed is None or state_steps is not None, op,
+           "stochastic_seed needs state_steps (the step counters its random bits hash)")
+    if state_steps is not None:
+        _check(len(state_steps) == n, op, "state_steps has ", len(state_steps), " entries but params has ", n)
+        _check_state_steps(op, state_steps, params)
     check_group_lists(op, group_sizes, {"lr": lr, "momentum": momentum, "dampening": dampening,
                                         "weight_decay": weight_decay}, n)
     for k in range(len(group_sizes)):

@@ -113,20 +113,29 @@ def sgd_step_(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
+    state_steps: Optional[Sequence[torch.Tensor]] = None,
     backend: Optional[str] = None,
 ) -> None:
     """One SGD step (momentum, dampening, Nesterov, weight decay) over many tensors of one device and dtype, in place.
 
     `momentum_buffers` is empty when no group has momentum; with
     `is_first_step` the buffers are overwritten with the grads, as torch's SGD
-    starts them. Other arguments as in adam_step_.
+    starts them. The precision policy and the buffers' dtype as in adam_step_; SGD keeps no step, so
+    `stochastic_seed` needs `state_steps` (float32 counters, advanced by one each step). Other arguments as in
+    adam_step_.
     """
+    precision = {k: v for k, v in (("master_params", master_params), ("param_remainders", param_remainders),
+                                   ("stochastic_seed", stochastic_seed), ("state_steps", state_steps))
+                 if v is not None}
     _step("sgd_step_", check_sgd_args, (params, grads, momentum_buffers),
           dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                l1_weight_decay=l1_weight_decay),
           group_sizes, backend, nesterov=nesterov, maximize=maximize, is_first_step=is_first_step,
           lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-          max_grad_norm=max_grad_norm)
+          max_grad_norm=max_grad_norm, **precision)
 
 
 def lion_step_(

@@ -220,12 +220,17 @@ def sgd_step_ref(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
+    state_steps: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """One SGD step over many tensors, in place (the contract of torch.ops.pyoptim.sgd_step_)."""
     check_sgd_args(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, group_sizes=group_sizes, nesterov=nesterov,
                    l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                   grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                   grad_norm=grad_norm, max_grad_norm=max_grad_norm, master_params=master_params,
+                   param_remainders=param_remainders, stochastic_seed=stochastic_seed, state_steps=state_steps)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -234,7 +239,7 @@ def sgd_step_ref(
     for i, p in enumerate(params):
         k = group_of[i]
         ct = _opmath(p.dtype)
-        param = p.to(ct)
+        param = param_fp32(p, i, master_params, param_remainders)
         grad = grads[i].to(ct) * grad_mul
         l1 = group_l1(l1_weight_decay, k)
         if l1 != 0:
@@ -248,7 +253,12 @@ def sgd_step_ref(
                 buf = momentum_buffers[i].to(ct) * momentum[k] + (1 - dampening[k]) * grad
             momentum_buffers[i].copy_(buf)
             grad = grad + momentum[k] * buf if nesterov else buf
-        p.copy_(param + (-lrs[k]) * grad)
+        step = None
+        if state_steps is not None:
+            state_steps[i].add_(1)
+            step = state_steps[i].item()
+        key = None if stochastic_seed is None else stochastic_key(stochastic_seed, step, i)
+        write_param(p, i, param + (-lrs[k]) * grad, master_params, param_remainders, key)
 
 
 def lion_step_ref(

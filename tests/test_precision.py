@@ -312,20 +312,25 @@ def test_checkpoint_to_and_from_torch():
                 assert torch.equal(none.state[p][k], v) and none.state[p][k].dtype == v.dtype, k
 
 
+def _assert_found_inf_skips(opt, ps, policy):
+    """GradScaler's found_inf with inf grads: the step leaves params and every state tensor as they were."""
+    before = [p.detach().clone() for p in ps]
+    st = copy.deepcopy(opt.state_dict()["state"])
+    opt.found_inf = torch.ones((), device=ps[0].device)
+    for p in ps:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.step()
+    del opt.found_inf
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    for i, p in enumerate(ps):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, st[i][k]), (policy, k)
+
+
 def test_grad_scaler_skips_with_every_policy():
     for policy in ("fp32", "remainder", "stochastic"):
         ps, opt = _train(policy, steps=2)
-        before = [p.detach().clone() for p in ps]
-        st = copy.deepcopy(opt.state_dict()["state"])
-        opt.found_inf = torch.ones(())
-        for p in ps:
-            p.grad = torch.full_like(p, float("inf"))
-        opt.step()
-        del opt.found_inf
-        assert all(torch.equal(a, b) for a, b in zip(before, ps))
-        for i, p in enumerate(ps):
-            for k, v in opt.state[p].items():
-                assert torch.equal(v, st[i][k]), (policy, k)
+        _assert_found_inf_skips(opt, ps, policy)
 
 
 @pytest.mark.parametrize("impl", ADAM_IMPLS, ids=impl_id)
@@ -426,3 +431,260 @@ def test_groups_of_different_policies_and_state_dtypes(impl):
             o.step()
     for p, q in zip(ps + [fp], qs + [fq]):
         assert torch.equal(p, q)
+
+
+# -- every optimizer with a policy (issue 15's remaining part) ------------------------------------------------
+# (class, its op, constructor keywords): momentum on (the buffers are the state state_dtype sets) and Nesterov.
+OPTIMIZERS = {
+    "adamw": (pyoptim.optim.AdamW, "adam_step_", dict(lr=1e-2)),
+    "sgd": (pyoptim.optim.SGD, "sgd_step_", dict(lr=1e-2, momentum=0.9)),
+    "sgd-nesterov": (pyoptim.optim.SGD, "sgd_step_", dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    "sgd-plain": (pyoptim.optim.SGD, "sgd_step_", dict(lr=1e-2)),
+}
+OPT_IMPLS = [(name, impl) for name, (_, op, _) in OPTIMIZERS.items() for impl in impls(op)]
+
+
+def _opt_id(case):
+    return f"{case[0]}-{impl_id(case[1])}"
+
+
+def _make(name, params, **kw):
+    cls, _, base = OPTIMIZERS[name]
+    return cls(params, **dict(base, **kw))
+
+
+def _grads_for(params, g):
+    return [torch.randn(p.shape, generator=g).bfloat16().to(p.device) for p in params]
+
+
+@pytest.mark.parametrize("case", OPT_IMPLS, ids=_opt_id)
+@pytest.mark.parametrize("policy", ["fp32", "remainder"])
+def test_every_optimizer_masters_bit_identical(case, policy):
+    # The masters equal an fp32-param run fed the same grads, bit for bit, over two groups (weight decay on
+    # in one, off in the other), 100 steps (30 under the Triton interpreter).
+    name, impl = case
+    device = _device(impl)
+    steps = 100 if impl[1] != "triton" else 30
+    ref = [p.clone().requires_grad_() for p in _init(device)]
+    low = [p.bfloat16().requires_grad_() for p in _init(device)]
+    o_ref = _make(name, _groups(ref, 0.05), backend=impl[1])
+    o_low = _make(name, _groups(low, 0.05), backend=impl[1], master_weights=policy)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for a, b, gr in zip(ref, low, _grads_for(ref, g)):
+            a.grad, b.grad = gr.float(), gr.clone()
+        o_ref.step()
+        o_low.step()
+        if step % 10 == 9 or step == 0:
+            for a, m in zip(ref, _masters(o_low, low, policy)):
+                assert torch.equal(m, a.detach()), f"{name}: master differs at step {step + 1}"
+    for b, a in zip(low, ref):
+        if policy == "fp32":
+            assert torch.equal(b.detach(), a.detach().bfloat16())
+        for k, v in o_low.state[b].items():
+            if k not in ("step", "master_param", "param_remainder"):
+                assert v.dtype == torch.float32 and torch.equal(v, o_ref.state[a][k]), k
+
+
+def _stochastic(name, impl, seed, steps=5, dtype=torch.bfloat16):
+    device = _device(impl)
+    ps = [p.to(dtype).requires_grad_() for p in _init(device)]
+    opt = _make(name, ps, backend=impl[1], master_weights="stochastic", stochastic_seed=seed)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for p, gr in zip(ps, _grads_for(ps, g)):
+            p.grad = gr.to(dtype)
+        opt.step()
+    return [p.detach().cpu() for p in ps], opt
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adamw"])
+def test_every_optimizer_stochastic_reproducible_across_backends(name):
+    cases = [impl for n, impl in OPT_IMPLS if n == name]
+    runs = {impl: _stochastic(name, impl, seed=7)[0] for impl in cases}
+    first = runs[cases[0]]
+    for impl, r in runs.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, r)), impl
+    assert any(not torch.equal(a, b) for a, b in zip(first, _stochastic(name, cases[0], seed=8)[0]))
+
+
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "sgd-plain"], ids=_opt_id)
+def test_sgd_stochastic_unbiased(case):
+    # One plain SGD step from 1.0 by lr = 3 * 2^-10 (3/8 of the bf16 ulp above 1): the mean of n roundings
+    # within 4 standard errors of 1 + lr, only the two neighbours drawn.
+    impl = case[1]
+    n, lr = 1 << 14, 3 * 2**-10
+    p = torch.ones(n, dtype=torch.bfloat16, device=_device(impl), requires_grad=True)
+    opt = pyoptim.optim.SGD([p], lr=lr, backend=impl[1], master_weights="stochastic", stochastic_seed=3)
+    p.grad = torch.full_like(p, -1.0)
+    opt.step()
+    vals = p.detach().float().cpu()
+    lo, hi = 1.0, 1.0 + 2**-7
+    assert ((vals == lo) | (vals == hi)).all()
+    frac = lr / (hi - lo)
+    se = (frac * (1 - frac) / n) ** 0.5 * (hi - lo)
+    assert abs(float(vals.double().mean()) - (1.0 + lr)) <= 4 * se
+    assert float(opt.state[p]["step"]) == 1.0  # SGD's counter for the draws
+
+
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "sgd"], ids=_opt_id)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_sgd_bf16_momentum_buffers(case, param_dtype):
+    # state_dtype=bf16: the first buffer is the grad (bf16 values: exact); later ones stay within a few bf16
+    # roundings of an fp32-buffer run's (one rounding a step, damped by momentum 0.9: 5 steps, 2^-6 relative),
+    # and the params within two bf16 ulps (a buffer's rounding may flip a bf16 param's rounding).
+    impl = case[1]
+    device = _device(impl)
+    runs = {}
+    for sd in (torch.bfloat16, torch.float32):
+        ps = [p.to(param_dtype).requires_grad_() for p in _init(device)]
+        opt = pyoptim.optim.SGD(ps, lr=1e-2, momentum=0.9, backend=impl[1], state_dtype=sd)
+        g = torch.Generator().manual_seed(4)
+        for step in range(5):
+            for p, gr in zip(ps, _grads_for(ps, g)):
+                p.grad = gr.to(param_dtype)
+            opt.step()
+            if step == 0 and sd is not None:
+                for p in ps:
+                    assert torch.equal(opt.state[p]["momentum_buffer"], p.grad.bfloat16())
+        runs[sd] = [(p.detach().float(), opt.state[p]["momentum_buffer"]) for p in ps]
+    for (p, b), (p32, b32) in zip(runs[torch.bfloat16], runs[torch.float32]):
+        assert b.dtype == torch.bfloat16 and b32.dtype == torch.float32
+        torch.testing.assert_close(b.float(), b32, rtol=2**-6, atol=2**-6 * float(b32.abs().max()))
+        torch.testing.assert_close(p, p32, rtol=2**-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, dtype", [
+    (dict(master_weights="remainder"), torch.float16),
+    (dict(master_weights="remainder"), torch.float32),
+    (dict(master_weights="bf16"), torch.bfloat16),
+    (dict(state_dtype=torch.int8), torch.float32),
+    (dict(state_dtype=torch.float16), torch.float32),
+    (dict(state_dtype=torch.float32), torch.float64),
+])
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adamw"])
+def test_every_optimizer_bad_combinations_raise(name, kwargs, dtype):
+    p = torch.zeros(3, dtype=dtype, requires_grad=True)
+    with pytest.raises(ValueError):
+        _make(name, [p], **kwargs)
+    with pytest.raises(ValueError):
+        _make(name, [dict(params=[p], **kwargs)])
+
+
+def _run(name, opt, ps, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p, gr in zip(ps, _grads_for(ps, g)):
+            p.grad = gr.to(p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("policy", [None, "fp32", "remainder", "stochastic"])
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adamw"])
+def test_every_optimizer_checkpoint_resumes_exactly(name, policy):
+    ps = [p.bfloat16().requires_grad_() for p in _init(torch.device("cpu"))]
+    kw = dict(master_weights=policy, state_dtype=torch.bfloat16 if policy == "remainder" else None,
+              stochastic_seed=5, backend="reference")
+    opt = _make(name, ps, **kw)
+    _run(name, opt, ps, 3, 9)
+    sd = copy.deepcopy(opt.state_dict())
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    fresh = _make(name, qs, **dict(kw, stochastic_seed=0))  # the checkpoint's seed wins
+    fresh.load_state_dict(sd)
+    # (plain SGD without a policy keeps no state: both sides empty)
+    assert {k: v.dtype for k, v in fresh.state[qs[0]].items()} == {
+        k: v.dtype for k, v in sd["state"].get(0, {}).items()}
+    _run(name, opt, ps, 3, 10)
+    _run(name, fresh, qs, 3, 10)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, fresh.state[q][k]), k
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adamw"])
+def test_every_optimizer_checkpoint_across_policies_and_torch(name):
+    # "fp32" -> "remainder" -> "fp32" keeps the masters exactly; None -> "stochastic" starts its counter; a
+    # torch.optim checkpoint loads into a policy and one without a policy goes back to torch exactly.
+    ps = [p.bfloat16().requires_grad_() for p in _init(torch.device("cpu"))]
+    opt = _make(name, ps, master_weights="fp32", backend="reference")
+    _run(name, opt, ps, 4, 3)
+    masters = [opt.state[p]["master_param"].clone() for p in ps]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    rem = _make(name, qs, master_weights="remainder", backend="reference")
+    rem.load_state_dict(opt.state_dict())
+    for q, m in zip(qs, masters):
+        assert torch.equal(param_fp32(q, 0, None, [rem.state[q]["param_remainder"]]), m)
+    rs = [q.detach().clone().requires_grad_() for q in qs]
+    back = _make(name, rs, master_weights="fp32", backend="reference")
+    back.load_state_dict(rem.state_dict())
+    assert all(torch.equal(back.state[r]["master_param"], m) for r, m in zip(rs, masters))
+    sto = _make(name, [r.detach().clone().requires_grad_() for r in rs], master_weights="stochastic",
+                backend="reference")
+    sto.load_state_dict(back.state_dict())
+    _run(name, sto, sto.param_groups[0]["params"], 1, 4)
+    assert all(float(sto.state[p]["step"]) == 1.0 for p in sto.param_groups[0]["params"])
+    cls, _, base = OPTIMIZERS[name]
+    tp = [p.detach().clone().requires_grad_() for p in ps]
+    t = getattr(torch.optim, cls.__name__)(tp, **base, foreach=False)
+    _run(name, t, tp, 2, 5)
+    up = [p.detach().clone().requires_grad_() for p in tp]
+    ours = _make(name, up, backend="reference")
+    ours.load_state_dict(t.state_dict())
+    t2 = getattr(torch.optim, cls.__name__)([p.detach().clone().requires_grad_() for p in up], **base)
+    t2.load_state_dict(ours.state_dict())
+    for a, b in zip(t.state_dict()["state"].values(), t2.state_dict()["state"].values()):
+        for k in a:
+            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, k
+
+
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic"])
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] != "adamw"], ids=_opt_id)
+def test_every_optimizer_grad_scaler_and_clip_with_policy(case, policy):
+    # found_inf skips the step (params and state untouched, the stochastic counter too); max_grad_norm clips
+    # as torch's clip_grad_norm_ before an fp32 run's step: the masters match that run.
+    name, impl = case
+    device = _device(impl)
+    ps = [p.bfloat16().requires_grad_() for p in _init(device)]
+    opt = _make(name, ps, backend=impl[1], master_weights=policy)
+    _run(name, opt, ps, 2, 6)
+    _assert_found_inf_skips(opt, ps, policy)
+    if policy == "stochastic":
+        return
+    ref = [p.clone().requires_grad_() for p in _init(device)]
+    low = [p.bfloat16().requires_grad_() for p in _init(device)]
+    o_ref = _make(name, ref, backend=impl[1])
+    o_low = _make(name, low, backend=impl[1], master_weights=policy, max_grad_norm=0.5)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        for a, b, gr in zip(ref, low, _grads_for(ref, g)):
+            a.grad, b.grad = gr.float(), gr.clone()
+        torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        o_ref.step()
+        o_low.step()
+    for a, m in zip(ref, _masters(o_low, low, policy)):
+        # The fused clip scales inside the kernel, torch's clip multiplies the grads first: equal to fp32 rounding.
+        torch.testing.assert_close(m, a.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("kwargs", [dict(master_weights="fp32"), dict(state_dtype=torch.bfloat16)])
+def test_flat_with_a_policy_raises_naming_it(name, kwargs):
+    # Not built (README, "Low precision"): a clear error at construction, before any state exists.
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="flat=True with master_weights"):
+        _make(name, [p], flat=True, **kwargs)
+
+
+@pytest.mark.parametrize("policy, state_dtype, want", [
+    (None, None, 4), ("fp32", None, 10), ("remainder", None, 8), ("remainder", torch.bfloat16, 6),
+    ("stochastic", None, 6), ("stochastic", torch.bfloat16, 4)])
+def test_sgd_bytes_per_param(policy, state_dtype, want):
+    # The README's table: bf16 SGD with momentum, param + per-element state (0-d steps not counted).
+    p = torch.zeros(1000, dtype=torch.bfloat16, requires_grad=True)
+    opt = pyoptim.optim.SGD([p], lr=0.1, momentum=0.9, master_weights=policy, state_dtype=state_dtype,
+                            backend="reference")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
+    assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want

@@ -8,6 +8,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <pyoptim/multi_tensor.h>
+#include <pyoptim/precision.h>
 #include <pyoptim/sgd.h>
 
 #include "cpu_isa.h"
@@ -20,6 +21,10 @@ constexpr int64_t kSgdCpuChunk = 16384;
 
 struct SgdCpuLaunch {
   c10::ScalarType dtype;
+  c10::ScalarType state_dtype;  // of buf (note [state dtype])
+  MasterWeights policy;
+  std::vector<void*> extra;     // per tensor: its masters or remainders (nullptr under other policies)
+  std::vector<uint32_t> key;    // per tensor: note [stochastic key] (kStochastic)
   bool momentum;  // momentum buffers given
   bool nesterov;
   bool first_step;

@@ -7,6 +7,7 @@
 #include <pyoptim/sgd.h>
 
 #include "multi_tensor_cpu.h"
+#include "precision_cpu.h"
 #include "sgd_cpu.h"
 #include "vec_math.h"
 
@@ -43,8 +44,41 @@ void sgd_all(const SgdCpuLaunch& L) {
   });
 }
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py): params of storage type T, the
+// momentum buffer of storage type U, through precision_cpu.h's loop.
+template <typename T, typename U, bool MOMENTUM, bool NESTEROV, bool FIRST_STEP>
+void sgd_mixed(const SgdCpuLaunch& L) {
+  using V = at::vec::Vectorized<float>;
+  constexpr unsigned kLoad = MOMENTUM && !FIRST_STEP ? 0b1u : 0b0u;
+  constexpr unsigned kStore = MOMENTUM ? 0b1u : 0b0u;
+  parallel_chunks(L.plan, kSgdCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    const SgdCoeffs<V> c(sgd_scalars<float>(L.hyper[i], L.lr[i], L.grad_mul));
+    U* const state[1] = {MOMENTUM ? static_cast<U*>(L.buf[i]) : nullptr};
+    precision_range<T, U, 1, kLoad, kStore>(
+        L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]), L.extra[i], L.key[i], state, begin, end,
+        [&](V& p, V g, V (&s)[1]) { sgd_update<MOMENTUM, NESTEROV, FIRST_STEP>(p, g, s[0], c); });
+  });
+}
+
+template <typename T, typename U>
+void sgd_mixed_flags(const SgdCpuLaunch& L) {
+  if (!L.momentum) {
+    return sgd_mixed<T, U, false, false, false>(L);
+  }
+  if (L.first_step) {
+    return L.nesterov ? sgd_mixed<T, U, true, true, true>(L) : sgd_mixed<T, U, true, false, true>(L);
+  }
+  return L.nesterov ? sgd_mixed<T, U, true, true, false>(L) : sgd_mixed<T, U, true, false, false>(L);
+}
+
 template <typename T>
 void sgd_dispatch_flags(const SgdCpuLaunch& L) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (L.policy != MasterWeights::kNone || L.state_dtype != L.dtype) {
+      return L.state_dtype == c10::ScalarType::BFloat16 ? sgd_mixed_flags<T, c10::BFloat16>(L)
+                                                        : sgd_mixed_flags<T, float>(L);
+    }
+  }
   if (!L.momentum) {
     return sgd_all<T, false, false, false>(L);
   }

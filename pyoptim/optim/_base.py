@@ -22,7 +22,8 @@ from pyoptim.optim._flat import FlatUnit, can_flatten
 _DISPATCHED = ("cpu", "cuda")
 # The op keywords a plan keeps as recorded (group_sizes; the precision policy's lists, state tensors the plan
 # watches like the others, and seed) or fills itself (the clip's).
-_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm", "master_params", "param_remainders", "stochastic_seed")
+_RECORDED = ("group_sizes", "grad_norm", "max_grad_norm", "master_params", "param_remainders", "stochastic_seed",
+             "state_steps")
 # Param types the plan reads in C++; a tensor subclass (DTensor) takes the ordinary path.
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -145,7 +146,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if flat and not self._supports_flat:
             raise ValueError(f"pyoptim.optim.{type(self).__name__} does not support flat=True")
         if flat and (master_weights is not None or state_dtype is not None):
-            raise ValueError("flat=True does not support master_weights or state_dtype yet")
+            # Flat storage (note [flat storage], _flat.py) lays out the params, grads and the op's own state lists
+            # as views of one buffer per (device, dtype); a policy's masters, remainders and step counters, and
+            # state of another dtype than the params, have no place in those buffers yet.
+            raise ValueError(f"pyoptim.optim.{type(self).__name__}: flat=True with master_weights={master_weights!r} "
+                             f"/ state_dtype={state_dtype!r} is not supported: flat storage keeps params, grads and "
+                             "state as views of one buffer per (device, dtype), with no room for fp32 masters, "
+                             "remainders or state of another dtype; use flat=False with a precision policy")
         #: note [flat storage]: each group's params, grads and state as views of one buffer per (device, dtype)
         self.flat = bool(flat)
         self._flat_units: dict[int, FlatUnit] = {}  # id(param) -> its unit
@@ -221,6 +228,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             return p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         return torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
 
+    def _policy_lists(self, policy: Optional[str]) -> tuple[tuple[str, str], ...]:
+        """(state key, op keyword) of the lists a step under `policy` passes beside the op's own: the masters or
+        remainders; a subclass whose op keeps no step adds its stochastic step counters."""
+        return (_POLICY_STATE[policy],) if policy in _POLICY_STATE else ()
+
     def _precision_key(self, group: dict[str, Any], dtype: torch.dtype) -> tuple:
         """(policy, its seed, state dtype) of the params of `dtype` in `group`: calls differ where these do (one
         policy and one state dtype per op call)."""
@@ -257,8 +269,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if st:
                     self._convert_state(p, group, st, saved_state.get(pid, {}))
 
-    @staticmethod
-    def _convert_state(p: Tensor, group: dict[str, Any], st: dict[str, Any], saved: dict[str, Any]) -> None:
+    def _convert_state(self, p: Tensor, group: dict[str, Any], st: dict[str, Any], saved: dict[str, Any]) -> None:
         """A loaded param's state in its group's policy and state dtype (note [checkpoint dtypes])."""
         from pyoptim.reference import param_fp32, write_param
 
@@ -288,6 +299,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st["param_remainder"] = out
             elif master is not None:
                 p.data.copy_(master)
+        for k, _ in self._policy_lists(policy):
+            if k not in st:  # a policy's own counters (SGD's stochastic step) start afresh
+                st[k] = self._new_state(p, group)[k]
 
     # -- what a subclass provides ------------------------------------------------
 
@@ -515,8 +529,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     lists["grads"].append(grad)
                     for name, k in keys:
                         lists[name].append(state[k])
-                    if policy in _POLICY_STATE:
-                        k, name = _POLICY_STATE[policy]
+                    for k, name in self._policy_lists(policy):
                         lists.setdefault(name, []).append(state[k])
                     if replayable is not None:
                         entry = replayable[list(buckets).index(key)]
@@ -708,10 +721,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         kwargs = self._step_kwargs(key[0], key[4:], b.groups, grad_scale, found_inf)
         kwargs["group_sizes"] = b.group_sizes
         policy, seed, _ = key[3]
-        if policy in _POLICY_STATE:
-            name = _POLICY_STATE[policy][1]
+        for _, name in self._policy_lists(policy):
             kwargs[name] = b.lists[name]
-        elif policy == "stochastic":
+        if policy == "stochastic":
             kwargs["stochastic_seed"] = seed
         return self._op, key[2], args, kwargs
 

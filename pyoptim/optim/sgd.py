@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd as _torch_sgd  # its functional step: note [sparse grads]
 
 from pyoptim._validation import check_sgd_args
-from pyoptim.optim._base import FusedOptimizer
+from pyoptim.optim._base import FusedOptimizer, effective_policy, state_dtype_of
 
 __all__ = ["SGD"]
 
@@ -17,13 +17,16 @@ __all__ = ["SGD"]
 class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments, state and semantics, with each step one fused kernel call per (device, dtype).
 
-    Extra keywords `backend`, `max_grad_norm`, `l1_weight_decay` and `flat` as in pyoptim.optim.Adam.
-    `foreach` and `fused` are accepted for compatibility and change nothing.
+    Extra keywords `backend`, `max_grad_norm`, `l1_weight_decay`, `flat` and the precision policy
+    (`master_weights`, `state_dtype`: the momentum buffers' dtype, `stochastic_seed`) as in pyoptim.optim.Adam.
+    `foreach` and `fused` are accepted for compatibility and change nothing. Under master_weights="stochastic"
+    a 16-bit param's state also holds a `step` counter (SGD keeps none otherwise), which the random bits hash.
     """
 
     _op = "sgd_step_"
     _check_args = staticmethod(check_sgd_args)
     _lists = ("params", "grads", "momentum_buffers")
+    _supports_precision = True
     _torch_defaults = dict(momentum=0, dampening=0, weight_decay=0, nesterov=False, maximize=False, foreach=None,
                            differentiable=False, fused=None, l1_weight_decay=0.0)
 
@@ -44,6 +47,9 @@ class SGD(FusedOptimizer):
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         # torch.optim.SGD's checks and messages.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -61,7 +67,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
                         l1_weight_decay=l1_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+        super().__init__(params, defaults, max_grad_norm, backend, flat, master_weights, state_dtype, stochastic_seed)
 
     def _check_sparse(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
         super()._check_sparse(items)
@@ -94,9 +100,17 @@ class SGD(FusedOptimizer):
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         # torch keeps no state without momentum, and starts the buffer as a
         # copy of the first grad: the op writes it (is_first_step).
-        if group["momentum"] == 0:
-            return {}
-        return {"momentum_buffer": torch.empty_like(p, memory_format=torch.preserve_format)}
+        state = {}
+        if group["momentum"] != 0:
+            state["momentum_buffer"] = torch.empty_like(p, dtype=state_dtype_of(group, p.dtype),
+                                                        memory_format=torch.preserve_format)
+        if effective_policy(group, p.dtype) == "stochastic":
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # note [stochastic key]
+        return state
+
+    def _policy_lists(self, policy: Optional[str]) -> tuple[tuple[str, str], ...]:
+        # sgd_step_ keeps no step: stochastic rounding's counters ride along as state_steps.
+        return (("step", "state_steps"),) if policy == "stochastic" else super()._policy_lists(policy)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("momentum_buffers", "momentum_buffer"),) if group["momentum"] != 0 else ()

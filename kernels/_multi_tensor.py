@@ -135,6 +135,15 @@ def bf16_rne(x):
 # GPU and in the interpreter.
 
 
+def policy_of(master_params, param_remainders, stochastic_seed) -> int:
+    """The POLICY constexpr of a step's precision arguments (at most one is given: the op's checks say so)."""
+    if master_params is not None:
+        return 1
+    if param_remainders is not None:
+        return 2
+    return 3 if stochastic_seed is not None else 0
+
+
 @triton.jit
 def mix32(x):
     # precision.h's mix32 (lowbias32) on int64 values in [0, 2^32)

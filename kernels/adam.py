@@ -36,8 +36,9 @@ import triton.language as tl
 from pyoptim._validation import check_adam_args, group_l1
 
 from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required,
-                            float_table, fma, interpret, load_master, on_device, program_chunk, step_count_kernel,
-                            step_flags, step_inputs, stochastic_key, store_master, tensor_tables, tl_types, via_cpu)
+                            float_table, fma, interpret, load_master, on_device, policy_of, program_chunk,
+                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
+                            tl_types, via_cpu)
 
 __all__ = ["adam_step_triton"]
 
@@ -274,8 +275,7 @@ def adam_step_triton(
         return
     device = params[0].device
     extra = master_params if master_params is not None else param_remainders
-    policy = 1 if master_params is not None else 2 if param_remainders is not None else \
-        3 if stochastic_seed is not None else 0
+    policy = policy_of(master_params, param_remainders, stochastic_seed)
     if interpret() and device.type != "cpu":
         if extra is None:
             via_cpu(adam_step_triton, lists, (0, 2, 3, 4, 5), **kwargs)

@@ -26,8 +26,8 @@ import triton.language as tl
 from pyoptim._validation import check_sgd_args, group_l1
 
 from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table,
-                            fma, interpret, load_master, on_device, program_chunk, step_count_kernel, step_flags,
-                            step_inputs, stochastic_key, store_master, tensor_tables, tl_types, via_cpu)
+                            fma, interpret, load_master, on_device, policy_of, program_chunk, step_count_kernel,
+                            step_flags, step_inputs, stochastic_key, store_master, tensor_tables, tl_types, via_cpu)
 
 __all__ = ["sgd_step_triton"]
 
@@ -201,8 +201,7 @@ def sgd_step_triton(
                 lists + tuple(optional.values()), (0, 2) + tuple(range(3, 3 + len(names))), **kwargs)
         return
     extra = master_params if master_params is not None else param_remainders
-    policy = 1 if master_params is not None else 2 if param_remainders is not None else \
-        3 if stochastic_seed is not None else 0
+    policy = policy_of(master_params, param_remainders, stochastic_seed)
     dtype = params[0].dtype
     block, num_warps = LAUNCH[dtype]
     has_momentum = len(momentum_buffers) > 0

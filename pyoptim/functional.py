@@ -10,7 +10,7 @@ Which backend serves a call is pyoptim._backends' decision.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -30,6 +30,11 @@ __all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "lamb_moments_
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
     return _backends.get(op, _select(op, tensors[0].device.type, backend))
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keywords that are not None: the optional arguments a call passes on (the precision policy's)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _step(op: str, check, tensor_lists: Sequence[Sequence[torch.Tensor]], hyper: dict[str, Sequence[float]],
@@ -85,8 +90,8 @@ def adam_step_(
     and params get them rounded to nearest), `param_remainders` (int16: bf16 param + remainder is the fp32
     master) or `stochastic_seed` (bf16 params stochastically rounded, reproducibly per seed and step).
     """
-    precision = {k: v for k, v in (("master_params", master_params), ("param_remainders", param_remainders),
-                                   ("stochastic_seed", stochastic_seed)) if v is not None}
+    precision = _given(master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed)
     _step("adam_step_", check_adam_args, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps),
           dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
           group_sizes, backend, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
@@ -127,9 +132,8 @@ def sgd_step_(
     `stochastic_seed` needs `state_steps` (float32 counters, advanced by one each step). Other arguments as in
     adam_step_.
     """
-    precision = {k: v for k, v in (("master_params", master_params), ("param_remainders", param_remainders),
-                                   ("stochastic_seed", stochastic_seed), ("state_steps", state_steps))
-                 if v is not None}
+    precision = _given(master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed, state_steps=state_steps)
     _step("sgd_step_", check_sgd_args, (params, grads, momentum_buffers),
           dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                l1_weight_decay=l1_weight_decay),

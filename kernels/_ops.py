@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._multi_tensor import interpret
 
-__all__ = ["launch", "register_op", "traces_into_kernels", "TRACES_INTO_KERNELS", "MODE"]
+__all__ = ["launch", "register_op", "register_dispatched_op", "dispatched_name", "traces_into_kernels", "TRACES_INTO_KERNELS", "MODE"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -80,3 +80,44 @@ def register_op(name: str, schema: str, launcher: Callable[..., Any]) -> None:
     else:
         op = torch.library.custom_op(qualname, launcher, mutates_args=(), schema=schema)
         op.register_fake(launcher)
+
+
+# note [triton step ops]: the Triton launchers of the optimizer ops (the
+# steps, the clip's norm and scale) as dispatcher ops too, so that a
+# compiled optimizer.step() on this backend traces them (fullgraph=True)
+# instead of breaking the graph at each call. Their schema is the C++ op's
+# (csrc/ops.cpp), read from the loaded library: one place says what the ops
+# take, and a Triton launcher that differs from it fails the compile tests.
+# The C++ schemas have kwarg-only tensors (lr_tensor, grad_scale, ...), which
+# custom_op refuses, so these are defined on a torch.library.Library
+# fragment: the launcher serves every device (CompositeExplicitAutograd),
+# and the fake is the reference for an op with outputs (same contract, and
+# plain torch ops run on fake tensors) or nothing for an in-place op. They
+# stay opaque to the compiler (a step has no output to fuse with); without
+# the library the Triton optimizer ops run eagerly inside a compiled step.
+_STEP_LIB: torch.library.Library | None = None
+
+
+def dispatched_name(op: str) -> str:
+    """The name of the Triton op of optimizer op `op`: adam_step_ -> adam_step_triton_ (in place, as the C++ op),
+    multi_tensor_norm -> multi_tensor_norm_triton."""
+    return op.rstrip("_") + "_triton" + ("_" if op.endswith("_") else "")
+
+
+def register_dispatched_op(op: str, launcher: Callable[..., Any], reference: Callable[..., Any]) -> Any:
+    """torch.ops.pyoptim.<dispatched_name(op)>: the Triton `launcher` of optimizer op `op` with the C++ op's schema (note
+    [triton step ops]); None where the C++ op is not loaded."""
+    global _STEP_LIB
+    cpp = getattr(getattr(torch.ops.pyoptim, op, None), "default", None)
+    if cpp is None:
+        return None
+    name = dispatched_name(op)
+    if not hasattr(torch.ops.pyoptim, name):
+        if _STEP_LIB is None:
+            _STEP_LIB = torch.library.Library("pyoptim", "FRAGMENT")
+        schema = str(cpp._schema)
+        _STEP_LIB.define(name + schema[schema.index("("):])
+        _STEP_LIB.impl(name, launcher, "CompositeExplicitAutograd")
+        fake = reference if cpp._schema.returns else (lambda *args, **kwargs: None)
+        torch.library.register_fake(f"pyoptim::{name}", fake, lib=_STEP_LIB)
+    return getattr(torch.ops.pyoptim, name)

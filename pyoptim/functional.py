@@ -29,7 +29,17 @@ __all__ = ["adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "lamb_moments_
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]):
-    return _backends.get(op, _select(op, tensors[0].device.type, backend))
+    name = _select(op, tensors[0].device.type, backend)
+    if name == "triton" and torch.compiler.is_compiling() and op in _TRITON_OPS:
+        return _TRITON_OPS[op]  # note [triton step ops]: traced, not a graph break
+    return _backends.get(op, name)
+
+
+def traced_by_compile(op: str, device_type: str, backend: Optional[str]) -> bool:
+    """Whether a call of optimizer op `op` on `backend` is a dispatcher op torch.compile traces: the C++ ops, and
+    the Triton launchers registered as ops (note [triton step ops] in kernels/_ops.py)."""
+    name = _select(op, device_type, backend)
+    return name in _COMPILED or (name == "triton" and op in _TRITON_OPS)
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -475,6 +485,19 @@ def _prepare(op: str, backend: str) -> None:
             _backends.get(name, backend)
     if backend == "triton" and op in _BACKWARD_OF:
         _register_triton_autograd(op)
+    if backend == "triton" and op in _TRITON_OPTIM_OPS:
+        from pyoptim.kernels._ops import register_dispatched_op
+
+        registered = register_dispatched_op(op, _backends.get(op, backend), _backends.get(op, "reference"))
+        if registered is not None:
+            _TRITON_OPS[op] = registered
+
+
+# The optimizer ops whose Triton launchers _prepare registers as dispatcher ops (note [triton step ops]), and
+# those registered so far.
+_TRITON_OPTIM_OPS = ("adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "lamb_moments_", "lamb_apply_",
+                     "adagrad_step_", "rmsprop_step_", "multi_tensor_norm", "clip_scale_")
+_TRITON_OPS: dict[str, Any] = {}
 
 
 def _as_shape(normalized_shape: _ShapeLike) -> list[int]:

@@ -133,6 +133,33 @@ def test_triton_ops_are_dispatcher_ops():
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the Triton optimizer ops take the C++ ops' schemas")
+def test_triton_optimizer_ops_are_dispatcher_ops():
+    """note [triton step ops]: the Triton launchers of the optimizer ops as ops with the C++ ops' schemas, each
+    passing opcheck, and giving what the launcher gives."""
+    if "triton" not in _backends.available("sgd_step_", "cuda" if HAS_CUDA else "cpu"):
+        pytest.skip("no Triton here")
+    from pyoptim.kernels import _ops
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    for op in pyoptim.functional._TRITON_OPTIM_OPS:
+        pyoptim.functional._prepare(op, "triton")
+        name = _ops.dispatched_name(op)
+        ours, cpp = getattr(torch.ops.pyoptim, name).default._schema, getattr(torch.ops.pyoptim, op).default._schema
+        assert str(ours).partition("(")[2] == str(cpp).partition("(")[2], op
+    ps = [torch.randn(6, device=device), torch.randn(3, 2, device=device)]
+    gs = [torch.randn_like(p) for p in ps]
+    kw = dict(lr=[0.1], momentum=[0.9], dampening=[0.0], weight_decay=[0.01], group_sizes=[2], nesterov=False,
+              maximize=False, is_first_step=True)
+    torch.library.opcheck(torch.ops.pyoptim.sgd_step_triton_, ([p.clone() for p in ps], gs,
+                                                               [torch.empty_like(p) for p in ps]), kw)
+    torch.library.opcheck(torch.ops.pyoptim.multi_tensor_norm_triton, (gs, 2.0))
+    via_op, direct = [p.clone() for p in ps], [p.clone() for p in ps]
+    torch.ops.pyoptim.sgd_step_triton_(via_op, gs, [torch.empty_like(p) for p in ps], **kw)
+    _backends.get("sgd_step_", "triton")(direct, gs, [torch.empty_like(p) for p in ps], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(via_op, direct))
+
+
 def test_triton_ops_fallback_is_chosen_and_shown():
     """note [triton ops]: triton_op only where torch.library has triton_op and wrap_triton and Triton compiles;
     otherwise (an older torch, the interpreter) the opaque custom_op, and backend_info() says which."""
@@ -292,21 +319,34 @@ _STEP_CASES = {
 }
 
 
+# The Triton launchers are dispatcher ops where the library is loaded (note [triton step ops]); the C++ CPU
+# kernels are the eager oracle there, so the two runs check the traced Triton calls against another backend.
+_STEP_BACKENDS = [None] + (["triton"] if _backends.EXTENSION_LOADED and "triton" in _backends.available(
+    "adam_step_", "cuda" if HAS_CUDA else "cpu") else [])
+
+
+@pytest.mark.parametrize("backend", _STEP_BACKENDS, ids=lambda b: b or "default")
 @pytest.mark.parametrize("name", list(_STEP_CASES))
-def test_step_fullgraph(name):
+def test_step_fullgraph(name, backend):
     """opt.step under torch.compile(fullgraph=True), after one eager step that makes the state: two param
     groups (one of two dtypes), a scheduler moving the lr; one graph, eager's params and state every step."""
     _reset()
     torch.manual_seed(0)
-    init = [torch.randn(5, 3), torch.randn(7), torch.randn(4, dtype=torch.float64)]
+    device = "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+    init = [torch.randn(5, 3, device=device), torch.randn(7, device=device),
+            torch.randn(4, dtype=torch.float64, device=device)]
     a = [p.clone().requires_grad_() for p in init]
     b = [p.clone().requires_grad_() for p in init]
 
-    def make(params):
-        opt = _STEP_CASES[name]([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}])
+    def make(params, backend=None):
+        groups = [{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}]
+        if backend is not None:
+            for g in groups:
+                g["backend"] = backend
+        opt = _STEP_CASES[name](groups)
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
-    (oa, sa), (ob, sb) = make(a), make(b)
+    (oa, sa), (ob, sb) = make(a, backend), make(b)
     # The optimizer's own step (the scheduler wraps opt.step in a frame dynamo skips).
     step = torch.compile(lambda: type(oa).step(oa), fullgraph=True, backend="aot_eager")
     for i in range(6):

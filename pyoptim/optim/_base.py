@@ -593,13 +593,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._fuse_clip(calls, grad_scale, [None] * len(calls))
         for call in calls:
             op, backend, args, _ = call
-            if _backends.select(op, args[0][0].device, backend) in _DISPATCHED:
+            if functional.traced_by_compile(op, args[0][0].device.type, backend):
                 self._run_call(call, None)
             else:
-                # The Python backends' step launchers are not dispatcher ops:
-                # dynamo cannot trace the Triton interpreter's launch (it
-                # fails inside triton.runtime.interpreter), so such a call
-                # runs eagerly, a graph break, with the values the trace made.
+                # The reference's steps, and the Triton launchers where the
+                # library is not loaded (note [triton step ops]), are no
+                # dispatcher ops: dynamo cannot trace the Triton
+                # interpreter's launch (it fails inside
+                # triton.runtime.interpreter), so such a call runs eagerly, a
+                # graph break, with the values the trace made.
                 self._eager_call(call)
 
     @torch.compiler.disable

@@ -36,7 +36,7 @@ build: venv
 	$(PY) -m pip install -q --no-build-isolation -e .
 
 test: build
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 bench: build
 	$(PY) benchmarks/run.py $(ARGS)

@@ -761,3 +761,54 @@ def test_every_optimizer_bytes_per_param(name, i):
     opt.step()
     state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
     assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
+@pytest.mark.parametrize("op", ["adagrad_step_", "rmsprop_step_", "lion_step_"])
+def test_every_optimizer_opcheck(op, policy):
+    # The schemas' aliasing of master_params / param_remainders / Lion's state_steps, the fake kernels and the
+    # CPU kernels agree (as test_opcheck for adam_step_).
+    shapes = [(5,), (2, 3), ()]
+    p = [torch.randn(s).bfloat16() for s in shapes]
+    g = [torch.randn(s).bfloat16() for s in shapes]
+    state_dtype = torch.bfloat16 if policy == "bf16state" else torch.float32
+    st = lambda: [torch.randn(s).abs().to(state_dtype) for s in shapes]  # noqa: E731
+    steps = lambda: [torch.tensor(2.0) for _ in shapes]  # noqa: E731
+    common = dict(lr=[1e-3], weight_decay=[0.1], group_sizes=[3], maximize=False)
+    if op == "adagrad_step_":
+        args, kwargs = (p, g, st(), steps()), dict(common, lr_decay=[0.01], eps=[1e-10])
+    elif op == "rmsprop_step_":
+        sa = [t + 1 for t in st()]  # square_avg - grad_avg^2 > 0: centered's sqrt is real
+        args = (p, g, sa, [t * 0.1 for t in st()], st(), steps())
+        kwargs = dict(common, alpha=[0.99], eps=[1e-8], momentum=[0.9], centered=True)
+    else:
+        args, kwargs = (p, g, st()), dict(common, beta1=[0.9], beta2=[0.99])
+    if policy == "fp32":
+        kwargs["master_params"] = [x.float() for x in p]
+    elif policy == "remainder":
+        kwargs["param_remainders"] = [torch.zeros(s, dtype=torch.int16) for s in shapes]
+    elif policy == "stochastic":
+        kwargs["stochastic_seed"] = 11
+        if op == "lion_step_":
+            kwargs["state_steps"] = steps()
+    torch.library.opcheck(getattr(torch.ops.pyoptim, op), args, kwargs)
+
+
+@pytest.mark.parametrize("policy", ["fp32", "remainder"])
+def test_adagrad_master_from_the_param_at_its_first_step(policy):
+    # Adagrad makes its state at construction (torch's); a policy's master or remainder waits for the first step,
+    # so weights loaded into the model after the optimizer was built are what the masters start from.
+    p = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True)
+    opt = pyoptim.optim.Adagrad([p], lr=0.1, master_weights=policy, backend="reference")
+    assert set(opt.state[p]) == {"step", "sum"}
+    with torch.no_grad():
+        p.copy_(torch.linspace(-2, 2, 8))
+    ref = p.detach().float().requires_grad_()
+    o_ref = pyoptim.optim.Adagrad([ref], lr=0.1, backend="reference")
+    for _ in range(3):
+        p.grad = torch.linspace(1, -1, 8).bfloat16()
+        ref.grad = p.grad.float()
+        opt.step()
+        o_ref.step()
+    assert torch.equal(_masters(opt, [p], policy)[0], ref.detach())

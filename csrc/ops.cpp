@@ -103,15 +103,19 @@ TORCH_LIBRARY(pyoptim, m) {
   // dtype, in place, with per-group hyperparameters as in adam_step_:
   //   p = p * (1 - lr * weight_decay); p -= lr * sign(beta1 * m + (1 - beta1) * g);
   //   m = beta2 * m + (1 - beta2) * g
-  // (csrc/include/pyoptim/lion.h). Lion keeps no step count. lr_tensor,
-  // grad_scale, found_inf, grad_norm, max_grad_norm and l1_weight_decay as in
-  // adam_step_.
+  // (csrc/include/pyoptim/lion.h). lr_tensor, grad_scale, found_inf,
+  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_; the
+  // exp_avgs' dtype and the precision policy (master_params,
+  // param_remainders, stochastic_seed) too. Lion keeps no step count, so, as
+  // in sgd_step_, stochastic_seed needs state_steps (advanced by one unless
+  // found_inf is nonzero), whose values its random bits hash.
   m.def(
       "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, "
       "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, Tensor(f!)[]? master_params=None, "
+      "Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None, Tensor(e!)[]? state_steps=None) -> ()");
 
   // One LAMB step (You et al., 2019) over many tensors of one device and
   // dtype, in place, with per-group hyperparameters as in adam_step_: Adam's
@@ -161,13 +165,16 @@ TORCH_LIBRARY(pyoptim, m) {
   //   g = g + weight_decay * p; state_sum += g * g;
   //   p -= lr / (1 + (step - 1) * lr_decay) * g / (sqrt(state_sum) + eps)
   // (csrc/include/pyoptim/adagrad.h). lr_tensor, grad_scale, found_inf,
-  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_.
+  // grad_norm, max_grad_norm and l1_weight_decay as in adam_step_; the
+  // state_sums' dtype and the precision policy (master_params,
+  // param_remainders, stochastic_seed, whose bits hash the advanced step) too.
   m.def(
       "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, *, "
       "float[] lr, float[] lr_decay, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, Tensor(f!)[]? master_params=None, "
+      "Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None) -> ()");
 
   // One RMSprop step over many tensors of one device and dtype, in place.
   // The lists of torch's _single_tensor_rmsprop, in its order, with
@@ -178,14 +185,18 @@ TORCH_LIBRARY(pyoptim, m) {
   //   p -= lr * g / avg, or, with momentum_buffers, buf = momentum * buf + g / avg and p -= lr * buf
   // (csrc/include/pyoptim/rmsprop.h). grad_avgs is read only when centered;
   // momentum_buffers is empty when no group has momentum. lr_tensor,
-  // grad_scale, found_inf, grad_norm, max_grad_norm and l1_weight_decay as in adam_step_.
+  // grad_scale, found_inf, grad_norm, max_grad_norm and l1_weight_decay as in adam_step_;
+  // the state's dtype (square_avgs, grad_avgs, momentum_buffers: one for all) and the
+  // precision policy (master_params, param_remainders, stochastic_seed, whose bits hash
+  // the advanced step) too.
   m.def(
       "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
       "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, *, "
       "float[] lr, float[] alpha, float[] eps, float[] weight_decay, float[] momentum, "
       "float[] l1_weight_decay=[], int[] group_sizes, bool centered, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, Tensor(f!)[]? master_params=None, "
+      "Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None) -> ()");
 
   // Norms of many tensors of one device and dtype in one pass: the total
   // over all of them (0-d) and one per tensor ([n]), both float32, whatever

@@ -73,6 +73,19 @@ void check_not_negative(const char* op, const char* what, c10::ArrayRef<double> 
   PYOPTIM_CHECK(values[k] >= 0.0, op, ": Invalid ", what, ": ", values[k], " (group ", k, ")");
 }
 
+// The optional step counters of an op that keeps no step (sgd_step_, lion_step_): stochastic rounding's
+// random bits hash them, so stochastic_seed needs them (note [stochastic key]).
+void check_policy_steps(const char* op, const PrecisionArgs& precision,
+                        const std::optional<at::TensorList>& state_steps, at::TensorList params) {
+  PYOPTIM_CHECK(!precision.stochastic_seed || state_steps, op,
+                ": stochastic_seed needs state_steps (the step counters its random bits hash)");
+  if (state_steps) {
+    PYOPTIM_CHECK(state_steps->size() == params.size(), op, ": state_steps has ", state_steps->size(),
+                  " entries but params has ", params.size());
+    check_state_steps(op, *state_steps, params);
+  }
+}
+
 // A group with momentum needs the momentum buffers (sgd_step_, rmsprop_step_). With no params there is
 // nothing to move: the step plan checks the hyperparameters of its calls with empty lists (note
 // [exception safety] in pyoptim/optim/_base.py).
@@ -140,13 +153,7 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
   const int64_t n = static_cast<int64_t>(a.params.size());
   PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n, op, ": params and grads must have the same length, got ", n,
               " and ", a.grads.size());
-  PYOPTIM_CHECK(!a.precision.stochastic_seed || a.state_steps, op,
-                ": stochastic_seed needs state_steps (the step counters its random bits hash)");
-  if (a.state_steps) {
-    PYOPTIM_CHECK(static_cast<int64_t>(a.state_steps->size()) == n, op, ": state_steps has ", a.state_steps->size(),
-                  " entries but params has ", n);
-    check_state_steps(op, *a.state_steps, a.params);
-  }
+  check_policy_steps(op, a.precision, a.state_steps, a.params);
   check_group_lists(op, a.group_sizes,
                     {{"lr", a.lr}, {"momentum", a.momentum}, {"dampening", a.dampening},
                      {"weight_decay", a.weight_decay}},
@@ -166,11 +173,14 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
 
 void check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
   const char* op = "lion_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}});
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}}, {{"exp_avgs", a.exp_avgs}});
+  check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
+                  a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
   PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n, op,
                 ": params, grads and exp_avgs must have the same length, got ", n, ", ", a.grads.size(), ", ",
                 a.exp_avgs.size());
+  check_policy_steps(op, a.precision, a.state_steps, a.params);
   check_group_lists(op, a.group_sizes,
                     {{"lr", a.lr}, {"beta1", a.beta1}, {"beta2", a.beta2}, {"weight_decay", a.weight_decay}}, n);
   for (const auto k : c10::irange(a.group_sizes.size())) {
@@ -222,7 +232,9 @@ void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char*
 
 void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type) {
   const char* op = "adagrad_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}, {"state_sums", a.state_sums}});
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}}, {{"state_sums", a.state_sums}});
+  check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
+                  a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
   PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.state_sums.size()) == n &&
                     static_cast<int64_t>(a.state_steps.size()) == n,
@@ -244,9 +256,11 @@ void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type) {
 
 void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type) {
   const char* op = "rmsprop_step_";
-  check_tensor_lists(op, device_type, {"params", a.params},
-                     {{"grads", a.grads}, {"square_avgs", a.square_avgs}, {"grad_avgs", a.grad_avgs},
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+                     {{"square_avgs", a.square_avgs}, {"grad_avgs", a.grad_avgs},
                       {"momentum_buffers", a.momentum_buffers}});
+  check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
+                  a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
   PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.square_avgs.size()) == n &&
                     static_cast<int64_t>(a.state_steps.size()) == n,

@@ -89,6 +89,8 @@ struct LionArgs {
   c10::IntArrayRef group_sizes;
   bool maximize;
   StepAux aux;
+  PrecisionArgs precision;
+  const std::optional<at::TensorList>& state_steps;  // stochastic rounding's step counters (Lion keeps none else)
 };
 
 void check_lion_args(const LionArgs& a, c10::DeviceType device_type);
@@ -112,6 +114,7 @@ struct AdagradArgs {
   c10::IntArrayRef group_sizes;
   bool maximize;
   StepAux aux;
+  PrecisionArgs precision;
 };
 
 void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type);
@@ -122,6 +125,7 @@ struct RmspropArgs {
   c10::IntArrayRef group_sizes;
   bool centered, maximize;
   StepAux aux;
+  PrecisionArgs precision;
 };
 
 void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type);

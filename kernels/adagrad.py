@@ -21,14 +21,15 @@ import triton.language as tl
 
 from pyoptim._validation import check_adagrad_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div, exact_sqrt,
-                            float_table, fma, interpret, on_device, program_chunk, step_count_kernel, step_flags,
-                            step_inputs, tensor_tables, tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div,
+                            exact_sqrt, float_table, fma, interpret, load_master, on_device, policy_of, program_chunk,
+                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
+                            tl_types, via_cpu)
 
 __all__ = ["adagrad_step_triton"]
 
 _COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
-_META_COLS = 6  # columns of the tensor table: p, g, sum, numel, step, group
+_META_COLS = 8  # columns of the tensor table: p, g, sum, extra, numel, step, group, index
 _HYPER_COLS = 5  # columns of the hyperparameter table: lr, lr_decay, weight_decay, eps, l1
 
 
@@ -36,8 +37,8 @@ _HYPER_COLS = 5  # columns of the hyperparameter table: lr, lr_decay, weight_dec
 
 
 @triton.jit
-def _adagrad_chunk(P, G, SUM, offs, numel, grad_mul, weight_decay, neg_clr, eps, l1, has_weight_decay, has_l1,
-                   COMPUTE: tl.constexpr, MASKED: tl.constexpr):
+def _adagrad_chunk(P, G, SUM, EXTRA, key, offs, numel, grad_mul, weight_decay, neg_clr, eps, l1, has_weight_decay,
+                   has_l1, COMPUTE: tl.constexpr, MASKED: tl.constexpr, POLICY: tl.constexpr):
     # adagrad.h's adagrad_update over one chunk (masked: a tensor's last, partial chunk).
     if MASKED:
         mask = offs < numel
@@ -47,7 +48,7 @@ def _adagrad_chunk(P, G, SUM, offs, numel, grad_mul, weight_decay, neg_clr, eps,
         mask = None
         zero = None
         one = None
-    p = tl.load(P + offs, mask=mask, other=zero).to(COMPUTE)
+    p = load_master(P, EXTRA, offs, mask, zero, COMPUTE, POLICY)
     g = tl.load(G + offs, mask=mask, other=zero).to(COMPUTE) * grad_mul
     s = tl.load(SUM + offs, mask=mask, other=one).to(COMPUTE)
     if has_l1:
@@ -56,16 +57,16 @@ def _adagrad_chunk(P, G, SUM, offs, numel, grad_mul, weight_decay, neg_clr, eps,
         g = fma(p, weight_decay, g)  # grad.add(param, alpha=weight_decay)
     s = fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
     p = p + exact_div(neg_clr * g, exact_sqrt(s) + eps)  # param.addcdiv_(grad, std, value=-clr)
-    if P.dtype.element_ty == tl.bfloat16:
-        p = bf16_rne(p)
+    store_master(P, EXTRA, offs, mask, p, key, POLICY)
+    if SUM.dtype.element_ty == tl.bfloat16:
         s = bf16_rne(s)
-    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
-    tl.store(SUM + offs, s.to(P.dtype.element_ty), mask=mask)
+    tl.store(SUM + offs, s.to(SUM.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _adagrad_kernel(
-    META,  # [n_tensors, 6] int64: per tensor the addresses of p, g, sum; numel; the address of its step; group
+    META,  # [n_tensors, 8] int64: per tensor the addresses of p, g, sum, extra (masters or remainders, 0 without);
+    #        numel; the address of its step; group; its index in the op's lists
     CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
     HYPER,  # [groups, 5] float64: per group lr, lr_decay, weight_decay, eps, l1
     LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
@@ -73,7 +74,11 @@ def _adagrad_kernel(
     FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
     GRAD_NORM,  # [1] float32: the norm of the grads as passed, read when HAS_GRAD_NORM
     max_grad_norm,  # float32: the norm to clip to, when HAS_GRAD_NORM
-    DTYPE: tl.constexpr,  # storage type of p, g, sum
+    seed_lo,  # int64: the low 32 bits of stochastic_seed (POLICY 3)
+    seed_hi,  # int64: its high 32 bits
+    DTYPE: tl.constexpr,  # storage type of p, g
+    STATE: tl.constexpr,  # storage type of sum (note [state dtype])
+    POLICY: tl.constexpr,  # precision.h's MasterWeights: 0 None, 1 fp32 masters, 2 remainders, 3 stochastic
     COMPUTE: tl.constexpr,  # math type: float32, or float64 for float64 storage
     MAXIMIZE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr,
@@ -86,18 +91,19 @@ def _adagrad_kernel(
     if HAS_FOUND_INF:
         if tl.load(FOUND_INF) != 0.0:
             return  # a step with inf/nan grads changes nothing
-    row, chunk = program_chunk(META, CHUNKS, 6)  # _META_COLS
+    row, chunk = program_chunk(META, CHUNKS, 8)  # _META_COLS
     P = tl.load(row + 0).to(tl.pointer_type(DTYPE))
     G = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    SUM = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+    SUM = tl.load(row + 2).to(tl.pointer_type(STATE))
+    EXTRA = tl.load(row + 3).to(tl.pointer_type(tl.int8))  # null under POLICY 0 and 3: never read
     if ALIGNED:
         # In bytes: whole chunks then use 16-byte accesses.
         P = tl.multiple_of(P, 16)
         G = tl.multiple_of(G, 16)
         SUM = tl.multiple_of(SUM, 16)
-    numel = tl.load(row + 3)
-    STEP = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    k = tl.load(row + 5)
+    numel = tl.load(row + 4)
+    STEP = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    k = tl.load(row + 6)
 
     # adagrad.h's adagrad_scalars: computed in fp64, rounded once to COMPUTE.
     hyper = HYPER + 5 * k  # _HYPER_COLS
@@ -108,6 +114,9 @@ def _adagrad_kernel(
     eps = tl.load(hyper + 3)
     l1 = tl.load(hyper + 4)
     step = tl.load(STEP).to(tl.float64)
+    key = 0
+    if POLICY == 3:
+        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 7))
     clr = lr / (1.0 + (step - 1.0) * lr_decay)
     c_grad_mul = grad_mul.to(COMPUTE)
     c_weight_decay = weight_decay.to(COMPUTE)
@@ -120,11 +129,11 @@ def _adagrad_kernel(
     start = chunk * BLOCK  # int64: tensors of 2^31 elements and more
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _adagrad_chunk(P, G, SUM, offs, numel, c_grad_mul, c_weight_decay, c_neg_clr, c_eps, c_l1, has_weight_decay,
-                       has_l1, COMPUTE, False)
+        _adagrad_chunk(P, G, SUM, EXTRA, key, offs, numel, c_grad_mul, c_weight_decay, c_neg_clr, c_eps, c_l1,
+                       has_weight_decay, has_l1, COMPUTE, False, POLICY)
     else:
-        _adagrad_chunk(P, G, SUM, offs, numel, c_grad_mul, c_weight_decay, c_neg_clr, c_eps, c_l1, has_weight_decay,
-                       has_l1, COMPUTE, True)
+        _adagrad_chunk(P, G, SUM, EXTRA, key, offs, numel, c_grad_mul, c_weight_decay, c_neg_clr, c_eps, c_l1,
+                       has_weight_decay, has_l1, COMPUTE, True, POLICY)
 
 
 # -- host code -----------------------------------------------------------------
@@ -152,24 +161,38 @@ def adagrad_step_triton(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One Adagrad step over many tensors, in place (the contract of torch.ops.pyoptim.adagrad_step_)."""
     kwargs = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
                   group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-                  found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                  found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                  stochastic_seed=stochastic_seed)
     lists = (params, grads, state_sums, state_steps)
-    check_adagrad_args(*lists, **kwargs, device_type=device_type_required())
+    check_adagrad_args(*lists, **kwargs, master_params=master_params, param_remainders=param_remainders,
+                       device_type=device_type_required())
     if len(params) == 0:
         return
     device = params[0].device
+    extra = master_params if master_params is not None else param_remainders
+    policy = policy_of(master_params, param_remainders, stochastic_seed)
     if interpret() and device.type != "cpu":
-        via_cpu(adagrad_step_triton, lists, (0, 2, 3), **kwargs)
+        if extra is None:
+            via_cpu(adagrad_step_triton, lists, (0, 2, 3), **kwargs)
+        else:
+            name = "master_params" if master_params is not None else "param_remainders"
+            via_cpu(lambda *ls, **kw: adagrad_step_triton(*ls[:4], **kw, **{name: ls[4]}), lists + (extra,),
+                    (0, 2, 3, 4), **kwargs)
         return
     dtype = params[0].dtype
     block, num_warps = LAUNCH[dtype]
+    seed = stochastic_seed or 0
     with on_device(device):
         group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
-        work = Work((params, grads, state_sums), (True, False, True), ([s.data_ptr() for s in state_steps], group_of))
+        work = Work((params, grads, state_sums, extra), (True, False, True, True),
+                    ([s.data_ptr() for s in state_steps], group_of, range(len(params))))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
                              for x in (lr[k], lr_decay[k], weight_decay[k], eps[k], group_l1(l1_weight_decay, k)))
@@ -178,12 +201,13 @@ def adagrad_step_triton(
         meta = tensors.views["meta"]
         n = len(params)
         step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
-            meta, found_inf, n, COLS=_META_COLS, STEP_COL=4, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
+            meta, found_inf, n, COLS=_META_COLS, STEP_COL=5, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
             num_warps=4)
         for grid, chunk_table, is_aligned, _ in tensors.chunk_launches():
             _adagrad_kernel[grid](
                 meta, chunk_table, hyper.views["hyper"], lr_tensor, grad_scale, found_inf, grad_norm,
-                float(max_grad_norm), **tl_types(dtype), MAXIMIZE=maximize,
+                float(max_grad_norm), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, **tl_types(dtype),
+                STATE=TL_DTYPE[state_sums[0].dtype], POLICY=policy, MAXIMIZE=maximize,
                 **step_flags(lr_tensor, grad_scale, found_inf, grad_norm), ALIGNED=is_aligned, BLOCK=block,
                 num_warps=num_warps, enable_fp_fusion=False)  # note [exact fp32]
         work.finish()

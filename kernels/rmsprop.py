@@ -24,14 +24,16 @@ import triton.language as tl
 
 from pyoptim._validation import check_rmsprop_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div, exact_sqrt,
-                            float_table, fma, interpret, on_device, program_chunk, step_count_kernel, step_flags,
-                            step_inputs, tensor_tables, tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div,
+                            exact_sqrt, float_table, fma, interpret, load_master, on_device, policy_of, program_chunk,
+                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
+                            tl_types, via_cpu)
 
 __all__ = ["rmsprop_step_triton"]
 
 _COUNT_BLOCK = 1024  # tensors per program of the step-count kernel
-_META_COLS = 8  # columns of the tensor table: p, g, square_avg, grad_avg, momentum_buffer, numel, step, group
+# columns of the tensor table: p, g, square_avg, grad_avg, momentum_buffer, extra, numel, step, group, index
+_META_COLS = 10
 _HYPER_COLS = 6  # columns of the hyperparameter table: lr, alpha, eps, weight_decay, momentum, l1
 
 
@@ -39,9 +41,9 @@ _HYPER_COLS = 6  # columns of the hyperparameter table: lr, alpha, eps, weight_d
 
 
 @triton.jit
-def _rmsprop_chunk(P, G, SA, GA, BUF, offs, numel, grad_mul, weight_decay, alpha, one_minus_alpha, eps, momentum,
-                   neg_lr, l1, has_weight_decay, has_l1, lerp_low, COMPUTE: tl.constexpr, CENTERED: tl.constexpr,
-                   MOMENTUM: tl.constexpr, MASKED: tl.constexpr):
+def _rmsprop_chunk(P, G, SA, GA, BUF, EXTRA, key, offs, numel, grad_mul, weight_decay, alpha, one_minus_alpha, eps,
+                   momentum, neg_lr, l1, has_weight_decay, has_l1, lerp_low, COMPUTE: tl.constexpr,
+                   CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MASKED: tl.constexpr, POLICY: tl.constexpr):
     # rmsprop.h's rmsprop_update over one chunk (masked: a tensor's last, partial chunk).
     if MASKED:
         mask = offs < numel
@@ -51,7 +53,7 @@ def _rmsprop_chunk(P, G, SA, GA, BUF, offs, numel, grad_mul, weight_decay, alpha
         mask = None
         zero = None
         one = None
-    p = tl.load(P + offs, mask=mask, other=zero).to(COMPUTE)
+    p = load_master(P, EXTRA, offs, mask, zero, COMPUTE, POLICY)
     g = tl.load(G + offs, mask=mask, other=zero).to(COMPUTE) * grad_mul
     sa = tl.load(SA + offs, mask=mask, other=one).to(COMPUTE)
     if has_l1:
@@ -79,25 +81,25 @@ def _rmsprop_chunk(P, G, SA, GA, BUF, offs, numel, grad_mul, weight_decay, alpha
     else:
         buf = sa  # unused
         p = p + exact_div(neg_lr * g, avg)  # param.addcdiv_(grad, avg, value=-lr)
-    if P.dtype.element_ty == tl.bfloat16:
-        p = bf16_rne(p)
+    store_master(P, EXTRA, offs, mask, p, key, POLICY)
+    if SA.dtype.element_ty == tl.bfloat16:
         sa = bf16_rne(sa)
         if CENTERED:
             ga = bf16_rne(ga)
         if MOMENTUM:
             buf = bf16_rne(buf)
-    tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
-    tl.store(SA + offs, sa.to(P.dtype.element_ty), mask=mask)
+    tl.store(SA + offs, sa.to(SA.dtype.element_ty), mask=mask)
     if CENTERED:
-        tl.store(GA + offs, ga.to(P.dtype.element_ty), mask=mask)
+        tl.store(GA + offs, ga.to(SA.dtype.element_ty), mask=mask)
     if MOMENTUM:
-        tl.store(BUF + offs, buf.to(P.dtype.element_ty), mask=mask)
+        tl.store(BUF + offs, buf.to(SA.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rmsprop_kernel(
-    META,  # [n_tensors, 8] int64: per tensor the addresses of p, g, square_avg, grad_avg (0 unless CENTERED),
-    #        momentum_buffer (0 unless MOMENTUM); numel; the address of its step; group
+    META,  # [n_tensors, 10] int64: per tensor the addresses of p, g, square_avg, grad_avg (0 unless CENTERED),
+    #        momentum_buffer (0 unless MOMENTUM), extra (masters or remainders, 0 without); numel; the address of
+    #        its step; group; its index in the op's lists
     CHUNKS,  # [grid, 2] int64: per program its tensor's row in META and the chunk's index within that tensor
     HYPER,  # [groups, 6] float64: per group lr, alpha, eps, weight_decay, momentum, l1
     LR,  # [groups] float64: lr_tensor, read instead of HYPER's lr when HAS_LR_TENSOR
@@ -105,7 +107,11 @@ def _rmsprop_kernel(
     FOUND_INF,  # [1] float32, read when HAS_FOUND_INF
     GRAD_NORM,  # [1] float32: the norm of the grads as passed, read when HAS_GRAD_NORM
     max_grad_norm,  # float32: the norm to clip to, when HAS_GRAD_NORM
-    DTYPE: tl.constexpr,  # storage type of p, g and the states
+    seed_lo,  # int64: the low 32 bits of stochastic_seed (POLICY 3)
+    seed_hi,  # int64: its high 32 bits
+    DTYPE: tl.constexpr,  # storage type of p, g
+    STATE: tl.constexpr,  # storage type of the states (note [state dtype])
+    POLICY: tl.constexpr,  # precision.h's MasterWeights: 0 None, 1 fp32 masters, 2 remainders, 3 stochastic
     COMPUTE: tl.constexpr,  # math type: float32, or float64 for float64 storage
     CENTERED: tl.constexpr,
     MOMENTUM: tl.constexpr,  # momentum buffers given
@@ -120,12 +126,13 @@ def _rmsprop_kernel(
     if HAS_FOUND_INF:
         if tl.load(FOUND_INF) != 0.0:
             return  # a step with inf/nan grads changes nothing
-    row, chunk = program_chunk(META, CHUNKS, 8)  # _META_COLS
+    row, chunk = program_chunk(META, CHUNKS, 10)  # _META_COLS
     P = tl.load(row + 0).to(tl.pointer_type(DTYPE))
     G = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    SA = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-    GA = tl.load(row + 3).to(tl.pointer_type(DTYPE))  # null unless CENTERED: never read
-    BUF = tl.load(row + 4).to(tl.pointer_type(DTYPE))  # null unless MOMENTUM: never read
+    SA = tl.load(row + 2).to(tl.pointer_type(STATE))
+    GA = tl.load(row + 3).to(tl.pointer_type(STATE))  # null unless CENTERED: never read
+    BUF = tl.load(row + 4).to(tl.pointer_type(STATE))  # null unless MOMENTUM: never read
+    EXTRA = tl.load(row + 5).to(tl.pointer_type(tl.int8))  # null under POLICY 0 and 3: never read
     if ALIGNED:
         # In bytes: whole chunks then use 16-byte accesses.
         P = tl.multiple_of(P, 16)
@@ -133,8 +140,12 @@ def _rmsprop_kernel(
         SA = tl.multiple_of(SA, 16)
         GA = tl.multiple_of(GA, 16)
         BUF = tl.multiple_of(BUF, 16)
-    numel = tl.load(row + 5)
-    k = tl.load(row + 7)
+    numel = tl.load(row + 6)
+    k = tl.load(row + 8)
+    key = 0
+    if POLICY == 3:
+        step = tl.load(tl.load(row + 7).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 9))
 
     # rmsprop.h's rmsprop_scalars: computed in fp64, rounded once to COMPUTE.
     hyper = HYPER + 6 * k  # _HYPER_COLS
@@ -160,13 +171,13 @@ def _rmsprop_kernel(
     start = chunk * BLOCK  # int64: tensors of 2^31 elements and more
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _rmsprop_chunk(P, G, SA, GA, BUF, offs, numel, c_grad_mul, c_weight_decay, c_alpha, c_one_minus_alpha, c_eps,
-                       c_momentum, c_neg_lr, c_l1, has_weight_decay, has_l1, lerp_low, COMPUTE, CENTERED, MOMENTUM,
-                       False)
+        _rmsprop_chunk(P, G, SA, GA, BUF, EXTRA, key, offs, numel, c_grad_mul, c_weight_decay, c_alpha,
+                       c_one_minus_alpha, c_eps, c_momentum, c_neg_lr, c_l1, has_weight_decay, has_l1, lerp_low,
+                       COMPUTE, CENTERED, MOMENTUM, False, POLICY)
     else:
-        _rmsprop_chunk(P, G, SA, GA, BUF, offs, numel, c_grad_mul, c_weight_decay, c_alpha, c_one_minus_alpha, c_eps,
-                       c_momentum, c_neg_lr, c_l1, has_weight_decay, has_l1, lerp_low, COMPUTE, CENTERED, MOMENTUM,
-                       True)
+        _rmsprop_chunk(P, G, SA, GA, BUF, EXTRA, key, offs, numel, c_grad_mul, c_weight_decay, c_alpha,
+                       c_one_minus_alpha, c_eps, c_momentum, c_neg_lr, c_l1, has_weight_decay, has_l1, lerp_low,
+                       COMPUTE, CENTERED, MOMENTUM, True, POLICY)
 
 
 # -- host code -----------------------------------------------------------------
@@ -198,28 +209,41 @@ def rmsprop_step_triton(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One RMSprop step over many tensors, in place (the contract of torch.ops.pyoptim.rmsprop_step_)."""
     kwargs = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                   l1_weight_decay=l1_weight_decay, group_sizes=group_sizes, centered=centered, maximize=maximize,
                   lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                  max_grad_norm=max_grad_norm)
+                  max_grad_norm=max_grad_norm, stochastic_seed=stochastic_seed)
     lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps)
-    check_rmsprop_args(*lists, **kwargs, device_type=device_type_required())
+    check_rmsprop_args(*lists, **kwargs, master_params=master_params, param_remainders=param_remainders,
+                       device_type=device_type_required())
     if len(params) == 0:
         return
     device = params[0].device
+    extra = master_params if master_params is not None else param_remainders
+    policy = policy_of(master_params, param_remainders, stochastic_seed)
     if interpret() and device.type != "cpu":
-        via_cpu(rmsprop_step_triton, lists, (0, 2, 3, 4, 5), **kwargs)
+        if extra is None:
+            via_cpu(rmsprop_step_triton, lists, (0, 2, 3, 4, 5), **kwargs)
+        else:
+            name = "master_params" if master_params is not None else "param_remainders"
+            via_cpu(lambda *ls, **kw: rmsprop_step_triton(*ls[:6], **kw, **{name: ls[6]}), lists + (extra,),
+                    (0, 2, 3, 4, 5, 6), **kwargs)
         return
     dtype = params[0].dtype
     block, num_warps = LAUNCH[dtype]
     has_momentum = len(momentum_buffers) > 0
+    seed = stochastic_seed or 0
     with on_device(device):
         group_of = [k for k, size in enumerate(group_sizes) for _ in range(size)]
         work = Work((params, grads, square_avgs, grad_avgs if centered else None,
-                     momentum_buffers if has_momentum else None),
-                    (True, False, True, True, True), ([s.data_ptr() for s in state_steps], group_of))
+                     momentum_buffers if has_momentum else None, extra),
+                    (True, False, True, True, True, True),
+                    ([s.data_ptr() for s in state_steps], group_of, range(len(params))))
         tensors = tensor_tables(_tensor_tables, device, work, block)
         hyper_values = tuple(x for k in range(len(group_sizes))
                              for x in (lr[k], alpha[k], eps[k], weight_decay[k], momentum[k],
@@ -229,12 +253,14 @@ def rmsprop_step_triton(
         meta = tensors.views["meta"]
         n = len(params)
         step_count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
-            meta, found_inf, n, COLS=_META_COLS, STEP_COL=6, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
+            meta, found_inf, n, COLS=_META_COLS, STEP_COL=7, HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNT_BLOCK,
             num_warps=4)
         for grid, chunk_table, is_aligned, _ in tensors.chunk_launches():
             _rmsprop_kernel[grid](
                 meta, chunk_table, hyper.views["hyper"], lr_tensor, grad_scale, found_inf, grad_norm,
-                float(max_grad_norm), **tl_types(dtype), CENTERED=centered, MOMENTUM=has_momentum, MAXIMIZE=maximize,
+                float(max_grad_norm), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, **tl_types(dtype),
+                STATE=TL_DTYPE[square_avgs[0].dtype], POLICY=policy, CENTERED=centered, MOMENTUM=has_momentum,
+                MAXIMIZE=maximize,
                 **step_flags(lr_tensor, grad_scale, found_inf, grad_norm), ALIGNED=is_aligned, BLOCK=block,
                 num_warps=num_warps, enable_fp_fusion=False)  # note [exact fp32]
         work.finish()

@@ -239,11 +239,7 @@ def check_sgd_args(params, grads, momentum_buffers, *, lr, momentum, dampening, 
     check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n, op, "params and grads must have the same length, got ", n, " and ", len(grads))
-    _check(stochastic_seed is None or state_steps is not None, op,
-           "stochastic_seed needs state_steps (the step counters its random bits hash)")
-    if state_steps is not None:
-        _check(len(state_steps) == n, op, "state_steps has ", len(state_steps), " entries but params has ", n)
-        _check_state_steps(op, state_steps, params)
+    _check_policy_steps(op, stochastic_seed, state_steps, params)
     check_group_lists(op, group_sizes, {"lr": lr, "momentum": momentum, "dampening": dampening,
                                         "weight_decay": weight_decay}, n)
     for k in range(len(group_sizes)):
@@ -271,15 +267,29 @@ def _check_state_steps(op: str, state_steps, params) -> None:
                "] is on ", params[i].device)
 
 
+def _check_policy_steps(op: str, stochastic_seed, state_steps, params) -> None:
+    # The optional step counters of an op that keeps no step (sgd_step_, lion_step_): stochastic rounding's random
+    # bits hash them, so stochastic_seed needs them (csrc/optim_host.cpp's check_policy_steps).
+    _check(stochastic_seed is None or state_steps is not None, op,
+           "stochastic_seed needs state_steps (the step counters its random bits hash)")
+    if state_steps is not None:
+        _check(len(state_steps) == len(params), op, "state_steps has ", len(state_steps), " entries but params has ",
+               len(params))
+        _check_state_steps(op, state_steps, params)
+
+
 def check_lion_args(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, group_sizes, l1_weight_decay=(),
                     lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0,
+                    master_params=None, param_remainders=None, stochastic_seed=None, state_steps=None,
                     device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of lion_step_."""
     op = "lion_step_"
-    check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs}, device_type)
+    check_tensor_lists(op, "params", params, {"grads": grads}, device_type, state={"exp_avgs": exp_avgs})
+    check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n and len(exp_avgs) == n, op, "params, grads and exp_avgs must have the same length, got ",
            n, ", ", len(grads), ", ", len(exp_avgs))
+    _check_policy_steps(op, stochastic_seed, state_steps, params)
     check_group_lists(op, group_sizes, {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}, n)
     for k in range(len(group_sizes)):
         _check(lr[k] >= 0.0, op, "Invalid learning rate: ", lr[k], " (group ", k, ")")
@@ -329,10 +339,12 @@ def _check_not_negative(op: str, what: str, values: Sequence[float], k: int) -> 
 
 def check_adagrad_args(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, group_sizes,
                        l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
-                       max_grad_norm=0.0, device_type=None, **_unused) -> None:
+                       max_grad_norm=0.0, master_params=None, param_remainders=None, stochastic_seed=None,
+                       device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of adagrad_step_."""
     op = "adagrad_step_"
-    check_tensor_lists(op, "params", params, {"grads": grads, "state_sums": state_sums}, device_type)
+    check_tensor_lists(op, "params", params, {"grads": grads}, device_type, state={"state_sums": state_sums})
+    check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n and len(state_sums) == n and len(state_steps) == n, op,
            "params, grads, state_sums and state_steps must have the same length, got ", n, ", ", len(grads), ", ",
@@ -351,12 +363,13 @@ def check_adagrad_args(params, grads, state_sums, state_steps, *, lr, lr_decay, 
 
 def check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
                        weight_decay, momentum, group_sizes, centered, l1_weight_decay=(), lr_tensor=None,
-                       grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0, device_type=None,
-                       **_unused) -> None:
+                       grad_scale=None, found_inf=None, grad_norm=None, max_grad_norm=0.0, master_params=None,
+                       param_remainders=None, stochastic_seed=None, device_type=None, **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of rmsprop_step_."""
     op = "rmsprop_step_"
-    check_tensor_lists(op, "params", params, {"grads": grads, "square_avgs": square_avgs, "grad_avgs": grad_avgs,
-                                              "momentum_buffers": momentum_buffers}, device_type)
+    check_tensor_lists(op, "params", params, {"grads": grads}, device_type,
+                       state={"square_avgs": square_avgs, "grad_avgs": grad_avgs, "momentum_buffers": momentum_buffers})
+    check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n and len(square_avgs) == n and len(state_steps) == n, op,
            "params, grads, square_avgs and state_steps must have the same length, got ", n, ", ", len(grads), ", ",

@@ -169,16 +169,24 @@ def lion_step_(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
+    state_steps: Optional[Sequence[torch.Tensor]] = None,
     backend: Optional[str] = None,
 ) -> None:
     """One Lion step over many tensors of one device and dtype, in place (csrc/include/pyoptim/lion.h's math).
 
-    Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    Per-group lists, group_sizes, the StepAux arguments, l1_weight_decay, the exp_avgs' dtype and the precision
+    policy as in adam_step_; Lion keeps no step, so `stochastic_seed` needs `state_steps` (float32 counters,
+    advanced by one each step), as in sgd_step_.
     """
+    precision = _given(master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed, state_steps=state_steps)
     _step("lion_step_", check_lion_args, (params, grads, exp_avgs),
           dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, l1_weight_decay=l1_weight_decay),
           group_sizes, backend, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-          grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+          grad_norm=grad_norm, max_grad_norm=max_grad_norm, **precision)
 
 
 def lamb_step_(
@@ -268,16 +276,22 @@ def adagrad_step_(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> None:
     """One Adagrad step over many tensors of one device and dtype, in place (csrc/include/pyoptim/adagrad.h's math).
 
-    Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    Per-group lists, group_sizes, the StepAux arguments, l1_weight_decay, the state_sums' dtype and the precision
+    policy as in adam_step_ (stochastic rounding hashes the advanced state_steps).
     """
+    precision = _given(master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed)
     _step("adagrad_step_", check_adagrad_args, (params, grads, state_sums, state_steps),
           dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
           group_sizes, backend, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-          grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+          grad_norm=grad_norm, max_grad_norm=max_grad_norm, **precision)
 
 
 def rmsprop_step_(
@@ -302,19 +316,26 @@ def rmsprop_step_(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> None:
     """One RMSprop step over many tensors of one device and dtype, in place (csrc/include/pyoptim/rmsprop.h's math).
 
     `grad_avgs` is read only when `centered`; `momentum_buffers` is empty when no group has momentum. Per-group
-    lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_.
+    lists, group_sizes, the StepAux arguments, l1_weight_decay, the state's dtype (one for square_avgs, grad_avgs
+    and momentum_buffers) and the precision policy as in adam_step_ (stochastic rounding hashes the advanced
+    state_steps).
     """
+    precision = _given(master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed)
     _step("rmsprop_step_", check_rmsprop_args,
           (params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps),
           dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                l1_weight_decay=l1_weight_decay),
           group_sizes, backend, centered=centered, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-          found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+          found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm, **precision)
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0, *,

@@ -278,11 +278,17 @@ def lion_step_ref(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
+    state_steps: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """One Lion step over many tensors, in place (the contract of torch.ops.pyoptim.lion_step_)."""
     check_lion_args(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                     group_sizes=group_sizes, l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor,
-                    grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                    grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                    master_params=master_params, param_remainders=param_remainders, stochastic_seed=stochastic_seed,
+                    state_steps=state_steps)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -291,7 +297,7 @@ def lion_step_ref(
     for i, p in enumerate(params):
         k = group_of[i]
         ct = _opmath(p.dtype)
-        param = p.to(ct)
+        param = param_fp32(p, i, master_params, param_remainders)
         grad = grads[i].to(ct) * grad_mul
         exp_avg = exp_avgs[i].to(ct)
         l1 = group_l1(l1_weight_decay, k)
@@ -300,7 +306,12 @@ def lion_step_ref(
         if weight_decay[k] != 0:
             param = param * (1 - lrs[k] * weight_decay[k])
         param = param + (-lrs[k]) * torch.sign(exp_avg * beta1[k] + (1 - beta1[k]) * grad)
-        p.copy_(param)
+        step = None
+        if state_steps is not None:
+            state_steps[i].add_(1)
+            step = state_steps[i].item()
+        key = None if stochastic_seed is None else stochastic_key(stochastic_seed, step, i)
+        write_param(p, i, param, master_params, param_remainders, key)
         exp_avgs[i].copy_(exp_avg * beta2[k] + (1 - beta2[k]) * grad)
 
 
@@ -420,11 +431,16 @@ def adagrad_step_ref(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One Adagrad step over many tensors, in place (the contract of torch.ops.pyoptim.adagrad_step_)."""
     check_adagrad_args(params, grads, state_sums, state_steps, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                        eps=eps, group_sizes=group_sizes, l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor,
-                       grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                       grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                       master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -436,7 +452,7 @@ def adagrad_step_ref(
         step = state_steps[i].item()
         clr = lrs[k] / (1 + (step - 1) * lr_decay[k])
         ct = _opmath(p.dtype)
-        param = p.to(ct)
+        param = param_fp32(p, i, master_params, param_remainders)
         grad = grads[i].to(ct) * grad_mul
         l1 = group_l1(l1_weight_decay, k)
         if l1 != 0:
@@ -445,7 +461,8 @@ def adagrad_step_ref(
             grad = grad + weight_decay[k] * param
         state_sum = state_sums[i].to(ct) + grad * grad
         state_sums[i].copy_(state_sum)
-        p.copy_(param + (-clr) * grad / (state_sum.sqrt() + eps[k]))
+        key = None if stochastic_seed is None else stochastic_key(stochastic_seed, step, i)
+        write_param(p, i, param + (-clr) * grad / (state_sum.sqrt() + eps[k]), master_params, param_remainders, key)
 
 
 def rmsprop_step_ref(
@@ -470,12 +487,17 @@ def rmsprop_step_ref(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One RMSprop step over many tensors, in place (the contract of torch.ops.pyoptim.rmsprop_step_)."""
     check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr=lr, alpha=alpha,
                        eps=eps, weight_decay=weight_decay, momentum=momentum, group_sizes=group_sizes,
                        centered=centered, l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale,
-                       found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                       found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                       master_params=master_params, param_remainders=param_remainders,
+                       stochastic_seed=stochastic_seed)
     prelude = _step_prelude(params, group_sizes, lr, lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm,
                             maximize)
     if prelude is None:
@@ -483,9 +505,10 @@ def rmsprop_step_ref(
     grad_mul, group_of, lrs = prelude
     for i, p in enumerate(params):
         k = group_of[i]
-        state_steps[i].add_(1)  # counted; no formula reads it
+        state_steps[i].add_(1)  # counted; no formula reads it, stochastic rounding's draws hash it
+        key = None if stochastic_seed is None else stochastic_key(stochastic_seed, state_steps[i].item(), i)
         ct = _opmath(p.dtype)
-        param = p.to(ct)
+        param = param_fp32(p, i, master_params, param_remainders)
         grad = grads[i].to(ct) * grad_mul
         l1 = group_l1(l1_weight_decay, k)
         if l1 != 0:
@@ -503,9 +526,10 @@ def rmsprop_step_ref(
         if len(momentum_buffers):
             buf = momentum_buffers[i].to(ct) * momentum[k] + grad / avg
             momentum_buffers[i].copy_(buf)
-            p.copy_(param + (-lrs[k]) * buf)
+            param = param + (-lrs[k]) * buf
         else:
-            p.copy_(param + (-lrs[k]) * grad / avg)
+            param = param + (-lrs[k]) * grad / avg
+        write_param(p, i, param, master_params, param_remainders, key)
 
 
 def multi_tensor_norm_ref(tensors: Sequence[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -434,12 +434,18 @@ def test_groups_of_different_policies_and_state_dtypes(impl):
 
 
 # -- every optimizer with a policy (issue 15's remaining part) ------------------------------------------------
-# (class, its op, constructor keywords): momentum on (the buffers are the state state_dtype sets) and Nesterov.
+# (class, its op, constructor keywords): momentum on (the buffers are the state state_dtype sets) and Nesterov;
+# Adagrad with a decaying lr and a nonzero first sum; RMSprop plain and with all three of its states.
 OPTIMIZERS = {
     "adamw": (pyoptim.optim.AdamW, "adam_step_", dict(lr=1e-2)),
     "sgd": (pyoptim.optim.SGD, "sgd_step_", dict(lr=1e-2, momentum=0.9)),
     "sgd-nesterov": (pyoptim.optim.SGD, "sgd_step_", dict(lr=1e-2, momentum=0.9, nesterov=True)),
     "sgd-plain": (pyoptim.optim.SGD, "sgd_step_", dict(lr=1e-2)),
+    "adagrad": (pyoptim.optim.Adagrad, "adagrad_step_", dict(lr=1e-2, lr_decay=0.01, initial_accumulator_value=0.1)),
+    "rmsprop": (pyoptim.optim.RMSprop, "rmsprop_step_", dict(lr=1e-3)),
+    "rmsprop-centered-momentum": (pyoptim.optim.RMSprop, "rmsprop_step_",
+                                  dict(lr=1e-3, centered=True, momentum=0.9)),
+    "lion": (pyoptim.optim.Lion, "lion_step_", dict(lr=1e-3)),
 }
 OPT_IMPLS = [(name, impl) for name, (_, op, _) in OPTIMIZERS.items() for impl in impls(op)]
 
@@ -455,6 +461,15 @@ def _make(name, params, **kw):
 
 def _grads_for(params, g):
     return [torch.randn(p.shape, generator=g).bfloat16().to(p.device) for p in params]
+
+
+def _twin(name, params, **kw):
+    """The optimizer `name` is a drop-in for, with the same hyperparameters: torch.optim's (lion-pytorch's Lion)."""
+    cls, _, base = OPTIMIZERS[name]
+    if cls is pyoptim.optim.Lion:
+        lion_pytorch = pytest.importorskip("lion_pytorch", reason="Lion's twin, lion-pytorch, is not installed")
+        return lion_pytorch.Lion(params, **base)
+    return getattr(torch.optim, cls.__name__)(params, **base, **kw)
 
 
 @pytest.mark.parametrize("case", OPT_IMPLS, ids=_opt_id)
@@ -604,8 +619,9 @@ def test_every_optimizer_checkpoint_resumes_exactly(name, policy):
 
 @pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adamw"])
 def test_every_optimizer_checkpoint_across_policies_and_torch(name):
-    # "fp32" -> "remainder" -> "fp32" keeps the masters exactly; None -> "stochastic" starts its counter; a
-    # torch.optim checkpoint loads into a policy and one without a policy goes back to torch exactly.
+    # "fp32" -> "remainder" -> "fp32" keeps the masters exactly; None -> "stochastic" starts its counter (SGD's
+    # and Lion's; Adagrad and RMSprop go on with their own step); a torch.optim checkpoint loads into a policy
+    # and one without a policy goes back to torch exactly.
     ps = [p.bfloat16().requires_grad_() for p in _init(torch.device("cpu"))]
     opt = _make(name, ps, master_weights="fp32", backend="reference")
     _run(name, opt, ps, 4, 3)
@@ -622,16 +638,18 @@ def test_every_optimizer_checkpoint_across_policies_and_torch(name):
     sto = _make(name, [r.detach().clone().requires_grad_() for r in rs], master_weights="stochastic",
                 backend="reference")
     sto.load_state_dict(back.state_dict())
+    own_step = "step" in back.state[rs[0]]
+    before = [float(sto.state[p]["step"]) for p in sto.param_groups[0]["params"]]
+    assert all(b == (4.0 if own_step else 0.0) for b in before)
     _run(name, sto, sto.param_groups[0]["params"], 1, 4)
-    assert all(float(sto.state[p]["step"]) == 1.0 for p in sto.param_groups[0]["params"])
-    cls, _, base = OPTIMIZERS[name]
+    assert all(float(sto.state[p]["step"]) == b + 1 for p, b in zip(sto.param_groups[0]["params"], before))
     tp = [p.detach().clone().requires_grad_() for p in ps]
-    t = getattr(torch.optim, cls.__name__)(tp, **base, foreach=False)
+    t = _twin(name, tp, foreach=False)
     _run(name, t, tp, 2, 5)
     up = [p.detach().clone().requires_grad_() for p in tp]
     ours = _make(name, up, backend="reference")
     ours.load_state_dict(t.state_dict())
-    t2 = getattr(torch.optim, cls.__name__)([p.detach().clone().requires_grad_() for p in up], **base)
+    t2 = _twin(name, [p.detach().clone().requires_grad_() for p in up])
     t2.load_state_dict(ours.state_dict())
     for a, b in zip(t.state_dict()["state"].values(), t2.state_dict()["state"].values()):
         for k in a:
@@ -688,3 +706,109 @@ def test_sgd_bytes_per_param(policy, state_dtype, want):
     opt.step()
     state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
     assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want
+
+
+# The per-element state each optimizer keeps, by name (its bf16 state as state_dtype=torch.bfloat16 makes it).
+_ELEMENT_STATE = {"adagrad": ("sum",), "rmsprop": ("square_avg",),
+                  "rmsprop-centered-momentum": ("square_avg", "grad_avg", "momentum_buffer"), "lion": ("exp_avg",)}
+
+
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] in _ELEMENT_STATE], ids=_opt_id)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_every_optimizer_bf16_state(case, param_dtype):
+    # state_dtype=bf16: every per-element state is bf16 from the start (Adagrad's sum is
+    # initial_accumulator_value rounded to bf16) and stays within a few bf16 roundings of an fp32-state run's
+    # (one rounding a step, 2^-9 relative, over 5 steps: 2^-6 relative, or 2^-6 of the largest value for states
+    # near 0); the params within two bf16 ulps of that run's (a state's rounding may flip a bf16 param's
+    # rounding) plus, for Lion, one sign flip (a state's rounding may flip the sign of a near-zero update: 2 lr).
+    name, impl = case
+    device = _device(impl)
+    steps = 5 if impl[1] != "triton" else 3
+    runs = {}
+    for sd in (torch.bfloat16, torch.float32):
+        ps = [p.to(param_dtype).requires_grad_() for p in _init(device)]
+        opt = _make(name, ps, backend=impl[1], state_dtype=sd)
+        if name == "adagrad":
+            for p in ps:
+                want = torch.full_like(p, 0.1, dtype=sd)
+                assert opt.state[p]["sum"].dtype == sd and torch.equal(opt.state[p]["sum"], want)
+        _run(name, opt, ps, steps, 4)
+        runs[sd] = [(p.detach().float(), [opt.state[p][k] for k in _ELEMENT_STATE[name]]) for p in ps]
+    atol = 1e-3 + (2 * OPTIMIZERS[name][2]["lr"] if name == "lion" else 0.0)
+    for (p, st), (p32, st32) in zip(runs[torch.bfloat16], runs[torch.float32]):
+        for b, b32 in zip(st, st32):
+            assert b.dtype == torch.bfloat16 and b32.dtype == torch.float32
+            torch.testing.assert_close(b.float(), b32, rtol=2**-6, atol=2**-6 * float(b32.abs().max()))
+        torch.testing.assert_close(p, p32, rtol=2**-6, atol=atol)
+
+
+# bytes per bf16 param (param + per-element state, 0-d steps not counted) for each policy and state dtype: the
+# README's table, for one per-element state tensor (Adagrad, RMSprop, Lion) and for three (RMSprop, centered,
+# with momentum).
+_POLICY_CASES = [(None, None), ("fp32", None), ("remainder", None), ("remainder", torch.bfloat16),
+                 ("stochastic", None), ("stochastic", torch.bfloat16)]
+_BYTES = {1: (4, 10, 8, 6, 6, 4), 3: (8, 18, 16, 10, 14, 8)}
+
+
+@pytest.mark.parametrize("name", list(_ELEMENT_STATE))
+@pytest.mark.parametrize("i", range(len(_POLICY_CASES)), ids=lambda i: f"{_POLICY_CASES[i][0]}-{_POLICY_CASES[i][1]}")
+def test_every_optimizer_bytes_per_param(name, i):
+    policy, state_dtype = _POLICY_CASES[i]
+    want = _BYTES[len(_ELEMENT_STATE[name])][i]
+    p = torch.zeros(1000, dtype=torch.bfloat16, requires_grad=True)
+    opt = _make(name, [p], master_weights=policy, state_dtype=state_dtype, backend="reference")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
+    assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
+@pytest.mark.parametrize("op", ["adagrad_step_", "rmsprop_step_", "lion_step_"])
+def test_every_optimizer_opcheck(op, policy):
+    # The schemas' aliasing of master_params / param_remainders / Lion's state_steps, the fake kernels and the
+    # CPU kernels agree (as test_opcheck for adam_step_).
+    shapes = [(5,), (2, 3), ()]
+    p = [torch.randn(s).bfloat16() for s in shapes]
+    g = [torch.randn(s).bfloat16() for s in shapes]
+    state_dtype = torch.bfloat16 if policy == "bf16state" else torch.float32
+    st = lambda: [torch.randn(s).abs().to(state_dtype) for s in shapes]  # noqa: E731
+    steps = lambda: [torch.tensor(2.0) for _ in shapes]  # noqa: E731
+    common = dict(lr=[1e-3], weight_decay=[0.1], group_sizes=[3], maximize=False)
+    if op == "adagrad_step_":
+        args, kwargs = (p, g, st(), steps()), dict(common, lr_decay=[0.01], eps=[1e-10])
+    elif op == "rmsprop_step_":
+        sa = [t + 1 for t in st()]  # square_avg - grad_avg^2 > 0: centered's sqrt is real
+        args = (p, g, sa, [t * 0.1 for t in st()], st(), steps())
+        kwargs = dict(common, alpha=[0.99], eps=[1e-8], momentum=[0.9], centered=True)
+    else:
+        args, kwargs = (p, g, st()), dict(common, beta1=[0.9], beta2=[0.99])
+    if policy == "fp32":
+        kwargs["master_params"] = [x.float() for x in p]
+    elif policy == "remainder":
+        kwargs["param_remainders"] = [torch.zeros(s, dtype=torch.int16) for s in shapes]
+    elif policy == "stochastic":
+        kwargs["stochastic_seed"] = 11
+        if op == "lion_step_":
+            kwargs["state_steps"] = steps()
+    torch.library.opcheck(getattr(torch.ops.pyoptim, op), args, kwargs)
+
+
+@pytest.mark.parametrize("policy", ["fp32", "remainder"])
+def test_adagrad_master_from_the_param_at_its_first_step(policy):
+    # Adagrad makes its state at construction (torch's); a policy's master or remainder waits for the first step,
+    # so weights loaded into the model after the optimizer was built are what the masters start from.
+    p = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True)
+    opt = pyoptim.optim.Adagrad([p], lr=0.1, master_weights=policy, backend="reference")
+    assert set(opt.state[p]) == {"step", "sum"}
+    with torch.no_grad():
+        p.copy_(torch.linspace(-2, 2, 8))
+    ref = p.detach().float().requires_grad_()
+    o_ref = pyoptim.optim.Adagrad([ref], lr=0.1, backend="reference")
+    for _ in range(3):
+        p.grad = torch.linspace(1, -1, 8).bfloat16()
+        ref.grad = p.grad.float()
+        opt.step()
+        o_ref.step()
+    assert torch.equal(_masters(opt, [p], policy)[0], ref.detach())

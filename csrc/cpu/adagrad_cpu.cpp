@@ -23,21 +23,26 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                      double max_grad_norm) {
+                      double max_grad_norm, std::optional<at::TensorList> master_params,
+                      std::optional<at::TensorList> param_remainders, std::optional<int64_t> stochastic_seed) {
   const AdagradArgs args{params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, l1_weight_decay,
-                         group_sizes, maximize, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+                         group_sizes, maximize, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
+                         PrecisionArgs{master_params, param_remainders, stochastic_seed}};
   check_adagrad_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
-  MultiTensorWork work = prepare_work({params, grads, state_sums}, {true, false, true}, group_sizes);
+  const at::TensorList extra = args.precision.extra();
+  MultiTensorWork work = prepare_work({params, grads, state_sums, extra}, {true, false, true, true}, group_sizes);
   AdagradCpuLaunch L;
   L.dtype = params[0].scalar_type();
+  L.state_dtype = state_sums[0].scalar_type();
+  L.policy = static_cast<MasterWeights>(args.precision.policy());
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
-  reserve_each(n, L.p, L.g, L.sum, L.hyper, L.lr, L.step);
+  reserve_each(n, L.p, L.g, L.sum, L.hyper, L.lr, L.step, L.extra, L.key);
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
@@ -46,6 +51,8 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     L.hyper.push_back(AdagradHyper{lr[k], lr_decay[k], weight_decay[k], eps[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
     L.step.push_back(cpu_advance_step(state_steps[i]));
+    L.extra.push_back(extra.empty() ? nullptr : work.lists[3][i].data_ptr());
+    L.key.push_back(stochastic_seed ? stochastic_key(*stochastic_seed, L.step.back(), i) : 0u);
   }
   L.numel = std::move(work.numel);
   L.plan = plan_launch_groups(L.numel, kAdagradCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);

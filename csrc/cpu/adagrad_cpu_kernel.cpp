@@ -8,6 +8,7 @@
 
 #include "adagrad_cpu.h"
 #include "multi_tensor_cpu.h"
+#include "precision_cpu.h"
 #include "vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -43,14 +44,39 @@ void adagrad_all(const AdagradCpuLaunch& L) {
   });
 }
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py): params of storage type T, sum of
+// storage type U, through precision_cpu.h's loop.
+template <typename T, typename U>
+void adagrad_mixed(const AdagradCpuLaunch& L) {
+  using V = at::vec::Vectorized<float>;
+  parallel_chunks(L.plan, kAdagradCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    const AdagradCoeffs<V> c(adagrad_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul));
+    U* const state[1] = {static_cast<U*>(L.sum[i])};
+    precision_range<T, U, 1, 0b1u, 0b1u>(L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]),
+                                         L.extra[i], L.key[i], state, begin, end,
+                                         [&](V& p, V g, V (&s)[1]) { adagrad_update(p, g, s[0], c); });
+  });
+}
+
+template <typename T>
+void adagrad_dispatch(const AdagradCpuLaunch& L) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (L.policy != MasterWeights::kNone || L.state_dtype != L.dtype) {
+      return L.state_dtype == c10::ScalarType::BFloat16 ? adagrad_mixed<T, c10::BFloat16>(L)
+                                                        : adagrad_mixed<T, float>(L);
+    }
+  }
+  adagrad_all<T>(L);
+}
+
 }  // namespace
 
 void adagrad_kernel(const AdagradCpuLaunch& L) {
   switch (L.dtype) {
-    case c10::ScalarType::Float: return adagrad_all<float>(L);
-    case c10::ScalarType::Double: return adagrad_all<double>(L);
-    case c10::ScalarType::Half: return adagrad_all<c10::Half>(L);
-    case c10::ScalarType::BFloat16: return adagrad_all<c10::BFloat16>(L);
+    case c10::ScalarType::Float: return adagrad_dispatch<float>(L);
+    case c10::ScalarType::Double: return adagrad_dispatch<double>(L);
+    case c10::ScalarType::Half: return adagrad_dispatch<c10::Half>(L);
+    case c10::ScalarType::BFloat16: return adagrad_dispatch<c10::BFloat16>(L);
     default: TORCH_INTERNAL_ASSERT(false, "adagrad_step_cpu: unexpected dtype ", L.dtype);
   }
 }

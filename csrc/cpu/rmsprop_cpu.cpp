@@ -24,27 +24,32 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool centered, bool maximize,
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                      double max_grad_norm) {
+                      double max_grad_norm, std::optional<at::TensorList> master_params,
+                      std::optional<at::TensorList> param_remainders, std::optional<int64_t> stochastic_seed) {
   const RmspropArgs args{params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha, eps,
                          weight_decay, momentum, l1_weight_decay, group_sizes, centered, maximize,
-                         StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+                         StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
+                         PrecisionArgs{master_params, param_remainders, stochastic_seed}};
   check_rmsprop_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
   const bool has_momentum = !momentum_buffers.empty();
+  const at::TensorList extra = args.precision.extra();
   MultiTensorWork work = prepare_work(
-      {params, grads, square_avgs, centered ? grad_avgs : at::TensorList(), momentum_buffers},
-      {true, false, true, true, true}, group_sizes);
+      {params, grads, square_avgs, centered ? grad_avgs : at::TensorList(), momentum_buffers, extra},
+      {true, false, true, true, true, true}, group_sizes);
   RmspropCpuLaunch L;
   L.dtype = params[0].scalar_type();
+  L.state_dtype = square_avgs[0].scalar_type();
+  L.policy = static_cast<MasterWeights>(args.precision.policy());
   L.centered = centered;
   L.momentum = has_momentum;
   L.grad_mul = cpu_grad_multiplier(args.aux, maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
-  reserve_each(n, L.p, L.g, L.sa, L.ga, L.buf, L.hyper, L.lr);
+  reserve_each(n, L.p, L.g, L.sa, L.ga, L.buf, L.hyper, L.lr, L.extra, L.key);
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
@@ -59,7 +64,10 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     L.hyper.push_back(
         RmspropHyper{lr[k], alpha[k], eps[k], weight_decay[k], momentum[k], group_l1(l1_weight_decay, k)});
     L.lr.push_back(group_lr[k]);
-    cpu_advance_step(state_steps[i]);  // counted, as torch counts it; no formula reads it
+    // Counted, as torch counts it; no formula reads it, stochastic rounding's draws hash it.
+    const double step = cpu_advance_step(state_steps[i]);
+    L.extra.push_back(extra.empty() ? nullptr : work.lists[5][i].data_ptr());
+    L.key.push_back(stochastic_seed ? stochastic_key(*stochastic_seed, step, i) : 0u);
   }
   L.numel = std::move(work.numel);
   L.plan = plan_launch_groups(L.numel, kRmspropCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);

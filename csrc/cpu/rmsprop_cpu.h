@@ -8,6 +8,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <pyoptim/multi_tensor.h>
+#include <pyoptim/precision.h>
 #include <pyoptim/rmsprop.h>
 
 #include "cpu_isa.h"
@@ -20,6 +21,10 @@ constexpr int64_t kRmspropCpuChunk = 16384;
 
 struct RmspropCpuLaunch {
   c10::ScalarType dtype;
+  c10::ScalarType state_dtype;        // of sa, ga, buf (note [state dtype])
+  MasterWeights policy;
+  std::vector<void*> extra;           // per tensor: its masters or remainders (nullptr under other policies)
+  std::vector<uint32_t> key;          // per tensor: note [stochastic key] (kStochastic)
   bool centered;                      // ga given
   bool momentum;                      // buf given
   double grad_mul;                    // inv_grad_scale * (maximize ? -1 : 1) * clip_coef

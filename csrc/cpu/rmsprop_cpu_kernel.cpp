@@ -7,6 +7,7 @@
 #include <pyoptim/rmsprop.h>
 
 #include "multi_tensor_cpu.h"
+#include "precision_cpu.h"
 #include "rmsprop_cpu.h"
 #include "vec_math.h"
 
@@ -45,8 +46,39 @@ void rmsprop_all(const RmspropCpuLaunch& L) {
   });
 }
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py): params of storage type T, the state
+// (square_avg, grad_avg, momentum_buffer) of storage type U, through precision_cpu.h's loop.
+template <typename T, typename U, bool CENTERED, bool MOMENTUM>
+void rmsprop_mixed(const RmspropCpuLaunch& L) {
+  using V = at::vec::Vectorized<float>;
+  constexpr unsigned kState = 0b001u | (CENTERED ? 0b010u : 0u) | (MOMENTUM ? 0b100u : 0u);
+  parallel_chunks(L.plan, kRmspropCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    const RmspropCoeffs<V> c(rmsprop_scalars<float>(L.hyper[i], L.lr[i], L.grad_mul));
+    U* const state[3] = {static_cast<U*>(L.sa[i]), CENTERED ? static_cast<U*>(L.ga[i]) : nullptr,
+                         MOMENTUM ? static_cast<U*>(L.buf[i]) : nullptr};
+    precision_range<T, U, 3, kState, kState>(
+        L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]), L.extra[i], L.key[i], state, begin, end,
+        [&](V& p, V g, V (&s)[3]) { rmsprop_update<CENTERED, MOMENTUM>(p, g, s[0], s[1], s[2], c); });
+  });
+}
+
+template <typename T, typename U>
+void rmsprop_mixed_flags(const RmspropCpuLaunch& L) {
+  if (L.centered) {
+    L.momentum ? rmsprop_mixed<T, U, true, true>(L) : rmsprop_mixed<T, U, true, false>(L);
+  } else {
+    L.momentum ? rmsprop_mixed<T, U, false, true>(L) : rmsprop_mixed<T, U, false, false>(L);
+  }
+}
+
 template <typename T>
 void rmsprop_dispatch_flags(const RmspropCpuLaunch& L) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (L.policy != MasterWeights::kNone || L.state_dtype != L.dtype) {
+      return L.state_dtype == c10::ScalarType::BFloat16 ? rmsprop_mixed_flags<T, c10::BFloat16>(L)
+                                                        : rmsprop_mixed_flags<T, float>(L);
+    }
+  }
   if (L.centered) {
     L.momentum ? rmsprop_all<T, true, true>(L) : rmsprop_all<T, true, false>(L);
   } else {

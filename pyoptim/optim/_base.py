@@ -490,6 +490,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                         unit = self._flat_units.get(id(p))
                         if unit is not None:
                             unit.rehome(p, state)
+                elif policy in _POLICY_STATE and _POLICY_STATE[policy][0] not in state:
+                    # State made before the first step (Adagrad's, at construction): the policy's master or
+                    # remainder from the param as it is at its first step, committed with the step as new state is.
+                    state = dict(state)
+                    state[_POLICY_STATE[policy][0]] = self._policy_state(p, policy)
+                    new_state[p] = state
                 key = (p.device, p.dtype, backend, precision) + flags[fresh]
                 bucket = buckets.get(key)
                 if bucket is None:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.adagrad import adagrad as _torch_adagrad  # its functional step: note [sparse grads]
 
 from pyoptim._validation import check_adagrad_args
-from pyoptim.optim._base import FusedOptimizer, check_hyperparameters
+from pyoptim.optim._base import FusedOptimizer, check_hyperparameters, state_dtype_of
 
 __all__ = ["Adagrad"]
 
@@ -31,8 +31,12 @@ class Adagrad(FusedOptimizer):
     their first step for params added later, from the constructor's
     initial_accumulator_value in both cases (a group's own value is kept but
     not read, as in torch). Extra keywords `backend`, `max_grad_norm`,
-    `l1_weight_decay` and `flat` as in pyoptim.optim.Adam; `foreach` and
-    `fused` are accepted and change nothing. Sparse grads (an
+    `l1_weight_decay`, `flat` and the precision policy (`master_weights`,
+    `state_dtype`: the dtype of `sum`, which starts at
+    initial_accumulator_value rounded to it, `stochastic_seed`, whose draws
+    hash the step) as in pyoptim.optim.Adam; a policy's master or remainder
+    is made at the param's first step, from the param as it is then.
+    `foreach` and `fused` are accepted and change nothing. Sparse grads (an
     nn.Embedding(sparse=True)) are stepped as torch.optim.Adagrad steps them,
     by its own for-loop update, after the fused call for the dense ones.
     """
@@ -40,6 +44,7 @@ class Adagrad(FusedOptimizer):
     _op = "adagrad_step_"
     _check_args = staticmethod(check_adagrad_args)
     _lists = ("params", "grads", "state_sums", "state_steps")
+    _supports_precision = True
     _torch_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None, l1_weight_decay=0.0)
 
     def __init__(
@@ -59,6 +64,9 @@ class Adagrad(FusedOptimizer):
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         # torch.optim.Adagrad's checks and messages, then ours.
         check_hyperparameters(lr, ("lr_decay value", lr_decay), ("weight_decay value", weight_decay),
@@ -67,7 +75,7 @@ class Adagrad(FusedOptimizer):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused, l1_weight_decay=l1_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+        super().__init__(params, defaults, max_grad_norm, backend, flat, master_weights, state_dtype, stochastic_seed)
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p] = self._new_state(p, group)
@@ -107,7 +115,7 @@ class Adagrad(FusedOptimizer):
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
             "sum": torch.full_like(p, complex(value, value) if p.is_complex() else value,
-                                   memory_format=torch.preserve_format),
+                                   dtype=state_dtype_of(group, p.dtype), memory_format=torch.preserve_format),
         }
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:

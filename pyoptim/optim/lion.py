@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from pyoptim._validation import check_lion_args
-from pyoptim.optim._base import FusedOptimizer, _as_float
+from pyoptim.optim._base import FusedOptimizer, _as_float, effective_policy
 
 __all__ = ["Lion"]
 
@@ -42,14 +42,18 @@ class Lion(FusedOptimizer):
 
     the update of the paper's algorithm and of the lion-pytorch package, whose
     state_dicts load here and back (state `exp_avg`; no step count). Extra
-    keywords `backend`, `max_grad_norm` and `l1_weight_decay` as in
-    pyoptim.optim.Adam; `foreach`, `fused` and `capturable` are accepted and
-    change nothing.
+    keywords `backend`, `max_grad_norm`, `l1_weight_decay`, `flat` and the
+    precision policy (`master_weights`, `state_dtype`: the exp_avg's dtype,
+    `stochastic_seed`) as in pyoptim.optim.Adam; `foreach`, `fused` and
+    `capturable` are accepted and change nothing. Under
+    master_weights="stochastic" a 16-bit param's state also holds a `step`
+    counter (Lion keeps none otherwise), which the random bits hash.
     """
 
     _op = "lion_step_"
     _check_args = staticmethod(check_lion_args)
     _lists = ("params", "grads", "exp_avgs")
+    _supports_precision = True
     # Group keys lion-pytorch does not keep, with their defaults (a state_dict of its loads).
     _torch_defaults = dict(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                            l1_weight_decay=0.0)
@@ -70,18 +74,28 @@ class Lion(FusedOptimizer):
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         _check_common(lr, betas, weight_decay, l1_weight_decay)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         l1_weight_decay=l1_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+        super().__init__(params, defaults, max_grad_norm, backend, flat, master_weights, state_dtype, stochastic_seed)
 
     def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         return (bool(group["maximize"]),)
 
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        state = {"exp_avg": self._zeros(p, group)}
+        if effective_policy(group, p.dtype) == "stochastic":
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # note [stochastic key]
+        return state
+
+    def _policy_lists(self, policy: Optional[str]) -> tuple[tuple[str, str], ...]:
+        # lion_step_ keeps no step: stochastic rounding's counters ride along as state_steps (as SGD's).
+        return (("step", "state_steps"),) if policy == "stochastic" else super()._policy_lists(policy)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("exp_avgs", "exp_avg"),)

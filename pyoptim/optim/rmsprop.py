@@ -28,14 +28,17 @@ class RMSprop(FusedOptimizer):
         buf = momentum * buf + g / avg; p = p - lr * buf  (momentum > 0; else p = p - lr * g / avg)
 
     and `step` counted, as torch keeps them. Extra keywords `backend`,
-    `max_grad_norm`, `l1_weight_decay` and `flat` as in pyoptim.optim.Adam;
-    `foreach` and `capturable` are accepted and change nothing (the step
-    count lives on the param's device, note [step placement]).
+    `max_grad_norm`, `l1_weight_decay`, `flat` and the precision policy
+    (`master_weights`, `state_dtype`: the dtype of square_avg, grad_avg and
+    momentum_buffer, `stochastic_seed`, whose draws hash the step) as in
+    pyoptim.optim.Adam; `foreach` and `capturable` are accepted and change
+    nothing (the step count lives on the param's device, note [step placement]).
     """
 
     _op = "rmsprop_step_"
     _check_args = staticmethod(check_rmsprop_args)
     _lists = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "state_steps")
+    _supports_precision = True
     _torch_defaults = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False,
                            capturable=False, l1_weight_decay=0.0)
 
@@ -57,6 +60,9 @@ class RMSprop(FusedOptimizer):
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
         flat: bool = False,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         # torch.optim.RMSprop's checks and messages, then ours.
         check_hyperparameters(lr, ("epsilon value", eps), ("momentum value", momentum),
@@ -65,7 +71,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
                         l1_weight_decay=l1_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend, flat)
+        super().__init__(params, defaults, max_grad_norm, backend, flat, master_weights, state_dtype, stochastic_seed)
 
     def _sparse_message(self) -> str:
         return "RMSprop does not support sparse gradients"
@@ -76,12 +82,12 @@ class RMSprop(FusedOptimizer):
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "square_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "square_avg": self._zeros(p, group),
         }
         if group["momentum"] > 0:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = self._zeros(p, group)
         if group["centered"]:
-            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["grad_avg"] = self._zeros(p, group)
         return state
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -125,14 +125,18 @@ TORCH_LIBRARY(pyoptim, m) {
   // partial sums are reduced in a fixed order (deterministic, no atomics).
   // grad_norm/max_grad_norm is the global clip of the grads before the
   // moments. state_steps, lr_tensor, grad_scale, found_inf and
-  // l1_weight_decay as in adam_step_.
+  // l1_weight_decay as in adam_step_; the moments' dtype and the precision
+  // policy (master_params, param_remainders, stochastic_seed) too: p is the
+  // fp32 master wherever it is read (weight decay, ||p||), so the trust ratio
+  // is the master's, and the second pass writes p through the policy.
   m.def(
       "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, *, "
       "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, "
+      "Tensor(f!)[]? master_params=None, Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None) -> ()");
 
   // LAMB's two passes as ops of their own (note [LAMB's two passes]), for a
   // caller that reduces the per-tensor norms between them: DTensor shards,
@@ -144,20 +148,24 @@ TORCH_LIBRARY(pyoptim, m) {
   // reading the steps, m and v as the first pass left them (grads, grad_scale,
   // grad_norm, maximize and l1_weight_decay, which act on the grads, are not
   // read). lamb_moments_ then lamb_apply_ over the same norms is lamb_step_.
+  // lamb_moments_ only reads the masters or remainders (its params are read
+  // only); lamb_apply_ writes them with the params.
   m.def(
       "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, *, "
       "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> Tensor");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, "
+      "Tensor[]? master_params=None, Tensor[]? param_remainders=None, int? stochastic_seed=None) -> Tensor");
   m.def(
       "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor[] state_steps, Tensor norms, *, "
       "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] eps, float[] l1_weight_decay=[], "
       "int[] group_sizes, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_norm=None, float max_grad_norm=0.0) -> ()");
+      "Tensor? grad_norm=None, float max_grad_norm=0.0, "
+      "Tensor(f!)[]? master_params=None, Tensor(g!)[]? param_remainders=None, int? stochastic_seed=None) -> ()");
 
   // One Adagrad step over many tensors of one device and dtype, in place.
   // Mirrors aten::_fused_adagrad_ (argument names and order), with per-group

@@ -206,8 +206,10 @@ void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList pa
 }
 
 void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op) {
-  check_tensor_lists(op, device_type, {"params", a.params},
-                     {{"grads", a.grads}, {"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}});
+  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+                     {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}});
+  check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
+                  a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
   PYOPTIM_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n &&
                     static_cast<int64_t>(a.exp_avg_sqs.size()) == n &&

@@ -101,6 +101,7 @@ struct LambArgs {
   c10::IntArrayRef group_sizes;
   bool maximize;
   StepAux aux;
+  PrecisionArgs precision;
 };
 
 // op: "lamb_step_", "lamb_moments_" or "lamb_apply_" (they take the same arguments), for the messages.

@@ -301,11 +301,13 @@ def check_lion_args(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, 
 
 def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
                     group_sizes, l1_weight_decay=(), lr_tensor=None, grad_scale=None, found_inf=None, grad_norm=None,
-                    max_grad_norm=0.0, device_type=None, op="lamb_step_", **_unused) -> None:
+                    max_grad_norm=0.0, master_params=None, param_remainders=None, stochastic_seed=None,
+                    device_type=None, op="lamb_step_", **_unused) -> None:
     """Raise RuntimeError, as the C++ backends do, on any bad argument of lamb_step_ (or of lamb_moments_ and
     lamb_apply_, `op`, which take the same arguments)."""
-    check_tensor_lists(op, "params", params, {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
-                       device_type)
+    check_tensor_lists(op, "params", params, {"grads": grads}, device_type,
+                       state={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
+    check_precision(op, params, master_params, param_remainders, stochastic_seed)
     n = len(params)
     _check(len(grads) == n and len(exp_avgs) == n and len(exp_avg_sqs) == n and len(state_steps) == n, op,
            "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ", n, ", ",

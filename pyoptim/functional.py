@@ -209,33 +209,42 @@ def lamb_step_(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> None:
     """One LAMB step over many tensors of one device and dtype, in place (csrc/include/pyoptim/lamb.h's math).
 
     Per-group lists, group_sizes, the StepAux arguments and l1_weight_decay as in adam_step_; `grad_norm` with
-    `max_grad_norm` is the global clip of the grads before the moments.
+    `max_grad_norm` is the global clip of the grads before the moments. The precision policy and the moments'
+    dtype as in adam_step_: p is the master wherever it is read (weight decay, the trust ratio's ||p||).
     """
     _step("lamb_step_", check_lamb_args, (params, grads, exp_avgs, exp_avg_sqs, state_steps),
           dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay),
           group_sizes, backend, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-          grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+          grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+          **_given(master_params=master_params, param_remainders=param_remainders, stochastic_seed=stochastic_seed))
 
 
 def lamb_moments_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
                   l1_weight_decay=(), group_sizes=None, maximize=False, lr_tensor=None, grad_scale=None,
-                  found_inf=None, grad_norm=None, max_grad_norm=0.0, backend=None) -> torch.Tensor:
+                  found_inf=None, grad_norm=None, max_grad_norm=0.0, master_params=None, param_remainders=None,
+                  stochastic_seed=None, backend=None) -> torch.Tensor:
     """LAMB's first pass (steps, m and v moved), returning float64 [2, n]: each tensor's ||p||^2 and ||u||^2.
 
     With lamb_apply_ over the same arguments and these norms, lamb_step_ (note [LAMB's two passes] in
-    pyoptim/optim/lamb.py): a caller may reduce the norms in between, as DTensor shards need.
+    pyoptim/optim/lamb.py): a caller may reduce the norms in between, as DTensor shards need. The masters or
+    remainders of a precision policy are read here (p's fp32 value), written by lamb_apply_.
     """
     lists = [list(t) for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
     kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
                   l1_weight_decay=list(l1_weight_decay),
                   group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
                   lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                  max_grad_norm=max_grad_norm)
+                  max_grad_norm=max_grad_norm,
+                  **_given(master_params=master_params, param_remainders=param_remainders,
+                           stochastic_seed=stochastic_seed))
     if not lists[0]:
         check_lamb_args(*lists, **kwargs, op="lamb_moments_")
         return torch.zeros(2, 0, dtype=torch.float64)
@@ -244,14 +253,18 @@ def lamb_moments_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
 
 def lamb_apply_(params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2, weight_decay, eps,
                 l1_weight_decay=(), group_sizes=None, maximize=False, lr_tensor=None, grad_scale=None,
-                found_inf=None, grad_norm=None, max_grad_norm=0.0, backend=None) -> None:
-    """LAMB's second pass: p moved by -lr * r * u, r the trust ratio of the given [2, n] norms (lamb_moments_'s)."""
+                found_inf=None, grad_norm=None, max_grad_norm=0.0, master_params=None, param_remainders=None,
+                stochastic_seed=None, backend=None) -> None:
+    """LAMB's second pass: p moved by -lr * r * u, r the trust ratio of the given [2, n] norms (lamb_moments_'s),
+    written through the precision policy (masters, remainders or stochastic rounding, as in lamb_step_)."""
     lists = [list(t) for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
     kwargs = dict(lr=list(lr), beta1=list(beta1), beta2=list(beta2), weight_decay=list(weight_decay), eps=list(eps),
                   l1_weight_decay=list(l1_weight_decay),
                   group_sizes=list(group_sizes if group_sizes is not None else [len(lists[0])]), maximize=maximize,
                   lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, grad_norm=grad_norm,
-                  max_grad_norm=max_grad_norm)
+                  max_grad_norm=max_grad_norm,
+                  **_given(master_params=master_params, param_remainders=param_remainders,
+                           stochastic_seed=stochastic_seed))
     if not lists[0]:
         check_lamb_args(*lists, **kwargs, op="lamb_apply_")
         return

@@ -317,12 +317,15 @@ def lion_step_ref(
 
 def _lamb_ref(op: str, params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2, weight_decay,
               eps, l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
-              max_grad_norm) -> Optional[torch.Tensor]:
+              max_grad_norm, master_params=None, param_remainders=None,
+              stochastic_seed=None) -> Optional[torch.Tensor]:
     """The passes of lamb_step_ that `op` makes (lamb_step_: both; lamb_moments_: the first, returning the
-    norms; lamb_apply_: the second, from `norms`)."""
+    norms; lamb_apply_: the second, from `norms`). p is read as its fp32 master (param_fp32) in both passes and
+    written through the policy (write_param) by the second."""
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, group_sizes=group_sizes,
                   l1_weight_decay=l1_weight_decay, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                  grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                  grad_norm=grad_norm, max_grad_norm=max_grad_norm, master_params=master_params,
+                  param_remainders=param_remainders, stochastic_seed=stochastic_seed)
     check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs, op=op)
     if op == "lamb_apply_":
         check_lamb_norms(op, norms, params)
@@ -337,7 +340,7 @@ def _lamb_ref(op: str, params, grads, exp_avgs, exp_avg_sqs, state_steps, norms,
         k = group_of[i]
         b1, b2 = beta1[k], beta2[k]
         ct = _opmath(p.dtype)
-        param = p.to(ct)
+        param = param_fp32(p, i, master_params, param_remainders)
         if op != "lamb_apply_":
             state_steps[i].add_(1)
             grad = grads[i].to(ct) * grad_mul
@@ -361,7 +364,8 @@ def _lamb_ref(op: str, params, grads, exp_avgs, exp_avg_sqs, state_steps, norms,
             out[0, i], out[1, i] = p_norm.square(), u_norm.square()
             continue
         ratio = (p_norm / u_norm).item() if p_norm > 0 and u_norm > 0 else 1.0
-        p.copy_(param + (-lrs[k] * ratio) * update)
+        key = None if stochastic_seed is None else stochastic_key(stochastic_seed, step, i)
+        write_param(p, i, param + (-lrs[k] * ratio) * update, master_params, param_remainders, key)
     return out
 
 
@@ -385,32 +389,40 @@ def lamb_step_ref(
     found_inf: Optional[torch.Tensor] = None,
     grad_norm: Optional[torch.Tensor] = None,
     max_grad_norm: float = 0.0,
+    master_params: Optional[Sequence[torch.Tensor]] = None,
+    param_remainders: Optional[Sequence[torch.Tensor]] = None,
+    stochastic_seed: Optional[int] = None,
 ) -> None:
     """One LAMB step over many tensors, in place (the contract of torch.ops.pyoptim.lamb_step_)."""
     _lamb_ref("lamb_step_", params, grads, exp_avgs, exp_avg_sqs, state_steps, None, lr=lr, beta1=beta1,
               beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
               group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-              found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+              found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm, master_params=master_params,
+              param_remainders=param_remainders, stochastic_seed=stochastic_seed)
 
 
 def lamb_moments_ref(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
                      l1_weight_decay=(), group_sizes, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
-                     grad_norm=None, max_grad_norm=0.0) -> torch.Tensor:
+                     grad_norm=None, max_grad_norm=0.0, master_params=None, param_remainders=None,
+                     stochastic_seed=None) -> torch.Tensor:
     """LAMB's first pass, returning the [2, n] norms (the contract of torch.ops.pyoptim.lamb_moments_)."""
     return _lamb_ref("lamb_moments_", params, grads, exp_avgs, exp_avg_sqs, state_steps, None, lr=lr, beta1=beta1,
                      beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
                      group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-                     found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+                     found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm,
+                     master_params=master_params, param_remainders=param_remainders, stochastic_seed=stochastic_seed)
 
 
 def lamb_apply_ref(params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, *, lr, beta1, beta2, weight_decay, eps,
                    l1_weight_decay=(), group_sizes, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
-                   grad_norm=None, max_grad_norm=0.0) -> None:
+                   grad_norm=None, max_grad_norm=0.0, master_params=None, param_remainders=None,
+                   stochastic_seed=None) -> None:
     """LAMB's second pass from the given norms (the contract of torch.ops.pyoptim.lamb_apply_)."""
     _lamb_ref("lamb_apply_", params, grads, exp_avgs, exp_avg_sqs, state_steps, norms, lr=lr, beta1=beta1,
               beta2=beta2, weight_decay=weight_decay, eps=eps, l1_weight_decay=l1_weight_decay,
               group_sizes=group_sizes, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-              found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm)
+              found_inf=found_inf, grad_norm=grad_norm, max_grad_norm=max_grad_norm, master_params=master_params,
+              param_remainders=param_remainders, stochastic_seed=stochastic_seed)
 
 
 def adagrad_step_ref(

@@ -192,6 +192,39 @@ def fsdp_case(name: str) -> Callable[[int, int], None]:
     return case
 
 
+def fsdp_lamb_fp32_masters(rank: int, world: int) -> None:
+    """LAMB with master_weights="fp32" over bf16 params, two Shard(0) DTensors (one unevenly split) and a plain
+    tensor: the masters (DTensors placed as their params) track a one-process fp32-param LAMB fed the same bf16
+    grads, their trust ratios from the masters' norms reduced across the mesh (note [LAMB's two passes]); each
+    param is its master rounded to nearest."""
+    import pyoptim
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = mesh1d()
+    torch.manual_seed(4)
+    shapes = [(8, 3), (5,), (6,)]
+    values = [torch.randn(s).bfloat16().float() for s in shapes]
+    grads = [[torch.randn(s).bfloat16() for s in shapes] for _ in range(STEPS)]
+    params = [torch.nn.Parameter(distribute_tensor(v.bfloat16(), mesh, [Shard(0)])) for v in values[:2]]
+    params.append(torch.nn.Parameter(values[2].bfloat16()))
+    reference = [v.clone().requires_grad_() for v in values]
+    opt = pyoptim.optim.LAMB(params, lr=1e-2, weight_decay=0.01, master_weights="fp32")
+    ref = pyoptim.optim.LAMB(reference, lr=1e-2, weight_decay=0.01)
+    for step_grads in grads:
+        for i, (p, q, g) in enumerate(zip(params, reference, step_grads)):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if i < 2 else g.clone()
+            q.grad = g.float()
+        opt.step()
+        ref.step()
+    for i, (p, q) in enumerate(zip(params, reference)):
+        master = opt.state[p]["master_param"]
+        if i < 2:
+            assert type(master).__name__ == "DTensor" and master.placements == p.placements, type(master)
+        # (the shards' norms add in another order than one process's: close, not equal)
+        torch.testing.assert_close(full(master), q.detach(), **TOL, msg=lambda m: f"param {i}: {m}")
+        assert torch.equal(full(p).detach(), full(master).bfloat16()), i
+
+
 def fsdp_clip_as_torch_on_dtensors(rank: int, world: int) -> None:
     """The clip over FSDP2's DTensor grads against torch's clip_grad_norm_ over the same DTensor grads: AdamW's
     and LAMB's max_grad_norm and pyoptim.nn.utils.clip_grad_norm_ give torch's global norm every step, and
@@ -435,6 +468,7 @@ CASES: dict[str, Callable[[int, int], None]] = {
     **{f"fsdp_{name}": fsdp_case(name) for name in ("adamw", "sgd_momentum", "adamw_max_grad_norm",
                                                      "sgd_clip_grad_norm_", "adagrad", "rmsprop", "lion",
                                                      "lamb_max_grad_norm")},
+    "fsdp_lamb_fp32_masters": fsdp_lamb_fp32_masters,
     "fsdp_clip_as_torch_on_dtensors": fsdp_clip_as_torch_on_dtensors,
     "fsdp_dcp": fsdp_dcp,
     "mixed_params": mixed_params,

@@ -446,6 +446,8 @@ OPTIMIZERS = {
     "rmsprop-centered-momentum": (pyoptim.optim.RMSprop, "rmsprop_step_",
                                   dict(lr=1e-3, centered=True, momentum=0.9)),
     "lion": (pyoptim.optim.Lion, "lion_step_", dict(lr=1e-3)),
+    # weight decay on: u reads the master, and so does the trust ratio's ||p||
+    "lamb": (pyoptim.optim.LAMB, "lamb_step_", dict(lr=1e-2, weight_decay=0.01)),
 }
 OPT_IMPLS = [(name, impl) for name, (_, op, _) in OPTIMIZERS.items() for impl in impls(op)]
 
@@ -643,6 +645,8 @@ def test_every_optimizer_checkpoint_across_policies_and_torch(name):
     assert all(b == (4.0 if own_step else 0.0) for b in before)
     _run(name, sto, sto.param_groups[0]["params"], 1, 4)
     assert all(float(sto.state[p]["step"]) == b + 1 for p, b in zip(sto.param_groups[0]["params"], before))
+    if OPTIMIZERS[name][0] is pyoptim.optim.LAMB:
+        return  # (LAMB has no torch.optim twin: its checkpoints without a policy are test_lamb.py's)
     tp = [p.detach().clone().requires_grad_() for p in ps]
     t = _twin(name, tp, foreach=False)
     _run(name, t, tp, 2, 5)
@@ -685,7 +689,7 @@ def test_every_optimizer_grad_scaler_and_clip_with_policy(case, policy):
         torch.testing.assert_close(m, a.detach(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "lamb"])  # (LAMB takes no flat=True at all)
 @pytest.mark.parametrize("kwargs", [dict(master_weights="fp32"), dict(state_dtype=torch.bfloat16)])
 def test_flat_with_a_policy_raises_naming_it(name, kwargs):
     # Not built (README, "Low precision"): a clear error at construction, before any state exists.
@@ -763,6 +767,19 @@ def test_every_optimizer_bytes_per_param(name, i):
     assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want
 
 
+@pytest.mark.parametrize("policy, state_dtype, want", [
+    (None, None, 6), ("fp32", None, 14), ("remainder", None, 12), ("remainder", torch.bfloat16, 8),
+    ("stochastic", None, 10), ("stochastic", torch.bfloat16, 6)])
+def test_lamb_bytes_per_param(policy, state_dtype, want):
+    # The README's table: bf16 LAMB, param + per-element state (0-d steps not counted).
+    p = torch.zeros(1000, dtype=torch.bfloat16, requires_grad=True)
+    opt = pyoptim.optim.LAMB([p], lr=0.1, master_weights=policy, state_dtype=state_dtype, backend="reference")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
+    assert (state_bytes + p.numel() * p.element_size()) / p.numel() == want
+
+
 @pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
 @pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
 @pytest.mark.parametrize("op", ["adagrad_step_", "rmsprop_step_", "lion_step_"])
@@ -812,3 +829,77 @@ def test_adagrad_master_from_the_param_at_its_first_step(policy):
         opt.step()
         o_ref.step()
     assert torch.equal(_masters(opt, [p], policy)[0], ref.detach())
+
+
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "lamb"], ids=_opt_id)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_lamb_bf16_state(case, param_dtype):
+    # state_dtype=bf16: m and v are stored in bf16; the first m is (1 - beta1) * g and the first v
+    # (1 - beta2) * g * g, each rounded once to bf16 (exact in the fp32 math before the rounding for these
+    # bf16 grads up to fp32's rounding: compared at bf16's). Over 5 steps the params stay within a few
+    # bf16 roundings of the moments of an fp32-state run (the trust ratio normalises u, so the step's size
+    # is lr * ||p||, and a moment's rounding moves only its direction: 2^-6 relative, as SGD's test).
+    impl = case[1]
+    device = _device(impl)
+    runs = {}
+    for sd in (torch.bfloat16, torch.float32):
+        ps = [p.to(param_dtype).requires_grad_() for p in _init(device)]
+        opt = pyoptim.optim.LAMB(ps, lr=1e-2, weight_decay=0.01, backend=impl[1], state_dtype=sd)
+        g = torch.Generator().manual_seed(4)
+        for step in range(5):
+            for p, gr in zip(ps, _grads_for(ps, g)):
+                p.grad = gr.to(param_dtype)
+            opt.step()
+            if step == 0:
+                for p in ps:
+                    st = opt.state[p]
+                    assert st["exp_avg"].dtype == sd and st["exp_avg_sq"].dtype == sd
+                    want = (0.1 * p.grad.float()).to(sd)
+                    torch.testing.assert_close(st["exp_avg"], want, rtol=2**-8, atol=0)
+        runs[sd] = [(p.detach().float(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in ps]
+    for (p, m, v), (p32, m32, v32) in zip(runs[torch.bfloat16], runs[torch.float32]):
+        assert m.dtype == v.dtype == torch.bfloat16 and m32.dtype == v32.dtype == torch.float32
+        torch.testing.assert_close(m.float(), m32, rtol=2**-6, atol=2**-6 * float(m32.abs().max()))
+        torch.testing.assert_close(v.float(), v32, rtol=2**-6, atol=2**-6 * float(v32.abs().max()))
+        torch.testing.assert_close(p, p32, rtol=2**-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "lamb"], ids=_opt_id)
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic"])
+def test_lamb_two_passes_equal_one_step_with_policy(case, policy):
+    # note [LAMB's two passes]: lamb_moments_ (the masters read, not written) then lamb_apply_ over its norms
+    # is lamb_step_, bit for bit, under each policy; the norms' ||p||^2 row is the masters' (fp32) norm.
+    from pyoptim import functional
+
+    impl = case[1]
+    device = _device(impl)
+    results = []
+    for two in (False, True):
+        ps = [p.bfloat16() for p in _init(device)]
+        ms = [torch.zeros(p.shape, device=device) for p in ps]
+        vs = [torch.zeros(p.shape, device=device) for p in ps]
+        steps = [torch.zeros((), device=device) for _ in ps]
+        masters = [p.float() + 2**-12 for p in ps]  # off the bf16 grid: ||p|| must be the master's
+        extra = dict(master_params=masters) if policy == "fp32" else {}
+        if policy == "remainder":
+            extra = dict(param_remainders=[torch.zeros(p.shape, dtype=torch.int16, device=device) for p in ps])
+        if policy == "stochastic":
+            extra = dict(stochastic_seed=11)
+        g = torch.Generator().manual_seed(3)
+        grads = _grads_for(ps, g)
+        kw = dict(lr=[1e-2], beta1=[0.9], beta2=[0.999], weight_decay=[0.01], eps=[1e-6], maximize=False,
+                  backend=impl[1], **extra)
+        before = [t.clone() for t in masters] if policy == "fp32" else None
+        if two:
+            norms = functional.lamb_moments_(ps, grads, ms, vs, steps, **kw)
+            if policy == "fp32":
+                assert all(torch.equal(a, b) for a, b in zip(masters, before))  # read only
+                want = torch.stack([t.double().square().sum() for t in masters])
+                torch.testing.assert_close(norms[0].cpu(), want.cpu(), rtol=1e-6, atol=0)
+            functional.lamb_apply_(ps, grads, ms, vs, steps, norms, **kw)
+        else:
+            functional.lamb_step_(ps, grads, ms, vs, steps, **kw)
+        results.append([t.cpu() for t in ps + ms + vs + list(extra.get("master_params", []))
+                        + list(extra.get("param_remainders", []))])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -40,15 +40,19 @@ at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms
   if (args.params.empty() || cpu_found_inf(args.aux)) {
     return out;
   }
-  MultiTensorWork work = prepare_work({args.params, args.grads, args.exp_avgs, args.exp_avg_sqs},
+  // The masters or remainders are read by both passes (p's fp32 value), written by the second.
+  const at::TensorList extra = args.precision.extra();
+  MultiTensorWork work = prepare_work({args.params, args.grads, args.exp_avgs, args.exp_avg_sqs, extra},
                                       {pass != LambPass::kMoments, false, pass != LambPass::kApply,
-                                       pass != LambPass::kApply},
+                                       pass != LambPass::kApply, pass != LambPass::kMoments},
                                       args.group_sizes);
   LambCpuLaunch L;
   L.dtype = args.params[0].scalar_type();
+  L.state_dtype = args.exp_avgs[0].scalar_type();
+  L.policy = static_cast<MasterWeights>(args.precision.policy());
   L.grad_mul = cpu_grad_multiplier(args.aux, args.maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, args.lr);
-  reserve_each(n, L.p, L.g, L.m, L.v, L.hyper, L.lr, L.step);
+  reserve_each(n, L.p, L.g, L.m, L.v, L.extra, L.key, L.hyper, L.lr, L.step);
   for (const auto i : c10::irange(n)) {
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
@@ -61,6 +65,9 @@ at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms
     // The apply pass reads the step its moments pass advanced.
     L.step.push_back(pass == LambPass::kApply ? static_cast<double>(*args.state_steps[i].data_ptr<float>())
                                               : cpu_advance_step(args.state_steps[i]));
+    L.extra.push_back(extra.empty() ? nullptr : work.lists[4][i].data_ptr());
+    L.key.push_back(args.precision.stochastic_seed ? stochastic_key(*args.precision.stochastic_seed, L.step.back(), i)
+                                                   : 0u);
   }
   L.numel = std::move(work.numel);
   L.plan = plan_launch_groups(L.numel, kLambCpuChunk, n, std::numeric_limits<int64_t>::max()).at(0);
@@ -99,10 +106,13 @@ LambArgs lamb_args(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                   double max_grad_norm) {
+                   double max_grad_norm, const std::optional<at::TensorList>& master_params,
+                   const std::optional<at::TensorList>& param_remainders,
+                   const std::optional<int64_t>& stochastic_seed) {
   return LambArgs{params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
                   l1_weight_decay, group_sizes, maximize,
-                  StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm}};
+                  StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
+                  PrecisionArgs{master_params, param_remainders, stochastic_seed}};
 }
 
 }  // namespace
@@ -113,10 +123,11 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes, bool maximize,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_norm,
-                   double max_grad_norm) {
+                   double max_grad_norm, std::optional<at::TensorList> master_params,
+                   std::optional<at::TensorList> param_remainders, std::optional<int64_t> stochastic_seed) {
   run_lamb(lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
                      l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
-                     max_grad_norm),
+                     max_grad_norm, master_params, param_remainders, stochastic_seed),
            LambPass::kStep, nullptr);
 }
 
@@ -126,10 +137,12 @@ at::Tensor lamb_moments_cpu(at::TensorList params, at::TensorList grads, at::Ten
                             at::ArrayRef<double> eps, at::ArrayRef<double> l1_weight_decay,
                             at::IntArrayRef group_sizes, bool maximize, const std::optional<at::Tensor>& lr_tensor,
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+                            const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                            std::optional<at::TensorList> master_params,
+                            std::optional<at::TensorList> param_remainders, std::optional<int64_t> stochastic_seed) {
   return run_lamb(lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
                             l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
-                            max_grad_norm),
+                            max_grad_norm, master_params, param_remainders, stochastic_seed),
                   LambPass::kMoments, nullptr);
 }
 
@@ -139,10 +152,12 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::ArrayRef<double> eps, at::ArrayRef<double> l1_weight_decay, at::IntArrayRef group_sizes,
                     bool maximize, const std::optional<at::Tensor>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm) {
+                    const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                    std::optional<at::TensorList> master_params, std::optional<at::TensorList> param_remainders,
+                    std::optional<int64_t> stochastic_seed) {
   run_lamb(lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps,
                      l1_weight_decay, group_sizes, maximize, lr_tensor, grad_scale, found_inf, grad_norm,
-                     max_grad_norm),
+                     max_grad_norm, master_params, param_remainders, stochastic_seed),
            LambPass::kApply, &norms);
 }
 

@@ -9,6 +9,7 @@
 
 #include <pyoptim/lamb.h>
 #include <pyoptim/multi_tensor.h>
+#include <pyoptim/precision.h>
 
 #include "cpu_isa.h"
 
@@ -20,6 +21,10 @@ constexpr int64_t kLambCpuChunk = 16384;
 
 struct LambCpuLaunch {
   c10::ScalarType dtype;
+  c10::ScalarType state_dtype;     // of m and v (note [state dtype])
+  MasterWeights policy;
+  std::vector<void*> extra;        // per tensor: its masters or remainders (nullptr under other policies)
+  std::vector<uint32_t> key;       // per tensor: note [stochastic key] (kStochastic)
   double grad_mul;                 // inv_grad_scale * (maximize ? -1 : 1) * clip_coef
   std::vector<void*> p, m, v;      // per tensor
   std::vector<const void*> g;      // per tensor; read only

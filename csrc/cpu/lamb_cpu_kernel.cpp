@@ -12,6 +12,7 @@
 
 #include "lamb_cpu.h"
 #include "multi_tensor_cpu.h"
+#include "precision_cpu.h"
 #include "vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -126,9 +127,66 @@ void apply_all(const LambCpuLaunch& L, const double* ratio) {
   });
 }
 
+// The precision path (note [precision policy] in pyoptim/optim/_base.py): params of storage type T, m and v
+// of storage type U, the param's fp32 value (its master) read and written through precision_cpu.h's loop. The
+// first pass reads the master (weight decay, ||p||) and writes only m and v; the second moves the master.
+// The sums run as moments_all<float> runs them (float vectors in order, a zero-padded tail), so an
+// "fp32" or "remainder" run's trust ratios, and so its masters, equal an fp32-param run's bit for bit.
+template <typename T, typename U>
+void moments_mixed(const LambCpuLaunch& L, double* partial) {
+  using V = at::vec::Vectorized<float>;
+  using Op = LambMomentsOp<U, float>;
+  parallel_each_chunk(L.plan, kLambCpuChunk, L.numel.data(), [&](int64_t i, int64_t c, int64_t begin, int64_t end) {
+    const Op op{VecAndScalar<LambCoeffs, float>(lamb_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, 1.0))};
+    U* const state[2] = {static_cast<U*>(L.m[i]), static_cast<U*>(L.v[i])};
+    precision_range<T, U, 2, 0b11u, 0b11u, /*PSTORE=*/false>(
+        L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]), L.extra[i], L.key[i], state, begin, end,
+        [&](V& p, V g, V (&s)[2]) {
+          V x[4] = {p, g, s[0], s[1]};
+          op(x);
+          s[0] = x[2];
+          s[1] = x[3];
+        });
+    op.finish(partial + 2 * c);
+  });
+}
+
+template <typename T, typename U>
+void apply_mixed(const LambCpuLaunch& L, const double* ratio) {
+  using V = at::vec::Vectorized<float>;
+  parallel_chunks(L.plan, kLambCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    const LambCoeffs<V> c(lamb_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, ratio[i]));
+    U* const state[2] = {static_cast<U*>(L.m[i]), static_cast<U*>(L.v[i])};
+    precision_range<T, U, 2, 0b11u, 0b00u>(L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]),
+                                           L.extra[i], L.key[i], state, begin, end,
+                                           [&](V& p, V, V (&s)[2]) { lamb_apply(p, s[0], s[1], c); });
+  });
+}
+
+// Calls fn(T(), U()) for the launch's storage types when it takes the precision path; returns false otherwise.
+template <typename Fn>
+bool dispatch_mixed(const LambCpuLaunch& L, const Fn& fn) {
+  if ((L.policy == MasterWeights::kNone && L.state_dtype == L.dtype) || L.dtype == c10::ScalarType::Double) {
+    return false;
+  }
+  auto with_state = [&](auto t) {
+    L.state_dtype == c10::ScalarType::BFloat16 ? fn(t, c10::BFloat16()) : fn(t, float());
+  };
+  switch (L.dtype) {
+    case c10::ScalarType::Float: with_state(float()); break;
+    case c10::ScalarType::Half: with_state(c10::Half()); break;
+    case c10::ScalarType::BFloat16: with_state(c10::BFloat16()); break;
+    default: TORCH_INTERNAL_ASSERT(false, "lamb_step_cpu: unexpected dtype ", L.dtype);
+  }
+  return true;
+}
+
 }  // namespace
 
 void lamb_moments_kernel(const LambCpuLaunch& L, double* partial) {
+  if (dispatch_mixed(L, [&](auto t, auto u) { moments_mixed<decltype(t), decltype(u)>(L, partial); })) {
+    return;
+  }
   switch (L.dtype) {
     case c10::ScalarType::Float: return moments_all<float>(L, partial);
     case c10::ScalarType::Double: return moments_all<double>(L, partial);
@@ -139,6 +197,9 @@ void lamb_moments_kernel(const LambCpuLaunch& L, double* partial) {
 }
 
 void lamb_apply_kernel(const LambCpuLaunch& L, const double* ratio) {
+  if (dispatch_mixed(L, [&](auto t, auto u) { apply_mixed<decltype(t), decltype(u)>(L, ratio); })) {
+    return;
+  }
   switch (L.dtype) {
     case c10::ScalarType::Float: return apply_all<float>(L, ratio);
     case c10::ScalarType::Double: return apply_all<double>(L, ratio);

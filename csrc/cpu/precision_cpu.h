@@ -22,7 +22,8 @@ namespace pyoptim::cpu::CPU_CAPABILITY {
 // those whose SSTORE bit is set are written back), in steps of two float
 // vectors. The param goes through a small fp32 buffer, element by element,
 // since its policy may join or split bits; the rest is vector loads and stores.
-template <typename T, typename U, int NS, unsigned SLOAD, unsigned SSTORE, typename Op>
+// PSTORE false: the param (and its master or remainder) is read, not written (LAMB's first pass).
+template <typename T, typename U, int NS, unsigned SLOAD, unsigned SSTORE, bool PSTORE = true, typename Op>
 void precision_range(MasterWeights policy, T* p, const T* g, void* extra, uint32_t key, U* const (&state)[NS],
                      int64_t begin, int64_t end, const Op& op) {
   using V = at::vec::Vectorized<float>;
@@ -51,8 +52,10 @@ void precision_range(MasterWeights policy, T* p, const T* g, void* extra, uint32
     op(x[1], gv[1], s[1]);
     x[0].store(pf);
     x[1].store(pf + V::size());
-    for (int64_t k = 0; k < n; ++k) {
-      store_master(policy, p, extra, key, j + k, pf[k]);
+    if constexpr (PSTORE) {
+      for (int64_t k = 0; k < n; ++k) {
+        store_master(policy, p, extra, key, j + k, pf[k]);
+      }
     }
     for (int k = 0; k < NS; ++k) {
       if ((SSTORE >> k) & 1u) {

@@ -39,11 +39,22 @@ class LAMB(FusedOptimizer):
     params' dtype), so r is the ratio of the u applied. Extra keywords `backend` and `l1_weight_decay`
     as in pyoptim.optim.Adam; `foreach`, `fused` and `capturable` are
     accepted and change nothing.
+
+    The precision policy as in pyoptim.optim.Adam (pyoptim.optim._base's note
+    [precision policy]): `master_weights` (None, "fp32", "remainder" or
+    "stochastic", per group), `state_dtype` (the dtype of exp_avg and
+    exp_avg_sq; None: the param's under master_weights None, else float32)
+    and `stochastic_seed`. p above is the fp32 master wherever it is read
+    (weight decay and ||p||), so the trust ratio is the master's: a bf16 run
+    with "fp32" or "remainder" masters keeps masters bit-identical to an
+    fp32-param run fed the same grads. LAMB's own `step` keys the
+    stochastic draws.
     """
 
     # The trust ratio is per tensor: one call over a flat buffer would take the norms of the whole group.
     _supports_flat = False
     _op = "lamb_step_"
+    _supports_precision = True
     _check_args = staticmethod(check_lamb_args)
     _lists = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps")
     _torch_defaults = dict(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -65,6 +76,9 @@ class LAMB(FusedOptimizer):
         max_grad_norm: Optional[float] = None,
         l1_weight_decay: float = 0.0,
         backend: Optional[str] = None,
+        master_weights: Optional[str] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_seed: int = 0,
     ) -> None:
         _check_common(lr, betas, weight_decay, l1_weight_decay)
         if not 0.0 <= eps:
@@ -72,7 +86,8 @@ class LAMB(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         l1_weight_decay=l1_weight_decay)
-        super().__init__(params, defaults, max_grad_norm, backend)
+        super().__init__(params, defaults, max_grad_norm, backend, False, master_weights, state_dtype,
+                         stochastic_seed)
 
     def _call_flags(self, group: dict[str, Any], fresh: bool) -> tuple:
         return (bool(group["maximize"]),)
@@ -108,8 +123,8 @@ class LAMB(FusedOptimizer):
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg": self._zeros(p, group),
+            "exp_avg_sq": self._zeros(p, group),
         }
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[tuple[str, str], ...]:

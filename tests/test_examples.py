@@ -158,6 +158,39 @@ def test_convnet_cifar10_folder(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no CIFAR-10 in torchvision's format there" in r.stderr, r.stderr
 
 
+FAKE_TORCHVISION_DATASETS = r"""
+import json, os
+
+import numpy as np
+
+
+class CIFAR10:
+    def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
+        with open(os.environ["FAKE_TORCHVISION_LOG"], "a") as f:
+            f.write(json.dumps(dict(root=root, train=train, download=download)) + "\n")
+        n = 50 if train else 20
+        self.targets = np.random.default_rng(int(train)).integers(0, 10, n).tolist()
+        self.data = np.zeros((n, 32, 32, 3), np.uint8)  # (N, H, W, C), as torchvision holds it
+"""
+
+
+def test_convnet_cifar10_through_torchvision(tmp_path: Path) -> None:
+    """Where torchvision is installed, --data DIR is torchvision.datasets.CIFAR10(DIR, download=False), train and
+    test split (torchvision replaced by a recorder, so this runs where it is absent too)."""
+    write_fake_cifar10(tmp_path / "cifar", n_per_batch=1)
+    fake = tmp_path / "fake" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("from . import datasets\n")
+    (fake / "datasets.py").write_text(FAKE_TORCHVISION_DATASETS)
+    log = tmp_path / "calls.jsonl"
+    out = ok(run_example("train_convnet.py", *CONVNET_SHORT, "--epochs", "1", "--data", str(tmp_path / "cifar"),
+                         cwd=tmp_path, path=(tmp_path / "fake",), env_extra={"FAKE_TORCHVISION_LOG": str(log)}))
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [dict(root=str(tmp_path / "cifar"), train=t, download=False) for t in (True, False)]
+    assert "torchvision.datasets.CIFAR10, download=False" in out
+    assert f"{50 - int(0.15 * 50)} train, {int(0.15 * 50)} validation, 20 test images" in out
+
+
 FAKE_TQDM = r"""
 import json, os
 

@@ -5,6 +5,7 @@
     python -m pyoptim.benchmark --state-dict ckpt.pt --ops adam,lion,clip_adamw
     python -m pyoptim.benchmark --layer-norm 8192x1024,32768x4096 --batch-norm 64x64x56x56
     python -m pyoptim.benchmark --list                           # ops, models, impls here
+    python -m pyoptim.benchmark                                  # the defaults of DEFAULT_CASES, said so
 
 The method is the project's (pyoptim/benchmark/harness.py): the machine's
 memory bandwidth first, then every implementation of an op on one case timed
@@ -35,6 +36,11 @@ DEFAULT_OUT = Path("pyoptim-benchmark")
 # the catalogue, so it needs nothing installed) and norm inputs of a common size, each a few seconds on a CPU.
 DEFAULT_CASES = {"model": ["resnet18"], "layer_norm": ["4096x1024"], "batch_norm": ["32x64x56x56"]}
 _CASE_FLAGS = ("shapes", "model", "state_dict", "layer_norm", "batch_norm")
+
+
+def _default_flags() -> str:
+    """DEFAULT_CASES as the command line that would give them."""
+    return " ".join(f"--{k.replace('_', '-')} {','.join(v)}" for k, v in DEFAULT_CASES.items())
 _DIMS = re.compile(r"[x\u00d7]", re.IGNORECASE)
 
 
@@ -267,6 +273,7 @@ def build_parser(ops: dict[str, Op]) -> argparse.ArgumentParser:
                "  python -m pyoptim.benchmark --shapes 4096x4096,1024*24 --ops adam,clip_adamw\n"
                "  python -m pyoptim.benchmark --state-dict model.pt\n"
                "  python -m pyoptim.benchmark --layer-norm 8192x1024 --batch-norm 64x64x56x56\n"
+               f"  python -m pyoptim.benchmark   (no cases: {_default_flags()})\n"
                "Every impl of an op holds its own params, grads and state at once (on CPU they are timed in "
                "turns): a large model needs several times its size in memory; --impls narrows the field.")
     csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
@@ -353,9 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not any(getattr(opts, flag) for flag in _CASE_FLAGS):
             for flag, value in DEFAULT_CASES.items():
                 setattr(opts, flag, value)
-            defaults_note = ("no cases given, so these defaults: " + " ".join(
-                f"--{flag.replace('_', '-')} {','.join(v)}" for flag, v in DEFAULT_CASES.items())
-                + "; yours with --shapes, --model, --state-dict, --layer-norm, --batch-norm (--help)")
+            defaults_note = (f"no cases given, so these defaults: {_default_flags()}; yours with --shapes, "
+                             "--model, --state-dict, --layer-norm, --batch-norm (--help)")
         try:  # the cases are checked before the allocator re-exec, which imports everything again
             chosen = plan(ops, opts)
         except KeyError as e:  # str() of a KeyError is its message in quotes

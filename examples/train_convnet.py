@@ -159,6 +159,14 @@ def layer_names(model: torch.nn.Module) -> list[str]:
     return [f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if not list(m.children())]
 
 
+def describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class (module.Class), its first group's numeric and boolean hyperparameters, and
+    pyoptim's max_grad_norm (an attribute of the optimizer, not of a group)."""
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params" and isinstance(v, (bool, int, float))}
+    return {"class": f"{type(opt).__module__}.{type(opt).__name__}", **group,
+            "max_grad_norm": getattr(opt, "max_grad_norm", None)}
+
+
 # --------------------------------------------------------------------------
 # One library's run
 # --------------------------------------------------------------------------
@@ -298,7 +306,8 @@ def train(run: Run, data: dict[str, torch.Tensor], opts: argparse.Namespace, dev
     restored_val_loss, _ = evaluate(model, data["xval"], data["yval"], opts.eval_batch_size)
     test_loss, test_acc = evaluate(model, data["xte"], data["yte"], opts.eval_batch_size)
     return dict(history=hist, best_epoch=best["epoch"] + 1, epochs_run=len(hist["val_loss"]), test_loss=test_loss,
-                test_acc=test_acc, restored_val_loss=restored_val_loss, layers=layer_names(model))
+                test_acc=test_acc, restored_val_loss=restored_val_loss, layers=layer_names(model),
+                optimizer=describe_optimizer(opt))
 
 
 def time_steps(runs: dict[str, Run], data: dict[str, torch.Tensor], opts: argparse.Namespace,

@@ -139,6 +139,9 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         impls = {row["impl"] for row in rows}
         assert ("pyoptim-cpu" if _backends.EXTENSION_LOADED else "pyoptim-reference") in impls
         assert any(i.startswith("torch") for i in impls)
+        if op in ("adam", "sgd"):  # torch's three implementations beside ours
+            assert {"torch-forloop", "torch-foreach"} <= impls, impls
+            assert op == "sgd" or "torch-fused" in impls, impls
         for row in rows:
             assert row["error"] is None, row
             assert row["ms"] > 0 and row["reps"] >= 1

@@ -67,6 +67,17 @@ def test_convnet_compare_torch(tmp_path: Path, flags: list[str]) -> None:
     assert abs(a - b) <= 2e-2 * b, (a, b)
     if "--schedule" in flags:  # step decay by 0.5 each epoch
         assert res["pyoptim"]["history"]["lr"] == pytest.approx([2e-3, 1e-3, 5e-4])
+    # --optimizer, --weight-decay, --l1 and --clip reach the optimizer: pyoptim's fuses L1 and the clip into its
+    # step (l1_weight_decay=, max_grad_norm=), torch's loop applies them to the grads itself
+    cls = "AdamW" if "adamw" in flags else "SGD"
+    ours, theirs = res["pyoptim"]["optimizer"], res["torch"]["optimizer"]
+    assert ours["class"].startswith("pyoptim.optim") and ours["class"].endswith("." + cls), ours
+    assert theirs["class"].startswith("torch.optim") and theirs["class"].endswith("." + cls), theirs
+    assert ours["weight_decay"] == theirs["weight_decay"] == (0.05 if "adamw" in flags else 5e-4)
+    assert ours.get("l1_weight_decay", 0.0) == (1e-5 if "--l1" in flags else 0.0), ours
+    assert ours.get("max_grad_norm") == (0.5 if "--clip" in flags else None), ours
+    if cls == "SGD":
+        assert ours["momentum"] == theirs["momentum"] == 0.9
     # --norm and --layer-norm put what they say where, from each library's nn
     for lib, nn in (("pyoptim", "pyoptim.nn"), ("torch", "torch.nn")):
         layers = res[lib]["layers"]
@@ -219,10 +230,10 @@ def test_convnet_progress_bar_per_epoch(tmp_path: Path) -> None:
     (tmp_path / "fake" / "tqdm" / "__init__.py").write_text(FAKE_TQDM)
     log = tmp_path / "bars.jsonl"
     short = [a for a in CONVNET_SHORT if a != "--no-progress"]
-    ok(run_example("train_convnet.py", *short, "--epochs", "2", "--compare-torch", "--plot", str(tmp_path / "p.png"),
+    ok(run_example("train_convnet.py", *short, "--epochs", "2", "--steps-per-epoch", "3", "--compare-torch", "--plot", str(tmp_path / "p.png"),
                    cwd=tmp_path, path=(tmp_path / "fake",), env_extra={"FAKE_TQDM_LOG": str(log)}))
     bars = [json.loads(line) for line in log.read_text().splitlines()]
-    assert bars == [dict(desc=f"{lib} epoch {e}/2", total=6) for lib in ("pyoptim", "torch") for e in (1, 2)]
+    assert bars == [dict(desc=f"{lib} epoch {e}/2", total=3) for lib in ("pyoptim", "torch") for e in (1, 2)]
     if importlib.util.find_spec("tqdm") is None:
         out = ok(run_example("train_convnet.py", *short, "--epochs", "1", cwd=tmp_path))
         assert out.count("pip install tqdm") == 1

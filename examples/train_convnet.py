@@ -16,7 +16,8 @@ step, the grads untouched); --compare-torch's torch loop does the same with torc
 and p.grad.add_(l1 * p.sign()) after it, so that the two loops compute the same update. L2 is each
 optimizer's weight_decay (decoupled for AdamW).
 
-Data, offline: --data DIR reads CIFAR-10 with torchvision.datasets.CIFAR10(DIR, download=False); by default
+Data, offline: --data DIR reads CIFAR-10 in torchvision's format, with torchvision.datasets.CIFAR10(DIR,
+download=False) where torchvision is installed (else its batches are read here); by default
 scikit-learn's digits (1,797 real 8x8 scans of handwritten digits, upsampled to 32x32, three channels);
 without scikit-learn, a synthetic set (noisy class templates), said so in a note. Early stopping holds out
 --val-fraction of the training set, stops after --patience epochs without a better validation loss and
@@ -49,19 +50,9 @@ _CLASS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", 
 def load_data(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(train images, train labels, test images, test labels, a description): float32 (N, 3, 32, 32), int64 (N,)."""
     if opts.data:
-        try:
-            import torchvision
-        except ImportError:
-            sys.exit("--data reads CIFAR-10 with torchvision.datasets.CIFAR10: pip install torchvision")
-
-        def read(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            ds = torchvision.datasets.CIFAR10(opts.data, train=train, download=False)
-            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255)
-            return x, torch.tensor(ds.targets)
-
-        xtr, ytr = read(True)
-        xte, yte = read(False)
-        return xtr, ytr, xte, yte, f"CIFAR-10 from {opts.data}"
+        xtr, ytr, how = read_cifar10(Path(opts.data), train=True)
+        xte, yte, _ = read_cifar10(Path(opts.data), train=False)
+        return xtr, ytr, xte, yte, f"CIFAR-10 from {opts.data} ({how})"
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -74,6 +65,49 @@ def load_data(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, tor
     n_test = len(y) // 5
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test], "scikit-learn's digits (8x8 scans upsampled to 3x32x32)"
+
+
+CIFAR_DIR = "cifar-10-batches-py"  # torchvision's folder of CIFAR-10's python batches
+
+
+def read_cifar10(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(images float32 (N, 3, 32, 32) in [0, 1], labels int64 (N,), how it was read) of CIFAR-10's train or test
+    split in torchvision's format under `root` (the folder holding cifar-10-batches-py/, or that folder
+    itself). torchvision.datasets.CIFAR10(root, download=False) reads it where torchvision is installed (it
+    checks the files' md5); else, or for a folder that check refuses (a subset), the same pickled batches are
+    read here. Never downloads."""
+    import pickle
+
+    base = root if (root / "batches.meta").exists() else root / CIFAR_DIR
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if not all((base / n).exists() for n in names):
+        sys.exit(f"--data {root}: no CIFAR-10 in torchvision's format there (expected {base}/"
+                 f"{{{','.join(names)}}}); download it once with torchvision.datasets.CIFAR10(root, download=True) "
+                 "or from https://www.cs.toronto.edu/~kriz/cifar.html (the python version)")
+    try:
+        import torchvision
+    except ImportError:
+        torchvision = None
+        how = "its python batches read directly: torchvision is not installed"
+    else:
+        if base.name != CIFAR_DIR:  # torchvision looks for root/cifar-10-batches-py
+            torchvision = None
+            how = f"its python batches read directly: torchvision wants them in a folder named {CIFAR_DIR}"
+    if torchvision is not None:
+        try:
+            ds = torchvision.datasets.CIFAR10(str(base.parent), train=train, download=False)
+        except RuntimeError as e:  # the md5 check: not the published files
+            how = f"its python batches read directly: torchvision refused them ({e})"
+        else:
+            return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255), torch.tensor(ds.targets),
+                    "torchvision.datasets.CIFAR10, download=False")
+    xs, ys = [], []
+    for n in names:
+        with open(base / n, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        xs.append(torch.as_tensor(batch["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(batch["labels"], dtype=torch.long))
+    return torch.cat(xs).float().div_(255), torch.cat(ys), how
 
 
 def _synthetic(opts: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,6 +154,19 @@ class ConvNet(torch.nn.Module):
         return self.head(self.pre_head(self.features(x)))
 
 
+def layer_names(model: torch.nn.Module) -> list[str]:
+    """The model's leaf modules as module.Class, in order (what --norm and --layer-norm put where)."""
+    return [f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if not list(m.children())]
+
+
+def describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class (module.Class), its first group's numeric and boolean hyperparameters, and
+    pyoptim's max_grad_norm (an attribute of the optimizer, not of a group)."""
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params" and isinstance(v, (bool, int, float))}
+    return {"class": f"{type(opt).__module__}.{type(opt).__name__}", **group,
+            "max_grad_norm": getattr(opt, "max_grad_norm", None)}
+
+
 # --------------------------------------------------------------------------
 # One library's run
 # --------------------------------------------------------------------------
@@ -148,6 +195,9 @@ def make_scheduler(opt: torch.optim.Optimizer, opts: argparse.Namespace):
     return None
 
 
+_NO_TQDM_SAID = False
+
+
 def _bar(iterable, total: int, desc: str, enabled: bool):
     """tqdm's bar over an epoch's steps where tqdm is installed and stderr is a terminal; else the bare iterable
     (the epoch's line is printed either way)."""
@@ -155,6 +205,10 @@ def _bar(iterable, total: int, desc: str, enabled: bool):
         try:
             from tqdm import tqdm
         except ImportError:
+            global _NO_TQDM_SAID
+            if not _NO_TQDM_SAID:
+                print("note: no progress bars (pip install tqdm for one per epoch)", flush=True)
+                _NO_TQDM_SAID = True
             return iterable
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     return iterable
@@ -233,7 +287,8 @@ def train(run: Run, data: dict[str, torch.Tensor], opts: argparse.Namespace, dev
         hist["val_acc"].append(val_acc)
         better = val_loss < best["val_loss"]
         if better:
-            best.update(val_loss=val_loss, epoch=epoch, state=copy.deepcopy(model.state_dict()))
+            best.update(val_loss=val_loss, epoch=epoch, state=copy.deepcopy(model.state_dict()),
+                        opt_state=copy.deepcopy(opt.state_dict()) if opts.checkpoint else None)
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -243,9 +298,16 @@ def train(run: Run, data: dict[str, torch.Tensor], opts: argparse.Namespace, dev
             print(f"{lib:>7} early stop: no better validation loss for {opts.patience} epochs", flush=True)
             break
     model.load_state_dict(best["state"])  # the best checkpoint, restored
+    if opts.checkpoint and lib == "pyoptim":
+        torch.save(dict(model=best["state"], optimizer=best["opt_state"], epoch=best["epoch"] + 1,
+                        val_loss=best["val_loss"]), opts.checkpoint)
+        print(f"{lib:>7} saved the best epoch ({best['epoch'] + 1}) to {opts.checkpoint}", flush=True)
+    # the restored weights' validation loss, which is the best epoch's: the check that the restore took
+    restored_val_loss, _ = evaluate(model, data["xval"], data["yval"], opts.eval_batch_size)
     test_loss, test_acc = evaluate(model, data["xte"], data["yte"], opts.eval_batch_size)
     return dict(history=hist, best_epoch=best["epoch"] + 1, epochs_run=len(hist["val_loss"]), test_loss=test_loss,
-                test_acc=test_acc)
+                test_acc=test_acc, restored_val_loss=restored_val_loss, layers=layer_names(model),
+                optimizer=describe_optimizer(opt))
 
 
 def time_steps(runs: dict[str, Run], data: dict[str, torch.Tensor], opts: argparse.Namespace,
@@ -305,12 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--momentum", type=float, default=0.9, help="SGD's and RMSprop's momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 (AdamW: decoupled)")
+    p.add_argument("--weight-decay", "--l2", type=float, default=5e-4, help="L2 regularization (AdamW: decoupled)")
     p.add_argument("--l1", type=float, default=0.0, help="L1 regularization: loss + l1 * sum(|p|)")
-    p.add_argument("--clip", type=float, default=0.0, help="clip the grads' global L2 norm to this (0: off)")
+    p.add_argument("--clip", "--max-grad-norm", type=float, default=0.0,
+                   help="clip the grads' global L2 norm to this (0: off)")
     p.add_argument("--norm", choices=("batch", "instance", "none"), default="batch", help="after each conv")
     p.add_argument("--layer-norm", action="store_true", help="LayerNorm before the head")
-    p.add_argument("--schedule", choices=("none", "step", "cosine"), default="cosine", help="learning-rate decay")
+    p.add_argument("--schedule", "--lr-decay", choices=("none", "step", "cosine"), default="cosine",
+                   help="learning-rate decay, stepped each epoch")
     p.add_argument("--step-size", type=int, default=4, help="--schedule step: epochs between decays")
     p.add_argument("--gamma", type=float, default=0.5, help="--schedule step: the decay factor")
     p.add_argument("--val-fraction", type=float, default=0.15, help="of the training set, for early stopping")
@@ -318,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the loop with torch.optim / torch.nn and plot both")
     p.add_argument("--plot", type=Path, default=Path("convnet_curves.png"), help="--compare-torch's PNG")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="save the best epoch's model and optimizer state_dict here (pyoptim's run)")
     p.add_argument("--json", type=Path, default=None, help="write the histories and results here")
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds of timed steps per library, after training")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

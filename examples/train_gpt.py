@@ -12,7 +12,8 @@ clip_grad_norm_ pass, grads untouched), weight decay on the matrices only, the l
 linearly for --warmup steps then decayed on a cosine to --min-lr-frac of its peak (torch's LambdaLR).
 Under --autocast bf16 (the default on GPUs) the matmuls run in bfloat16 and the norms take bf16 input with
 fp32 weights; --param-dtype bf16 stores the params themselves in bf16, and --master-weights (pyoptim's
-precision policy: fp32, remainder, stochastic) keeps what the optimizer needs to update them exactly.
+precision policy: fp32, remainder, stochastic) keeps what the optimizer needs to update them exactly;
+--state-dtype bf16 stores AdamW's moments in bf16.
 
 It prints the loss, tokens/s, and at the end the time of the optimizer step alone on this model's
 parameters and grads, pyoptim's against torch.optim.AdamW(fused=True) after torch.nn.utils.clip_grad_norm_
@@ -125,9 +126,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def precision_kwargs(opts: argparse.Namespace) -> dict[str, Any]:
     """pyoptim's precision policy keywords from --master-weights, where this pyoptim has it."""
-    if not opts.master_weights:
-        return {}
-    return dict(master_weights=opts.master_weights)
+    kw: dict[str, Any] = {}
+    if opts.master_weights:
+        kw["master_weights"] = opts.master_weights
+    if opts.state_dtype:
+        kw["state_dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.state_dtype]
+    return kw
 
 
 def make_optimizer(lib: str, model: torch.nn.Module, opts: argparse.Namespace) -> torch.optim.Optimizer:
@@ -247,6 +251,14 @@ def time_optimizer_steps(run: Run, opts: argparse.Namespace) -> dict[str, dict]:
     return {lib: dict(ms=t.ms, ms_q1=t.ms_q1, ms_q3=t.ms_q3, reps=t.reps) for lib, t in times.items()}
 
 
+def state_dtypes(run: Run) -> dict[str, str]:
+    """The first param's dtype and its optimizer state's tensors' dtypes (what the precision flags chose)."""
+    p = run.params[0]
+    out = {"param": str(p.dtype)}
+    out.update({k: str(v.dtype) for k, v in run.opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0})
+    return out
+
+
 @torch.no_grad()
 def sample(run: Run, itos: list[str], n: int) -> str:
     """n characters drawn from the trained model, from a newline."""
@@ -283,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--master-weights", choices=("fp32", "remainder", "stochastic"), default=None,
                    help="pyoptim's precision policy for bf16 params (needs a pyoptim that has it)")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16"), default=None,
+                   help="the dtype of AdamW's moments (pyoptim's state_dtype; default: the policy's)")
     p.add_argument("--compare-torch", action="store_true", help="also train with torch.nn and torch's fused AdamW")
     p.add_argument("--sample", type=int, default=200, help="characters to sample at the end (0: none)")
     p.add_argument("--log-every", type=int, default=25)
@@ -295,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.state_dtype and "state_dtype" not in inspect.signature(pyoptim.optim.AdamW).parameters:
+        parser.error(f"--state-dtype: this pyoptim ({pyoptim.__version__}) has no precision policy yet "
+                     "(pyoptim.optim.AdamW takes no state_dtype)")
     if opts.master_weights:
         if "master_weights" not in inspect.signature(pyoptim.optim.AdamW).parameters:
             parser.error(f"--master-weights: this pyoptim ({pyoptim.__version__}) has no precision policy yet "
@@ -317,7 +334,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"model: {opts.n_layer} blocks, d_model {opts.d_model}, {opts.n_head} heads, {opts.norm} norm, "
           f"{n_params:,} params in {len(runs['pyoptim'].params)} tensors ({opts.param_dtype}); "
           f"AdamW(lr={opts.lr}, weight_decay={opts.weight_decay}, max_grad_norm={opts.max_grad_norm})"
-          f"{', master weights ' + opts.master_weights if opts.master_weights else ''}, "
+          f"{', master weights ' + opts.master_weights if opts.master_weights else ''}"
+          f"{', state ' + opts.state_dtype if opts.state_dtype else ''}, "
           f"autocast {opts.autocast}; {device}, {torch.get_num_threads()} threads")
     results = {lib: train(run, data, opts) for lib, run in runs.items()}
     steps = time_optimizer_steps(runs["pyoptim"], opts)
@@ -330,8 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if opts.sample:
         print("sample:\n" + sample(runs["pyoptim"], itos, opts.sample))
     if opts.json:
-        opts.json.write_text(json.dumps(dict(text=what, options=vars(opts), results=results,
-                                             optimizer_step=steps), indent=1, default=str))
+        opts.json.write_text(json.dumps(dict(text=what, options=vars(opts), results=results, optimizer_step=steps,
+                                             optimizer_state=state_dtypes(runs["pyoptim"])), indent=1, default=str))
     return 0
 
 

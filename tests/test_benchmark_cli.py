@@ -139,6 +139,9 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         impls = {row["impl"] for row in rows}
         assert ("pyoptim-cpu" if _backends.EXTENSION_LOADED else "pyoptim-reference") in impls
         assert any(i.startswith("torch") for i in impls)
+        if op in ("adam", "sgd"):  # torch's three implementations beside ours
+            assert {"torch-forloop", "torch-foreach"} <= impls, impls
+            assert op == "sgd" or "torch-fused" in impls, impls
         for row in rows:
             assert row["error"] is None, row
             assert row["ms"] > 0 and row["reps"] >= 1
@@ -165,7 +168,10 @@ def test_cli_model_from_catalogue(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--shapes", "0x3"], "every dim must be positive"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-    ([], "nothing to run"),
+    (["--state-dict", "no-such-file.pt"], "--state-dict no-such-file.pt: no such file"),
+    (["--state-dict", __file__], "cannot read it"),  # not a torch.save file
+    (["--passes", "sideways"], "unknown pass 'sideways'"),
+    (["--shapes", "64", "--ops", "nope"], "unknown op 'nope'"),
     (["--layer-norm", "64x64x2"], "(batch, hidden)"),
     (["--shapes", "64", "--ops", "layer_norm"], "op layer_norm needs cases from --layer-norm"),
     (["--shapes", "64", "--impls", "nobody"], "no impl matches 'nobody'"),
@@ -175,6 +181,20 @@ def test_cli_bad_arguments(tmp_path: Path, capsys, args: list[str], message: str
         cli.main([*args, "--out", str(tmp_path)])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_no_arguments_runs_defaults(tmp_path: Path, capsys) -> None:
+    """No cases given: the defaults (resnet18's parameters from the catalogue, LayerNorm/RMSNorm and BatchNorm of
+    a common size), said so, every default op measured and picked. --quick and two impls keep the test short;
+    the defaults themselves are what a bare `python -m pyoptim.benchmark` runs."""
+    assert cli.main(["--quick", "--no-plot", "--no-progress", "--impls", "pyoptim-*,torch*",
+                     "--layouts", "nchw", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no cases given, so these defaults: --model resnet18 --layer-norm 4096x1024 --batch-norm 32x64x56x56" in out
+    picks = json.loads((tmp_path / "picks_cpu.json").read_text())["picks"]
+    assert sorted((p["op"], p["case"]) for p in picks) == sorted(
+        [("adam", "resnet18"), ("sgd", "resnet18"), ("layer_norm", "4096x1024-fwdbwd"),
+         ("rms_norm", "4096x1024-fwdbwd"), ("batch_norm", "32x64x56x56-nchw-fwdbwd")]), picks
 
 
 @pytest.mark.parametrize("op, step_op", [("adagrad", "adagrad_step_"), ("rmsprop", "rmsprop_step_")])

@@ -5,6 +5,7 @@
     python -m pyoptim.benchmark --state-dict ckpt.pt --ops adam,lion,clip_adamw
     python -m pyoptim.benchmark --layer-norm 8192x1024,32768x4096 --batch-norm 64x64x56x56
     python -m pyoptim.benchmark --list                           # ops, models, impls here
+    python -m pyoptim.benchmark                                  # the defaults of DEFAULT_CASES, said so
 
 The method is the project's (pyoptim/benchmark/harness.py): the machine's
 memory bandwidth first, then every implementation of an op on one case timed
@@ -31,6 +32,15 @@ from pyoptim.benchmark.harness import Case, Op
 # The optimizer ops run over parameter cases when --ops does not say.
 DEFAULT_PARAM_OPS = ("adam", "sgd")
 DEFAULT_OUT = Path("pyoptim-benchmark")
+# The cases of a run given none (`python -m pyoptim.benchmark` alone): a common model's parameter list (from
+# the catalogue, so it needs nothing installed) and norm inputs of a common size, each a few seconds on a CPU.
+DEFAULT_CASES = {"model": ["resnet18"], "layer_norm": ["4096x1024"], "batch_norm": ["32x64x56x56"]}
+_CASE_FLAGS = ("shapes", "model", "state_dict", "layer_norm", "batch_norm")
+
+
+def _default_flags() -> str:
+    """DEFAULT_CASES as the command line that would give them."""
+    return " ".join(f"--{k.replace('_', '-')} {','.join(v)}" for k, v in DEFAULT_CASES.items())
 _DIMS = re.compile(r"[x\u00d7]", re.IGNORECASE)
 
 
@@ -97,10 +107,16 @@ def state_dict_shapes(path: Path) -> models.NamedShapes:
     (one storage) counted once. Read with mmap, so a large file costs no memory."""
     import torch
 
+    if not path.is_file():
+        raise ValueError(f"--state-dict {path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # not the zip format mmap needs (a legacy file): read it whole
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # not the zip format mmap needs (a legacy file): read it whole
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch.load says, the user needs the file named
+        raise ValueError(f"--state-dict {path}: torch.load(weights_only=True) cannot read it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -257,6 +273,7 @@ def build_parser(ops: dict[str, Op]) -> argparse.ArgumentParser:
                "  python -m pyoptim.benchmark --shapes 4096x4096,1024*24 --ops adam,clip_adamw\n"
                "  python -m pyoptim.benchmark --state-dict model.pt\n"
                "  python -m pyoptim.benchmark --layer-norm 8192x1024 --batch-norm 64x64x56x56\n"
+               f"  python -m pyoptim.benchmark   (no cases: {_default_flags()})\n"
                "Every impl of an op holds its own params, grads and state at once (on CPU they are timed in "
                "turns): a large model needs several times its size in memory; --impls narrows the field.")
     csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
@@ -338,15 +355,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser(ops)
     opts = parser.parse_args(argv)
     _check_lists(parser, opts)
-    chosen = []
+    chosen, defaults_note = [], None
     if not opts.list:
+        if not any(getattr(opts, flag) for flag in _CASE_FLAGS):
+            for flag, value in DEFAULT_CASES.items():
+                setattr(opts, flag, value)
+            defaults_note = (f"no cases given, so these defaults: {_default_flags()}; yours with --shapes, "
+                             "--model, --state-dict, --layer-norm, --batch-norm (--help)")
         try:  # the cases are checked before the allocator re-exec, which imports everything again
             chosen = plan(ops, opts)
-        except (ValueError, KeyError, OSError) as e:
+        except KeyError as e:  # str() of a KeyError is its message in quotes
             parser.error(str(e.args[0]) if e.args else str(e))
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
         if not chosen:
             parser.error("nothing to run: give --shapes, --model, --state-dict, --layer-norm or --batch-norm")
     device, dtype = harness.setup_device(parser, opts, reexec=argv is None)
+    if defaults_note:  # after the re-exec, so said once
+        print(defaults_note)
     if opts.list:
         print("models:", ", ".join(models.known_models()), "(and torchvision's / timm's when installed)")
         harness.list_ops([dataclasses.replace(op, cases={}) for op in ops.values()], device, opts)

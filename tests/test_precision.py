@@ -780,3 +780,32 @@ def test_lamb_two_passes_equal_one_step_with_policy(case, policy):
                         + list(extra.get("param_remainders", []))])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
+def test_lamb_opcheck(policy):
+    # The three LAMB ops' schemas (lamb_moments_ reads the masters/remainders, lamb_step_ and lamb_apply_ write
+    # them), their fake kernels and the CPU kernels agree under each policy.
+    shapes = [(5,), (2, 3), ()]
+    p = [torch.randn(s).bfloat16() for s in shapes]
+    state_dtype = torch.bfloat16 if policy == "bf16state" else torch.float32
+
+    def args():
+        st = [torch.randn(s).abs().to(state_dtype) for s in shapes]
+        return (p, [torch.randn(s).bfloat16() for s in shapes], [x.clone() for x in st], st,
+                [torch.tensor(2.0) for _ in shapes])
+
+    kwargs = dict(lr=[1e-3], beta1=[0.9], beta2=[0.999], weight_decay=[0.1], eps=[1e-6], group_sizes=[3],
+                  maximize=False)
+    if policy == "fp32":
+        kwargs["master_params"] = [x.float() + 2**-12 for x in p]
+    elif policy == "remainder":
+        kwargs["param_remainders"] = [torch.full(s, 77, dtype=torch.int16) for s in shapes]
+    elif policy == "stochastic":
+        kwargs["stochastic_seed"] = 11
+    torch.library.opcheck(torch.ops.pyoptim.lamb_step_, args(), kwargs)
+    torch.library.opcheck(torch.ops.pyoptim.lamb_moments_, args(), kwargs)
+    a = args()
+    norms = torch.ops.pyoptim.lamb_moments_(*copy.deepcopy(a), **copy.deepcopy(kwargs))
+    torch.library.opcheck(torch.ops.pyoptim.lamb_apply_, a + (norms,), kwargs)

@@ -544,31 +544,43 @@ def test_sgd_stochastic_unbiased(case):
     assert float(opt.state[p]["step"]) == 1.0  # SGD's counter for the draws
 
 
-@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "sgd"], ids=_opt_id)
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_sgd_bf16_momentum_buffers(case, param_dtype):
-    # state_dtype=bf16: the first buffer is the grad (bf16 values: exact); later ones stay within a few bf16
-    # roundings of an fp32-buffer run's (one rounding a step, damped by momentum 0.9: 5 steps, 2^-6 relative),
-    # and the params within two bf16 ulps (a buffer's rounding may flip a bf16 param's rounding).
-    impl = case[1]
-    device = _device(impl)
+def _bf16_and_fp32_state_runs(make, device, param_dtype, keys, check_first):
+    """5 steps of make(params, state_dtype) with bf16 state, then fp32 state, fed the same grads; check_first(opt,
+    params) after the first step. Then the bf16 run's state at `keys` stays within a few bf16 roundings of the
+    fp32 run's (one rounding a step, damped: 2^-6 relative), and its params within two bf16 ulps (a state's
+    rounding may flip a bf16 param's rounding)."""
     runs = {}
     for sd in (torch.bfloat16, torch.float32):
         ps = [p.to(param_dtype).requires_grad_() for p in _init(device)]
-        opt = pyoptim.optim.SGD(ps, lr=1e-2, momentum=0.9, backend=impl[1], state_dtype=sd)
+        opt = make(ps, sd)
         g = torch.Generator().manual_seed(4)
         for step in range(5):
             for p, gr in zip(ps, _grads_for(ps, g)):
                 p.grad = gr.to(param_dtype)
             opt.step()
-            if step == 0 and sd is not None:
-                for p in ps:
-                    assert torch.equal(opt.state[p]["momentum_buffer"], p.grad.bfloat16())
-        runs[sd] = [(p.detach().float(), opt.state[p]["momentum_buffer"]) for p in ps]
-    for (p, b), (p32, b32) in zip(runs[torch.bfloat16], runs[torch.float32]):
-        assert b.dtype == torch.bfloat16 and b32.dtype == torch.float32
-        torch.testing.assert_close(b.float(), b32, rtol=2**-6, atol=2**-6 * float(b32.abs().max()))
+            if step == 0:
+                check_first(opt, ps)
+        runs[sd] = [(p.detach().float(), [opt.state[p][k] for k in keys]) for p in ps]
+    for (p, st), (p32, st32) in zip(runs[torch.bfloat16], runs[torch.float32]):
+        for b, b32 in zip(st, st32):
+            assert b.dtype == torch.bfloat16 and b32.dtype == torch.float32
+            torch.testing.assert_close(b.float(), b32, rtol=2**-6, atol=2**-6 * float(b32.abs().max()))
         torch.testing.assert_close(p, p32, rtol=2**-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "sgd"], ids=_opt_id)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_sgd_bf16_momentum_buffers(case, param_dtype):
+    # state_dtype=bf16: the first buffer is the grad (bf16 values: exact); later ones as _bf16_and_fp32_state_runs.
+    impl = case[1]
+
+    def first_buffer_is_the_grad(opt, ps):
+        for p in ps:
+            assert torch.equal(opt.state[p]["momentum_buffer"], p.grad.bfloat16())
+
+    _bf16_and_fp32_state_runs(
+        lambda ps, sd: pyoptim.optim.SGD(ps, lr=1e-2, momentum=0.9, backend=impl[1], state_dtype=sd),
+        _device(impl), param_dtype, ("momentum_buffer",), first_buffer_is_the_grad)
 
 
 @pytest.mark.parametrize("kwargs, dtype", [
@@ -834,34 +846,21 @@ def test_adagrad_master_from_the_param_at_its_first_step(policy):
 @pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "lamb"], ids=_opt_id)
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_lamb_bf16_state(case, param_dtype):
-    # state_dtype=bf16: m and v are stored in bf16; the first m is (1 - beta1) * g and the first v
-    # (1 - beta2) * g * g, each rounded once to bf16 (exact in the fp32 math before the rounding for these
-    # bf16 grads up to fp32's rounding: compared at bf16's). Over 5 steps the params stay within a few
-    # bf16 roundings of the moments of an fp32-state run (the trust ratio normalises u, so the step's size
-    # is lr * ||p||, and a moment's rounding moves only its direction: 2^-6 relative, as SGD's test).
+    # state_dtype=bf16: exp_avg and exp_avg_sq in the state dtype, the first exp_avg (1 - beta1) * g rounded once
+    # to it (one bf16 ulp: 2^-8); later ones as _bf16_and_fp32_state_runs (the trust ratio normalises u, so a
+    # moment's rounding moves the step's direction, not its size).
     impl = case[1]
-    device = _device(impl)
-    runs = {}
-    for sd in (torch.bfloat16, torch.float32):
-        ps = [p.to(param_dtype).requires_grad_() for p in _init(device)]
-        opt = pyoptim.optim.LAMB(ps, lr=1e-2, weight_decay=0.01, backend=impl[1], state_dtype=sd)
-        g = torch.Generator().manual_seed(4)
-        for step in range(5):
-            for p, gr in zip(ps, _grads_for(ps, g)):
-                p.grad = gr.to(param_dtype)
-            opt.step()
-            if step == 0:
-                for p in ps:
-                    st = opt.state[p]
-                    assert st["exp_avg"].dtype == sd and st["exp_avg_sq"].dtype == sd
-                    want = (0.1 * p.grad.float()).to(sd)
-                    torch.testing.assert_close(st["exp_avg"], want, rtol=2**-8, atol=0)
-        runs[sd] = [(p.detach().float(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in ps]
-    for (p, m, v), (p32, m32, v32) in zip(runs[torch.bfloat16], runs[torch.float32]):
-        assert m.dtype == v.dtype == torch.bfloat16 and m32.dtype == v32.dtype == torch.float32
-        torch.testing.assert_close(m.float(), m32, rtol=2**-6, atol=2**-6 * float(m32.abs().max()))
-        torch.testing.assert_close(v.float(), v32, rtol=2**-6, atol=2**-6 * float(v32.abs().max()))
-        torch.testing.assert_close(p, p32, rtol=2**-6, atol=1e-3)
+
+    def first_moments(opt, ps):
+        for p in ps:
+            st = opt.state[p]
+            sd = st["exp_avg"].dtype
+            assert st["exp_avg_sq"].dtype == sd
+            torch.testing.assert_close(st["exp_avg"], (0.1 * p.grad.float()).to(sd), rtol=2**-8, atol=0)
+
+    _bf16_and_fp32_state_runs(
+        lambda ps, sd: pyoptim.optim.LAMB(ps, lr=1e-2, weight_decay=0.01, backend=impl[1], state_dtype=sd),
+        _device(impl), param_dtype, ("exp_avg", "exp_avg_sq"), first_moments)
 
 
 @pytest.mark.parametrize("case", [c for c in OPT_IMPLS if c[0] == "lamb"], ids=_opt_id)
@@ -903,3 +902,32 @@ def test_lamb_two_passes_equal_one_step_with_policy(case, policy):
                         + list(extra.get("param_remainders", []))])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not pyoptim._backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("policy", ["fp32", "remainder", "stochastic", "bf16state"])
+def test_lamb_opcheck(policy):
+    # The three LAMB ops' schemas (lamb_moments_ reads the masters/remainders, lamb_step_ and lamb_apply_ write
+    # them), their fake kernels and the CPU kernels agree under each policy.
+    shapes = [(5,), (2, 3), ()]
+    p = [torch.randn(s).bfloat16() for s in shapes]
+    state_dtype = torch.bfloat16 if policy == "bf16state" else torch.float32
+
+    def args():
+        st = [torch.randn(s).abs().to(state_dtype) for s in shapes]
+        return (p, [torch.randn(s).bfloat16() for s in shapes], [x.clone() for x in st], st,
+                [torch.tensor(2.0) for _ in shapes])
+
+    kwargs = dict(lr=[1e-3], beta1=[0.9], beta2=[0.999], weight_decay=[0.1], eps=[1e-6], group_sizes=[3],
+                  maximize=False)
+    if policy == "fp32":
+        kwargs["master_params"] = [x.float() + 2**-12 for x in p]
+    elif policy == "remainder":
+        kwargs["param_remainders"] = [torch.full(s, 77, dtype=torch.int16) for s in shapes]
+    elif policy == "stochastic":
+        kwargs["stochastic_seed"] = 11
+    torch.library.opcheck(torch.ops.pyoptim.lamb_step_, args(), kwargs)
+    torch.library.opcheck(torch.ops.pyoptim.lamb_moments_, args(), kwargs)
+    a = args()
+    norms = torch.ops.pyoptim.lamb_moments_(*copy.deepcopy(a), **copy.deepcopy(kwargs))
+    torch.library.opcheck(torch.ops.pyoptim.lamb_apply_, a + (norms,), kwargs)

@@ -58,6 +58,19 @@ __device__ __forceinline__ LambCoeffs<S> lamb_coeffs(const LambMeta& meta, int s
                                        aux.grad_mul(), ratio));
 }
 
+// The block's sums of p * p and u * u (each thread's partial sums given) to
+// partial[2 * chunk], partial[2 * chunk + 1].
+__device__ __forceinline__ void write_chunk_sums(const LambMeta& meta, double* partial, double p_sq, double u_sq) {
+  const double p_total = block_reduce(p_sq, Sum());
+  __syncthreads();  // block_reduce's shared memory is reused
+  const double u_total = block_reduce(u_sq, Sum());
+  if (threadIdx.x == 0) {
+    const int64_t c = meta.extra.chunk_base + blockIdx.x;
+    partial[2 * c] = p_total;
+    partial[2 * c + 1] = u_total;
+  }
+}
+
 // Pass 1: m, v written; the chunk's sums of p * p and u * u to
 // partial[2 * chunk], partial[2 * chunk + 1].
 template <typename T>
@@ -82,14 +95,7 @@ struct LambMomentsFunctor {
       p_sq += x[0] * x[0];
       u_sq += u * u;
     });
-    const double p_total = block_reduce(static_cast<double>(p_sq), Sum());
-    __syncthreads();  // block_reduce's shared memory is reused
-    const double u_total = block_reduce(static_cast<double>(u_sq), Sum());
-    if (threadIdx.x == 0) {
-      const int64_t c = meta.extra.chunk_base + blockIdx.x;
-      partial[2 * c] = p_total;
-      partial[2 * c + 1] = u_total;
-    }
+    write_chunk_sums(meta, partial, p_sq, u_sq);
   }
 };
 
@@ -153,14 +159,7 @@ struct LambMixedMomentsFunctor {
       p_sq += x * x;
       u_sq += u * u;
     });
-    const double p_total = block_reduce(static_cast<double>(p_sq), Sum());
-    __syncthreads();  // block_reduce's shared memory is reused
-    const double u_total = block_reduce(static_cast<double>(u_sq), Sum());
-    if (threadIdx.x == 0) {
-      const int64_t c = meta.extra.chunk_base + blockIdx.x;
-      partial[2 * c] = p_total;
-      partial[2 * c + 1] = u_total;
-    }
+    write_chunk_sums(meta, partial, p_sq, u_sq);
   }
 };
 

@@ -86,6 +86,28 @@ def test_matches_float64_lamb(lamb_impl, dtype, weight_decay, l1, maximize):
     assert_matches(ours, opt, oracle, dtype)
 
 
+@pytest.mark.parametrize("dtype, master_weights", [(torch.float32, None), (torch.bfloat16, "fp32")], ids=str)
+def test_eps_zero(lamb_impl, dtype, master_weights):
+    # eps = 0 is allowed (as torch's Adam allows it): u = m_hat / sqrt(v_hat). Sizes that leave a partial vector
+    # at a chunk's end, through the plain loop (fp32) and the precision loop (bf16 params, fp32 masters): the
+    # padding lanes of that vector must not enter ||u|| (their u would be 0 / 0), or every trust ratio is wrong.
+    device = device_of(lamb_impl)
+    init = [torch.randn(s, device=device).to(dtype) for s in _shapes(lamb_impl)]
+    ours = [p.clone().requires_grad_() for p in init]
+    opt = pyoptim.optim.LAMB(ours, lr=1e-2, eps=0.0, weight_decay=0.01, master_weights=master_weights,
+                             backend=lamb_impl[1])
+    oracle = Float64Lamb(init, lr=1e-2, betas=(0.9, 0.999), eps=0.0, weight_decay=0.01)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, device=device).to(dtype) for p in ours]
+        for x, g in zip(ours, grads):
+            x.grad = g.clone()
+        opt.step()
+        oracle.step(grads)
+    for x, want in zip(ours, oracle.params):
+        got = opt.state[x]["master_param"] if master_weights else x.detach()
+        torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
+
+
 def test_trust_ratio_is_one_for_zero_norms(lamb_impl):
     # A zero param (||p|| = 0) with no weight decay moves by lr * u; a zero grad on a zero param gives u = 0.
     device = device_of(lamb_impl)

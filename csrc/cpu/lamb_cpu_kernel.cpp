@@ -1,5 +1,7 @@
 // The CPU LAMB kernels (lamb.h's two passes), built once per instruction set
 // (see cpu_isa.h).
+#include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 
@@ -47,14 +49,23 @@ struct LambMomentsOp {
   static constexpr unsigned kLoad = 0b1111u;
   static constexpr unsigned kStore = 0b1100u;  // m, v
   VecAndScalar<LambCoeffs, S> coeffs;
+  // The chunk's elements (`summed`: those summed so far). The loops call the
+  // op in element order, a zero-padded tail vector last: its lanes past the
+  // chunk add nothing (their u is 0 / (0 + eps), NaN when eps = 0).
+  int64_t count;
   mutable Vec vec_p_sq = Vec(S(0)), vec_u_sq = Vec(S(0));
   mutable S p_sq = S(0), u_sq = S(0);
+  mutable int64_t summed = 0;
 
   void add(const Vec& p, const Vec& u) const {
+    const int64_t live = std::min<int64_t>(count - summed, Vec::size());
+    summed += live;
+    const Vec live_u = live < Vec::size() ? Vec::set(Vec(S(0)), u, live) : u;
     vec_p_sq = vec_p_sq + p * p;
-    vec_u_sq = vec_u_sq + u * u;
+    vec_u_sq = vec_u_sq + live_u * live_u;
   }
   void add(S p, S u) const {
+    ++summed;
     p_sq += p * p;
     u_sq += u * u;
   }
@@ -107,7 +118,8 @@ void moments_all(const LambCpuLaunch& L, double* partial) {
   using S = at::opmath_type<T>;
   using Op = LambMomentsOp<T, S>;
   parallel_each_chunk(L.plan, kLambCpuChunk, L.numel.data(), [&](int64_t i, int64_t c, int64_t begin, int64_t end) {
-    const Op op{VecAndScalar<LambCoeffs, S>(lamb_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, 1.0))};
+    const Op op{VecAndScalar<LambCoeffs, S>(lamb_scalars<S>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, 1.0)),
+                end - begin};
     T* ptr[4];
     pointers(L, i, ptr);
     elementwise_range<T, 4, Op::kLoad, Op::kStore>(ptr, begin, end, op);
@@ -137,7 +149,8 @@ void moments_mixed(const LambCpuLaunch& L, double* partial) {
   using V = at::vec::Vectorized<float>;
   using Op = LambMomentsOp<U, float>;
   parallel_each_chunk(L.plan, kLambCpuChunk, L.numel.data(), [&](int64_t i, int64_t c, int64_t begin, int64_t end) {
-    const Op op{VecAndScalar<LambCoeffs, float>(lamb_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, 1.0))};
+    const Op op{VecAndScalar<LambCoeffs, float>(lamb_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul, 1.0)),
+                end - begin};
     U* const state[2] = {static_cast<U*>(L.m[i]), static_cast<U*>(L.v[i])};
     precision_range<T, U, 2, 0b11u, 0b11u, /*PSTORE=*/false>(
         L.policy, static_cast<T*>(L.p[i]), static_cast<const T*>(L.g[i]), L.extra[i], L.key[i], state, begin, end,

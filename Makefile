@@ -3,7 +3,11 @@
 # (CPU kernels always; CUDA kernels whenever torch is a CUDA build and nvcc is
 # found) and runs. `make test` includes the wheel check (tests/test_wheel.py
 # runs tools/check_wheel.sh: after the build it only links, about a minute);
-# `make check-wheel` runs that check alone.
+# `make check-wheel` runs that check alone. The suite runs on TEST_JOBS
+# processes (pytest-xdist; default 2, CI's cores), each test file in one of
+# them (--dist loadfile): a module's fixtures (the one spawn of the
+# distributed ranks) are set up once, and the large-tensor tests of one file
+# never run at the same time.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,6 +21,7 @@ endif
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 # Extra pytest/bench arguments: make test ARGS="-k adam", make bench ARGS="--cases large".
 ARGS ?=
+TEST_JOBS ?= 2
 
 .PHONY: all venv build test bench wheel check-wheel info clean
 
@@ -25,7 +30,7 @@ all: build
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib lion-pytorch hypothesis scikit-learn
+	$(PY) -m pip install -q "torch>=2.11" triton numpy pytest ninja setuptools wheel matplotlib lion-pytorch hypothesis scikit-learn pytest-xdist
 	touch $@
 
 venv: $(VENV)/.deps
@@ -36,7 +41,7 @@ build: venv
 	$(PY) -m pip install -q --no-build-isolation -e .
 
 test: build
-	$(PY) -m pytest -q --durations=15 tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 -n $(TEST_JOBS) --dist loadfile tests $(ARGS)
 
 bench: build
 	$(PY) benchmarks/run.py $(ARGS)

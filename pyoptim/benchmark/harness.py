@@ -198,8 +198,9 @@ class Op:
     def usage(self, impl: str) -> str:
         """The call that stands for `impl` in user code, like pyoptim.optim.AdamW(..., backend="cpu")."""
         if impl.startswith("pyoptim-") and self.api:
-            backend = f'backend="{impl[len("pyoptim-"):]}"'
-            return f"{self.api[:-1]}, {backend})" if self.api.endswith(")") else f"{self.api}(..., {backend})"
+            backend, flat = impl[len("pyoptim-"):], impl.endswith(FLAT_SUFFIX)
+            kw = f'backend="{backend[:-len(FLAT_SUFFIX)] if flat else backend}"' + (", flat=True" if flat else "")
+            return f"{self.api[:-1]}, {kw})" if self.api.endswith(")") else f"{self.api}(..., {kw})"
         torch_kw = {"torch-forloop": "foreach=False", "torch-foreach": "foreach=True", "torch-fused": "fused=True"}
         if impl in torch_kw and self.torch_api:
             return f"{self.torch_api}(..., {torch_kw[impl]})"
@@ -208,14 +209,22 @@ class Op:
         return impl
 
 
+# The name suffix of a provider that steps with flat storage (note [flat storage]: `flat=True`).
+FLAT_SUFFIX = "-flat"
+
+
 def pyoptim_providers(op: str, device, setup_for: Callable[[str], Callable[[Any], Callable[[], Any]]],
-                      reference: bool = True) -> list[Provider]:
+                      reference: bool = True,
+                      flat_setup_for: Optional[Callable[[str], Callable[[Any], Callable[[], Any]]]] = None
+                      ) -> list[Provider]:
     """One provider per pyoptim backend of `op` on `device`, named pyoptim-<backend>; `setup_for(backend)` builds it.
 
     Triton on the CPU is its interpreter: a numerics tool, timed only when
     --impls names it; so is the reference backend when `reference` is False
     (the norms: plain torch ops, a test oracle, not a contender). An op this pyoptim does not have (an older install)
-    leaves every pyoptim provider unavailable, and torch's still run.
+    leaves every pyoptim provider unavailable, and torch's still run. With `flat_setup_for` (an optimizer with
+    flat=True), each compiled backend also gets pyoptim-<backend>-flat: the same step over one buffer per
+    group (the reference backend's per-tensor torch ops gain nothing from it).
     """
     from pyoptim import _backends
 
@@ -224,14 +233,17 @@ def pyoptim_providers(op: str, device, setup_for: Callable[[str], Callable[[Any]
     except KeyError:
         available, no_op = [], f"this pyoptim ({_pyoptim_version()}) has no op {op!r}"
     candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference", "triton")
+    variants = [(b, "", setup_for) for b in candidates]
+    if flat_setup_for is not None:
+        variants += [(b, FLAT_SUFFIX, flat_setup_for) for b in candidates if b != "reference"]
     return [
         Provider(
-            f"pyoptim-{b}", "pyoptim", setup_for(b),
+            f"pyoptim-{b}{suffix}", "pyoptim", setup(b),
             unavailable=None if b in available else
             no_op or f"pyoptim backend {b!r} is not available here (backend_info: {available})",
             default=not (b == "triton" and device.type == "cpu") and (reference or b != "reference"),
         )
-        for b in candidates
+        for b, suffix, setup in variants
     ]
 
 

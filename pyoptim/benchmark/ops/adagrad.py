@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from pyoptim.benchmark.harness import Case, Provider, missing_module, pyoptim_providers
-from pyoptim.benchmark.ops.adam import _step_of, param_list_op, torch_providers
+from pyoptim.benchmark.harness import Case, Provider, missing_module
+from pyoptim.benchmark.ops.adam import _step_of, optimizer_providers, param_list_op, torch_providers
 
 LR, LR_DECAY, WEIGHT_DECAY = 1e-2, 1e-4, 1e-2
 
@@ -32,8 +32,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import pyoptim
 
     hp = dict(lr=LR, lr_decay=LR_DECAY, weight_decay=WEIGHT_DECAY)
-    out = pyoptim_providers("adagrad_step_", device,
-                            lambda b: _step_of(lambda ps: pyoptim.optim.Adagrad(ps, **hp, backend=b)))
+    out = optimizer_providers("adagrad_step_", device, lambda ps, **kw: pyoptim.optim.Adagrad(ps, **hp, **kw))
     out += torch_providers(lambda ps, **kw: torch.optim.Adagrad(ps, **hp, **kw))
     if device.type == "cuda":
         def apex_adagrad(ps):  # no lr_decay: its step is otherwise the same

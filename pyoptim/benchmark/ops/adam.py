@@ -71,6 +71,13 @@ def torch_providers(make_optimizer: Callable[..., Any], step_of=None,
     return out
 
 
+def optimizer_providers(op: str, device, make_optimizer: Callable[..., Any]) -> list[Provider]:
+    """pyoptim's providers of an optimizer that supports flat storage: `make_optimizer(params, backend=...)` for
+    each backend (pyoptim-<backend>), and with flat=True (pyoptim-<backend>-flat: the step over one buffer)."""
+    return pyoptim_providers(op, device, lambda b: _step_of(lambda ps: make_optimizer(ps, backend=b)),
+                             flat_setup_for=lambda b: _step_of(lambda ps: make_optimizer(ps, backend=b, flat=True)))
+
+
 def param_list_op(**kw: Any) -> Op:
     """An Op over a model's parameter list (PARAM_CASES, params and grads from make_inputs), default cases
     large, many_small and transformer; `kw` are the rest of Op's fields."""
@@ -84,8 +91,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import pyoptim
 
     hp = dict(lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=opts.amsgrad)
-    out = pyoptim_providers("adam_step_", device,
-                            lambda b: _step_of(lambda ps: pyoptim.optim.AdamW(ps, **hp, backend=b)))
+    out = optimizer_providers("adam_step_", device, lambda ps, **kw: pyoptim.optim.AdamW(ps, **hp, **kw))
     out += torch_providers(lambda ps, **kw: torch.optim.AdamW(ps, **hp, **kw))
 
     if device.type == "cuda":

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from pyoptim.benchmark.ops.adam import LR, WEIGHT_DECAY, _params, _step_of, param_list_op, torch_providers
-from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
+from pyoptim.benchmark.ops.adam import LR, WEIGHT_DECAY, _params, optimizer_providers, param_list_op, torch_providers
+from pyoptim.benchmark.harness import Case, Provider
 
 MAX_NORM = 1e-3
 
@@ -46,9 +46,8 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import pyoptim
 
     hp = dict(lr=LR, weight_decay=WEIGHT_DECAY)
-    out = pyoptim_providers(
-        "adam_step_", device,
-        lambda b: _step_of(lambda ps: pyoptim.optim.AdamW(ps, **hp, max_grad_norm=MAX_NORM, backend=b)))
+    out = optimizer_providers("adam_step_", device,
+                              lambda ps, **kw: pyoptim.optim.AdamW(ps, **hp, max_grad_norm=MAX_NORM, **kw))
     return out + torch_providers(lambda ps, **kw: torch.optim.AdamW(ps, **hp, **kw), _torch_clip_step)
 
 

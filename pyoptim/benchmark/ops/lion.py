@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from pyoptim.benchmark.ops.adam import _step_of, param_list_op
-from pyoptim.benchmark.harness import Case, Provider, missing_module, pyoptim_providers
+from pyoptim.benchmark.ops.adam import _step_of, optimizer_providers, param_list_op
+from pyoptim.benchmark.harness import Case, Provider, missing_module
 
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.99), 1e-2
 
@@ -63,8 +63,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import pyoptim
 
     hp = dict(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
-    out = pyoptim_providers("lion_step_", device, lambda b: _step_of(lambda ps: pyoptim.optim.Lion(ps, **hp,
-                                                                                                  backend=b)))
+    out = optimizer_providers("lion_step_", device, lambda ps, **kw: pyoptim.optim.Lion(ps, **hp, **kw))
     out += [Provider("torch-forloop", "torch", _step_of(lambda ps: torch_lion(False)(ps, **hp))),
             Provider("torch-foreach", "torch", _step_of(lambda ps: torch_lion(True)(ps, **hp)))]
 

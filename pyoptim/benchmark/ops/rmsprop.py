@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
-from pyoptim.benchmark.ops.adam import _step_of, param_list_op, torch_providers
+from pyoptim.benchmark.harness import Case, Provider
+from pyoptim.benchmark.ops.adam import optimizer_providers, param_list_op, torch_providers
 
 LR, ALPHA, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.99, 0.9, 1e-2
 
@@ -43,8 +43,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import pyoptim
 
     hp = _hyper(opts)
-    out = pyoptim_providers("rmsprop_step_", device,
-                            lambda b: _step_of(lambda ps: pyoptim.optim.RMSprop(ps, **hp, backend=b)))
+    out = optimizer_providers("rmsprop_step_", device, lambda ps, **kw: pyoptim.optim.RMSprop(ps, **hp, **kw))
     return out + torch_providers(lambda ps, **kw: torch.optim.RMSprop(ps, **hp, **kw),
                                  variants=("forloop", "foreach"))
 

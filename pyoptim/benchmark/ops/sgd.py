@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from pyoptim.benchmark.ops.adam import _step_of, param_list_op, torch_providers
-from pyoptim.benchmark.harness import Case, Provider, pyoptim_providers
+from pyoptim.benchmark.ops.adam import optimizer_providers, param_list_op, torch_providers
+from pyoptim.benchmark.harness import Case, Provider
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-2, 0.9, 1e-4
 
@@ -31,7 +31,7 @@ def providers(device, opts: argparse.Namespace) -> list[Provider]:
     import pyoptim
 
     hp = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    out = pyoptim_providers("sgd_step_", device, lambda b: _step_of(lambda ps: pyoptim.optim.SGD(ps, **hp, backend=b)))
+    out = optimizer_providers("sgd_step_", device, lambda ps, **kw: pyoptim.optim.SGD(ps, **hp, **kw))
     return out + torch_providers(lambda ps, **kw: torch.optim.SGD(ps, **hp, **kw))
 
 

@@ -165,6 +165,29 @@ def stochastic_key(seed_lo, seed_hi, step, tensor):
 
 
 @triton.jit
+def policy_key(seed_lo, seed_hi, step, TENSOR, POLICY: tl.constexpr):
+    # The stochastic key of the tensor whose index in the op's lists TENSOR points at, at step `step` (float64),
+    # under POLICY 3 (stochastic rounding); 0 under the other policies, which never read it.
+    key = 0
+    if POLICY == 3:
+        key = stochastic_key(seed_lo, seed_hi, step, tl.load(TENSOR))
+    return key
+
+
+@triton.jit
+def row_tail(row, seed_lo, seed_hi, COL: tl.constexpr, POLICY: tl.constexpr):
+    # The four columns of a step row from COL, for the ops that keep a step counter per tensor (SGD, Lion,
+    # RMSprop): numel, the counter's address, the group and the tensor's index in the op's lists. Returns
+    # (numel, group, policy_key's key; under POLICY 3 only is the counter read).
+    numel = tl.load(row + COL)
+    k = tl.load(row + COL + 2)
+    step = 0.0
+    if POLICY == 3:
+        step = tl.load(tl.load(row + COL + 1).to(tl.pointer_type(tl.float32))).to(tl.float64)
+    return numel, k, policy_key(seed_lo, seed_hi, step, row + COL + 3, POLICY)
+
+
+@triton.jit
 def load_master(P, EXTRA, offs, mask, other, COMPUTE: tl.constexpr, POLICY: tl.constexpr):
     # precision.h's load_master: the param's value in COMPUTE, from EXTRA (fp32 masters, int16 remainders);
     # `other` as tl.load's (None when unmasked).

@@ -22,8 +22,8 @@ import triton.language as tl
 from pyoptim._validation import check_adagrad_args, group_l1
 
 from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div,
-                            exact_sqrt, float_table, fma, interpret, load_master, on_device, policy_of, program_chunk,
-                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
+                            exact_sqrt, float_table, fma, interpret, load_master, on_device, policy_key, policy_of,
+                            program_chunk, step_count_kernel, step_flags, step_inputs, store_master, tensor_tables,
                             tl_types, via_cpu)
 
 __all__ = ["adagrad_step_triton"]
@@ -114,9 +114,7 @@ def _adagrad_kernel(
     eps = tl.load(hyper + 3)
     l1 = tl.load(hyper + 4)
     step = tl.load(STEP).to(tl.float64)
-    key = 0
-    if POLICY == 3:
-        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 7))
+    key = policy_key(seed_lo, seed_hi, step, row + 7, POLICY)
     clr = lr / (1.0 + (step - 1.0) * lr_decay)
     c_grad_mul = grad_mul.to(COMPUTE)
     c_weight_decay = weight_decay.to(COMPUTE)

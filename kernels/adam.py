@@ -35,10 +35,9 @@ import triton.language as tl
 
 from pyoptim._validation import check_adam_args, group_l1
 
-from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required,
-                            float_table, fma, interpret, load_master, on_device, policy_of, program_chunk,
-                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
-                            tl_types, via_cpu)
+from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table,
+                            fma, interpret, load_master, on_device, policy_key, policy_of, program_chunk,
+                            step_count_kernel, step_flags, step_inputs, store_master, tensor_tables, tl_types, via_cpu)
 
 __all__ = ["adam_step_triton"]
 
@@ -183,9 +182,7 @@ def _adam_kernel(
     log_beta2 = tl.load(hyper + 6)
     l1 = tl.load(hyper + 7)
     step = tl.load(STEP).to(tl.float64)
-    key = 0
-    if POLICY == 3:
-        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 9))
+    key = policy_key(seed_lo, seed_hi, step, row + 9, POLICY)
     bc1 = 1.0 - tl.exp(step * log_beta1)  # note [bias correction]
     bc2 = 1.0 - tl.exp(step * log_beta2)
     m_weight = 1.0 - beta1

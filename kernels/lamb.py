@@ -29,8 +29,8 @@ import triton.language as tl
 from pyoptim._validation import check_lamb_args, check_lamb_norms, group_l1
 
 from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div,
-                            exact_sqrt, float_table, interpret, load_master, on_device, policy_of, program_chunk,
-                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
+                            exact_sqrt, float_table, interpret, load_master, on_device, policy_key, policy_of,
+                            program_chunk, step_count_kernel, step_flags, step_inputs, store_master, tensor_tables,
                             tl_types, via_cpu)
 from .adam import _hyper_rows
 from .clip import _norm_tensors_kernel
@@ -193,9 +193,7 @@ def _lamb_apply_kernel(
     m = tl.load(M + offs, mask=mask, other=0.0).to(COMPUTE)
     v = tl.load(V + offs, mask=mask, other=1.0).to(COMPUTE)
     p = p + neg_lr_ratio * _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay, has_weight_decay)
-    key = 0
-    if POLICY == 3:
-        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 8))
+    key = policy_key(seed_lo, seed_hi, step, row + 8, POLICY)
     store_master(P, EXTRA, offs, mask, p, key, POLICY)
 
 

@@ -26,8 +26,8 @@ from pyoptim._validation import check_rmsprop_args, group_l1
 
 from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, exact_div,
                             exact_sqrt, float_table, fma, interpret, load_master, on_device, policy_of, program_chunk,
-                            step_count_kernel, step_flags, step_inputs, stochastic_key, store_master, tensor_tables,
-                            tl_types, via_cpu)
+                            row_tail, step_count_kernel, step_flags, step_inputs, store_master, tensor_tables, tl_types,
+                            via_cpu)
 
 __all__ = ["rmsprop_step_triton"]
 
@@ -140,12 +140,7 @@ def _rmsprop_kernel(
         SA = tl.multiple_of(SA, 16)
         GA = tl.multiple_of(GA, 16)
         BUF = tl.multiple_of(BUF, 16)
-    numel = tl.load(row + 6)
-    k = tl.load(row + 8)
-    key = 0
-    if POLICY == 3:
-        step = tl.load(tl.load(row + 7).to(tl.pointer_type(tl.float32))).to(tl.float64)
-        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 9))
+    numel, k, key = row_tail(row, seed_lo, seed_hi, 6, POLICY)
 
     # rmsprop.h's rmsprop_scalars: computed in fp64, rounded once to COMPUTE.
     hyper = HYPER + 6 * k  # _HYPER_COLS

@@ -26,8 +26,8 @@ import triton.language as tl
 from pyoptim._validation import check_sgd_args, group_l1
 
 from ._multi_tensor import (LAUNCH, TL_DTYPE, TableCache, Work, add_l1, bf16_rne, device_type_required, float_table,
-                            fma, interpret, load_master, on_device, policy_of, program_chunk, step_count_kernel,
-                            step_flags, step_inputs, stochastic_key, store_master, tensor_tables, tl_types, via_cpu)
+                            fma, interpret, load_master, on_device, policy_of, program_chunk, row_tail,
+                            step_count_kernel, step_flags, step_inputs, store_master, tensor_tables, tl_types, via_cpu)
 
 __all__ = ["sgd_step_triton"]
 
@@ -117,12 +117,7 @@ def _sgd_kernel(
         P = tl.multiple_of(P, 16)
         G = tl.multiple_of(G, 16)
         B = tl.multiple_of(B, 16)
-    numel = tl.load(row + 4)
-    k = tl.load(row + 6)
-    key = 0
-    if POLICY == 3:
-        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)
-        key = stochastic_key(seed_lo, seed_hi, step, tl.load(row + 7))
+    numel, k, key = row_tail(row, seed_lo, seed_hi, 4, POLICY)
 
     # sgd.h's sgd_scalars: computed in fp64, rounded once to COMPUTE.
     hyper = HYPER + 5 * k  # _HYPER_COLS

@@ -29,6 +29,22 @@ _PREFERENCE = {
     "cpu": ("cpu", "reference"),
 }
 # op name -> backend -> "module:function"
+# The ops over lists of tensors, the optimizers' steps and the clip's (their Triton launchers become dispatcher
+# ops under torch.compile: note [triton step ops]), and the norms' ops (Triton ops of their own: note [triton
+# ops]); each with its kernel module under pyoptim/kernels.
+_LIST_OPS = [
+    ("adam_step_", "adam"),
+    ("sgd_step_", "sgd"),
+    ("lion_step_", "lion"),
+    ("lamb_step_", "lamb"),
+    ("lamb_moments_", "lamb"),
+    ("lamb_apply_", "lamb"),
+    ("adagrad_step_", "adagrad"),
+    ("rmsprop_step_", "rmsprop"),
+    ("multi_tensor_norm", "clip"),
+    ("clip_scale_", "clip"),
+]
+LIST_OPS = tuple(op for op, _ in _LIST_OPS)
 _IMPLS: dict[str, dict[str, str]] = {
     op: {
         "cuda": f"torch.ops.pyoptim.{op}",
@@ -36,17 +52,7 @@ _IMPLS: dict[str, dict[str, str]] = {
         "triton": f"pyoptim.kernels.{module}:{op.rstrip('_')}_triton",
         "reference": f"pyoptim.reference:{op.rstrip('_')}_ref",
     }
-    for op, module in [
-        ("adam_step_", "adam"),
-        ("sgd_step_", "sgd"),
-        ("lion_step_", "lion"),
-        ("lamb_step_", "lamb"),
-        ("lamb_moments_", "lamb"),
-        ("lamb_apply_", "lamb"),
-        ("adagrad_step_", "adagrad"),
-        ("rmsprop_step_", "rmsprop"),
-        ("multi_tensor_norm", "clip"),
-        ("clip_scale_", "clip"),
+    for op, module in _LIST_OPS + [
         ("layer_norm_fwd", "layer_norm"),
         ("layer_norm_bwd", "layer_norm"),
         ("rms_norm_fwd", "layer_norm"),

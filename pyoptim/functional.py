@@ -519,7 +519,7 @@ def _prepare(op: str, backend: str) -> None:
             _backends.get(name, backend)
     if backend == "triton" and op in _BACKWARD_OF:
         _register_triton_autograd(op)
-    if backend == "triton" and op in _TRITON_OPTIM_OPS:
+    if backend == "triton" and op in _backends.LIST_OPS:
         from pyoptim.kernels._ops import register_dispatched_op
 
         registered = register_dispatched_op(op, _backends.get(op, backend), _backends.get(op, "reference"))
@@ -527,10 +527,8 @@ def _prepare(op: str, backend: str) -> None:
             _TRITON_OPS[op] = registered
 
 
-# The optimizer ops whose Triton launchers _prepare registers as dispatcher ops (note [triton step ops]), and
-# those registered so far.
-_TRITON_OPTIM_OPS = ("adam_step_", "sgd_step_", "lion_step_", "lamb_step_", "lamb_moments_", "lamb_apply_",
-                     "adagrad_step_", "rmsprop_step_", "multi_tensor_norm", "clip_scale_")
+# The list ops (_backends.LIST_OPS) whose Triton launchers _prepare has registered as dispatcher ops (note
+# [triton step ops]).
 _TRITON_OPS: dict[str, Any] = {}
 
 

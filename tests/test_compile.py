@@ -142,7 +142,7 @@ def test_triton_optimizer_ops_are_dispatcher_ops():
     from pyoptim.kernels import _ops
 
     device = "cuda" if HAS_CUDA else "cpu"
-    for op in pyoptim.functional._TRITON_OPTIM_OPS:
+    for op in _backends.LIST_OPS:
         pyoptim.functional._prepare(op, "triton")
         name = _ops.dispatched_name(op)
         ours, cpp = getattr(torch.ops.pyoptim, name).default._schema, getattr(torch.ops.pyoptim, op).default._schema

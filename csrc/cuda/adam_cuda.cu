@@ -77,9 +77,7 @@ struct AdamMixedFunctor {
     const AdamCoeffs<float> c(
         adam_scalars<float>(meta.extra.hyper[k], aux.lr(meta.group_base, k, meta.extra.hyper[k].lr), step, aux.grad_mul()));
     const MasterWeights policy = meta.extra.policy;
-    const uint32_t key = policy == MasterWeights::kStochastic
-                             ? stochastic_key(meta.extra.seed, step, meta.first_tensor + slot)
-                             : 0u;
+    const uint32_t key = slot_key<5>(meta, slot);
     T* const p = static_cast<T*>(meta.ptr[0][slot]);
     const T* const g = static_cast<const T*>(meta.ptr[1][slot]);
     U* const m = static_cast<U*>(meta.ptr[2][slot]);

@@ -224,10 +224,7 @@ struct LambMixedApplyFunctor {
     }
     const LambCoeffs<float> coeffs = lamb_coeffs<float>(meta, slot, aux, ratio[meta.first_tensor + slot]);
     const MasterWeights policy = meta.extra.policy;
-    const uint32_t key =
-        policy == MasterWeights::kStochastic
-            ? stochastic_key(meta.extra.seed, *static_cast<const float*>(meta.ptr[4][slot]), meta.first_tensor + slot)
-            : 0u;
+    const uint32_t key = slot_key<4>(meta, slot);
     T* const p = static_cast<T*>(meta.ptr[0][slot]);
     const U* const m = static_cast<const U*>(meta.ptr[2][slot]);
     const U* const v = static_cast<const U*>(meta.ptr[3][slot]);

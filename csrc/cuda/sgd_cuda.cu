@@ -75,10 +75,7 @@ struct SgdMixedFunctor {
     const SgdCoeffs<float> c(
         sgd_scalars<float>(meta.extra.hyper[k], aux.lr(meta.group_base, k, meta.extra.hyper[k].lr), aux.grad_mul()));
     const MasterWeights policy = meta.extra.policy;
-    const uint32_t key = policy == MasterWeights::kStochastic
-                             ? stochastic_key(meta.extra.seed, *static_cast<const float*>(meta.ptr[3][slot]),
-                                              meta.first_tensor + slot)
-                             : 0u;
+    const uint32_t key = slot_key<3>(meta, slot);
     T* const p = static_cast<T*>(meta.ptr[0][slot]);
     const T* const g = static_cast<const T*>(meta.ptr[1][slot]);
     U* const buf = static_cast<U*>(meta.ptr[2][slot]);

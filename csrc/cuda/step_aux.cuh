@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <pyoptim/clip.h>
+#include <pyoptim/precision.h>
 
 #include "../optim_host.h"
 
@@ -54,6 +55,18 @@ __global__ void step_count_kernel(const __grid_constant__ Meta meta, StepDeviceA
     return;
   }
   *static_cast<float*>(meta.ptr[STEP][i]) += 1.0f;
+}
+
+// The stochastic key (note [stochastic key]) of the tensor in `slot` of a mixed-precision call whose list
+// STEP holds each tensor's step counter (float32, already advanced); 0 under the other policies, where the
+// counter is not read (that list may then be empty). Every mixed functor's meta has extra.policy and
+// extra.seed.
+template <int STEP, typename Meta>
+__device__ __forceinline__ uint32_t slot_key(const Meta& meta, int slot) {
+  return meta.extra.policy == MasterWeights::kStochastic
+             ? stochastic_key(meta.extra.seed, *static_cast<const float*>(meta.ptr[STEP][slot]),
+                              meta.first_tensor + slot)
+             : 0u;
 }
 
 }  // namespace pyoptim::cuda

@@ -147,6 +147,8 @@ def global_norm(totals: dict[Hashable, Tensor], norm_type: float) -> Tensor:
 def replicated_like(total: Tensor, grads: Sequence[Tensor]) -> Tensor:
     """`total` as a Replicate DTensor on the grads' mesh when they are DTensors on one mesh (torch's
     clip_grad_norm_ returns one: callers call full_tensor() on it), else `total` itself."""
+    if not grads or not is_dtensor(grads[0]):
+        return total  # not all DTensors: no scan of the rest
     meshes = {g.device_mesh for g in grads if is_dtensor(g)}
     if len(meshes) != 1 or not all(is_dtensor(g) for g in grads):
         return total

@@ -198,8 +198,8 @@ class Op:
     def usage(self, impl: str) -> str:
         """The call that stands for `impl` in user code, like pyoptim.optim.AdamW(..., backend="cpu")."""
         if impl.startswith("pyoptim-") and self.api:
-            backend, flat = impl[len("pyoptim-"):], impl.endswith(FLAT_SUFFIX)
-            kw = f'backend="{backend[:-len(FLAT_SUFFIX)] if flat else backend}"' + (", flat=True" if flat else "")
+            backend = impl[len("pyoptim-"):].removesuffix(FLAT_SUFFIX)
+            kw = f'backend="{backend}"' + (", flat=True" if impl.endswith(FLAT_SUFFIX) else "")
             return f"{self.api[:-1]}, {kw})" if self.api.endswith(")") else f"{self.api}(..., {kw})"
         torch_kw = {"torch-forloop": "foreach=False", "torch-foreach": "foreach=True", "torch-fused": "fused=True"}
         if impl in torch_kw and self.torch_api:

@@ -21,8 +21,21 @@ def _grads_of(parameters: _TensorOrTensors) -> list[Tensor]:
     return [p.grad for p in parameters if p.grad is not None]
 
 
+def _one_group(grads: list[Tensor]) -> bool:
+    """Whether `grads` are plain real tensors of one dtype and one device, which the groupings below take as they
+    are: a scan that costs a tenth of grouping them one by one, which was most of a clip over thousands of small
+    grads (the ops check devices and layouts themselves)."""
+    g0 = grads[0]
+    if type(g0) is not Tensor or g0.is_complex():
+        return False
+    dtype, index = g0.dtype, g0.get_device()
+    return all(type(g) is Tensor and g.dtype is dtype and g.get_device() == index for g in grads)
+
+
 def _by_device_and_dtype(grads: list[Tensor]) -> dict[tuple, list[Tensor]]:
     """The grads' local tensors (a DTensor's: note [DTensor by unwrapping]) by (device, dtype), complex as real."""
+    if grads and _one_group(grads):
+        return {(grads[0].device, grads[0].dtype): grads}
     groups: dict[tuple, list[Tensor]] = defaultdict(list)
     for g in grads:
         g = _dtensor.local(g)
@@ -39,6 +52,8 @@ def _norm_inputs(grads: list[Tensor]) -> dict[tuple, list[Tensor]]:
     of it reduced to Replicate along those mesh dims (a temporary; the grad
     itself is scaled as it is, which scaling a sum allows).
     """
+    if _one_group(grads):
+        return {(grads[0].device, grads[0].dtype, None): grads}
     out: dict[tuple, list[Tensor]] = defaultdict(list)
     for g in grads:
         if _dtensor.is_dtensor(g) and any(pl.is_partial() for pl in g.placements):
@@ -53,22 +68,8 @@ def _norm_inputs(grads: list[Tensor]) -> dict[tuple, list[Tensor]]:
     return out
 
 
-def _one_group(grads: list[Tensor]) -> bool:
-    """Whether `grads` are plain real tensors of one dtype and one device: one norm call and one scale call take
-    them as they are. A scan that costs a tenth of grouping them, which is most of a clip over thousands of
-    small grads (the ops check devices and layouts themselves)."""
-    g0 = grads[0]
-    if type(g0) is not Tensor or g0.is_complex():
-        return False
-    dtype, index = g0.dtype, g0.get_device()
-    return all(type(g) is Tensor and g.dtype is dtype and g.get_device() == index for g in grads)
-
-
-def _total_norm(grads: list[Tensor], norm_type: float, backend: Optional[str], one_group: bool) -> Tensor:
-    """The norm_type-norm of all `grads` (float32, 0-d), global over DTensors' meshes; `one_group`: _one_group's."""
-    if one_group:
-        return functional.multi_tensor_norm(grads, norm_type, backend=backend)[0]
-    inputs = _norm_inputs(grads)
+def _total_norm(inputs: dict[tuple, list[Tensor]], norm_type: float, backend: Optional[str]) -> Tensor:
+    """The norm_type-norm of all grads (float32, 0-d), global over DTensors' meshes, from their _norm_inputs."""
     totals: dict[object, list[Tensor]] = defaultdict(list)
     for (_, _, cls), members in inputs.items():
         totals[cls].append(functional.multi_tensor_norm(members, norm_type, backend=backend)[0])
@@ -108,18 +109,19 @@ def clip_grad_norm_(
     grads = _grads_of(parameters)
     if not grads:
         return torch.tensor(0.0)
-    one_group = _one_group(grads)
-    total = _total_norm(grads, norm_type, backend, one_group)
+    inputs = _norm_inputs(grads)
+    total = _total_norm(inputs, norm_type, backend)
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    if one_group:
-        functional.clip_scale_(grads, total, max_norm, backend=backend)
-        return total
-    for (device, _), group in _by_device_and_dtype(grads).items():
+    if all(cls is None for _, _, cls in inputs):  # no DTensor: the norm's groups are the scale's
+        groups = {(device, dtype): members for (device, dtype, _), members in inputs.items()}
+    else:
+        groups = _by_device_and_dtype(grads)
+    for (device, _), group in groups.items():
         functional.clip_scale_(group, total if total.device == device else total.to(device), max_norm,
                                backend=backend)
     return _dtensor.replicated_like(total, grads)

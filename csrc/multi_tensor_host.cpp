@@ -1,6 +1,8 @@
 #include "multi_tensor_host.h"
 #include "message.h"
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/irange.h>
@@ -26,6 +28,19 @@ bool shares_memory(const at::Tensor& t, const at::Tensor& p) {
   return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
 }
 
+// How far ahead check_tensor_lists asks for metadata: far enough to cover a
+// miss's latency, near enough that the lines are still in L1 when used.
+constexpr int64_t kScanAhead = 4;
+
+// Asks for the cache lines of t's TensorImpl that the checks read (a
+// prefetch never faults).
+void prefetch_metadata(const at::Tensor& t) {
+  const char* impl = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+  __builtin_prefetch(impl);
+  __builtin_prefetch(impl + 64);
+  __builtin_prefetch(impl + 128);
+}
+
 }  // namespace
 
 at::ScalarType state_dtype_of(at::TensorList params, std::initializer_list<at::TensorList> state) {
@@ -40,43 +55,69 @@ at::ScalarType state_dtype_of(at::TensorList params, std::initializer_list<at::T
 // note [state dtype]: one state dtype per call (the kernels are templates over
 // the param's and the state's storage types), params' own, or float32 or
 // bfloat16 beside 16-bit and float32 params (float64 params keep float64 state).
-void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
-                        std::initializer_list<NamedList> like, std::initializer_list<NamedList> state) {
+//
+// note [one pass]: over thousands of small tensors a step is bound by cache
+// misses on their metadata (each TensorImpl is three cache lines, rarely
+// near the next), so the checks of tensor i, in every list, run together in
+// one loop that also records what prepare_work needs, and the loop asks for
+// the metadata of tensor i + kScanAhead while it checks tensor i.
+TensorScan check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
+                              std::initializer_list<NamedList> like, std::initializer_list<NamedList> state,
+                              at::TensorList steps) {
   const int64_t n = static_cast<int64_t>(params.tensors.size());
   for (const NamedList& l : state) {
     PYOPTIM_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
                 l.tensors.size(), " entries but ", params.name, " has ", n);
   }
-  if (n > 0 && state.size() > 0) {
-    const at::ScalarType p_dtype = params.tensors[0].scalar_type();
-    at::ScalarType s_dtype = p_dtype;
-    bool first = true;
-    for (const NamedList& l : state) {
-      for (const auto i : c10::irange(l.tensors.size())) {
-        const at::Tensor& t = l.tensors[i];
-        PYOPTIM_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
-        if (first) {
-          s_dtype = t.scalar_type();
-          first = false;
-        }
-        PYOPTIM_CHECK(t.scalar_type() == s_dtype &&
-                          (s_dtype == p_dtype ||
-                           (p_dtype != at::kDouble && (s_dtype == at::kFloat || s_dtype == at::kBFloat16))),
-                      op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(), "; the state of ", params.name,
-                      " of dtype ", p_dtype, " is one dtype per call: ", p_dtype,
-                      ", or Float or BFloat16 beside 16-bit and Float params (got ", s_dtype, " first)");
-      }
-    }
-  }
   for (const NamedList& l : like) {
     PYOPTIM_CHECK(l.tensors.empty() || static_cast<int64_t>(l.tensors.size()) == n, op, ": ", l.name, " has ",
                 l.tensors.size(), " entries but ", params.name, " has ", n);
   }
+  TensorScan scan;
   if (n == 0) {
-    return;
+    return scan;
   }
+  scan.lists.push_back(params.tensors.data());
+  for (const NamedList& l : like) {
+    if (!l.tensors.empty()) {
+      scan.lists.push_back(l.tensors.data());
+    }
+  }
+  // The state's dtype: its first entry's (note [state dtype]).
+  const at::ScalarType p_dtype = params.tensors[0].scalar_type();
+  const at::Tensor* s_first = nullptr;
+  for (const NamedList& l : state) {
+    if (!l.tensors.empty()) {
+      scan.lists.push_back(l.tensors.data());
+      if (s_first == nullptr) {
+        s_first = &l.tensors[0];
+        PYOPTIM_CHECK(s_first->defined(), op, ": ", l.name, "[0] is undefined");
+      }
+    }
+  }
+  const at::ScalarType s_dtype = s_first != nullptr ? s_first->scalar_type() : p_dtype;
+  const bool with_steps = static_cast<int64_t>(steps.size()) == n;
+  scan.numel.resize(n);
+  scan.in_layout.resize(n);
   const at::Tensor& p0 = params.tensors[0];
   for (const auto i : c10::irange(n)) {
+    if (i + kScanAhead < n) {
+      const int64_t j = i + kScanAhead;
+      prefetch_metadata(params.tensors[j]);
+      for (const NamedList& l : like) {
+        if (!l.tensors.empty()) {
+          prefetch_metadata(l.tensors[j]);
+        }
+      }
+      for (const NamedList& l : state) {
+        if (!l.tensors.empty()) {
+          prefetch_metadata(l.tensors[j]);
+        }
+      }
+      if (with_steps) {
+        prefetch_metadata(steps[j]);
+      }
+    }
     const at::Tensor& p = params.tensors[i];
     PYOPTIM_CHECK(p.defined(), op, ": ", params.name, "[", i, "] is undefined");
     PYOPTIM_CHECK(p.layout() == at::kStrided, op, ": ", params.name, "[", i, "] is not a strided tensor (layout ",
@@ -89,7 +130,9 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                 p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
     PYOPTIM_CHECK(p.scalar_type() == p0.scalar_type(), op, ": ", params.name, "[", i, "] has dtype ",
                 p.scalar_type(), " but ", params.name, "[0] has ", p0.scalar_type(), "; one call takes one dtype");
-    auto check_entry = [&](const NamedList& l, bool same_dtype) {
+    const c10::IntArrayRef p_strides = p.strides();
+    bool in_layout = p.is_non_overlapping_and_dense();
+    auto check_entry = [&](const NamedList& l, bool is_state) {
       if (l.tensors.empty()) {
         return;
       }
@@ -99,20 +142,37 @@ void check_tensor_lists(const char* op, c10::DeviceType device_type, const Named
                   "); sparse gradients are not supported");
       PYOPTIM_CHECK(t.device() == p.device(), op, ": ", l.name, "[", i, "] is on ", t.device(), " but ",
                   params.name, "[", i, "] is on ", p.device());
-      PYOPTIM_CHECK(!same_dtype || t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
+      PYOPTIM_CHECK(is_state || t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
                   t.scalar_type(), " but ", params.name, "[", i, "] has dtype ", p.scalar_type());
+      PYOPTIM_CHECK(!is_state || (t.scalar_type() == s_dtype &&
+                                  (s_dtype == p_dtype ||
+                                   (p_dtype != at::kDouble && (s_dtype == at::kFloat || s_dtype == at::kBFloat16)))),
+                    op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(), "; the state of ", params.name,
+                    " of dtype ", p_dtype, " is one dtype per call: ", p_dtype,
+                    ", or Float or BFloat16 beside 16-bit and Float params (got ", s_dtype, " first)");
       PYOPTIM_CHECK(same_dims(t.sizes(), p.sizes()), op, ": ", l.name, "[", i, "] has shape ", t.sizes(), " but ",
                   params.name, "[", i, "] has shape ", p.sizes());
       PYOPTIM_CHECK(!shares_memory(t, p), op, ": ", l.name, "[", i, "] shares memory with ", params.name, "[", i,
                     "], which the step writes while reading it (a grad set to its param's data?)");
+      in_layout = in_layout && same_dims(t.strides(), p_strides) && t.is_non_overlapping_and_dense();
     };
     for (const NamedList& l : like) {
-      check_entry(l, true);
-    }
-    for (const NamedList& l : state) {
       check_entry(l, false);
     }
+    for (const NamedList& l : state) {
+      check_entry(l, true);
+    }
+    if (with_steps) {
+      const at::Tensor& s = steps[i];
+      PYOPTIM_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
+                    "] must be a float32 tensor of one element");
+      PYOPTIM_CHECK(s.device() == p.device(), op, ": state_steps[", i, "] is on ", s.device(), " but params[", i,
+                    "] is on ", p.device());
+    }
+    scan.numel[i] = p.numel();
+    scan.in_layout[i] = in_layout;
   }
+  return scan;
 }
 
 int32_t check_precision(const char* op, at::TensorList params, const std::optional<at::TensorList>& master_params,
@@ -193,32 +253,48 @@ void WorkList::own(size_t i, at::Tensor copy) {
 }
 
 MultiTensorWork prepare_work(std::initializer_list<at::TensorList> lists, std::initializer_list<bool> mutated,
-                             c10::IntArrayRef group_sizes) {
+                             c10::IntArrayRef group_sizes, const TensorScan* scan) {
   TORCH_INTERNAL_ASSERT(lists.size() == mutated.size() && lists.size() > 0);
   MultiTensorWork w;
   const at::TensorList params = *lists.begin();
   const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_INTERNAL_ASSERT(scan == nullptr || n == 0 || static_cast<int64_t>(scan->numel.size()) == n);
   w.lists.reserve(lists.size());
+  std::vector<uint8_t> scanned;  // per list: seen by `scan`
+  bool all_scanned = true;       // every non-empty list
   for (const at::TensorList l : lists) {
     w.lists.emplace_back(l);
+    scanned.push_back(scan != nullptr && !l.empty() &&
+                      std::find(scan->lists.begin(), scan->lists.end(), l.data()) != scan->lists.end());
+    all_scanned = all_scanned && (l.empty() || scanned.back());
   }
-  w.numel.reserve(n);
   w.group_of.reserve(n);
   for (const auto k : c10::irange(group_sizes.size())) {
     w.group_of.insert(w.group_of.end(), group_sizes[k], static_cast<int64_t>(k));
   }
+  if (scan != nullptr && n > 0) {
+    w.numel = scan->numel;
+  } else {
+    w.numel.reserve(n);
+  }
   for (const auto i : c10::irange(n)) {
+    const bool known = scan != nullptr && scan->in_layout[i];
+    if (known && all_scanned) {
+      continue;  // dense in one layout, every list: nothing to copy
+    }
     const at::Tensor& p = params[i];
-    w.numel.push_back(p.numel());
+    if (scan == nullptr) {
+      w.numel.push_back(p.numel());
+    }
     // The layout every work tensor of this param shares: the param's own when
     // it is dense (no copy in the common case), else contiguous.
-    const bool dense = p.is_non_overlapping_and_dense();
+    const bool dense = known || p.is_non_overlapping_and_dense();
     const at::Tensor layout_of = dense ? at::Tensor() : at::empty_like(p, at::MemoryFormat::Contiguous);
     const at::Tensor& layout = dense ? p : layout_of;
     auto mut = mutated.begin();
     size_t k = 0;
     for (auto l = lists.begin(); l != lists.end(); ++l, ++mut, ++k) {
-      if (l->empty()) {
+      if (l->empty() || (known && scanned[k])) {
         continue;
       }
       const at::Tensor& caller = (*l)[i];

@@ -4,6 +4,7 @@
 // the offending index: "adam_step_: grads[3] has shape ...".
 #pragma once
 
+#include <array>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -20,14 +21,27 @@ struct NamedList {
   at::TensorList tensors;
 };
 
+// What check_tensor_lists saw of each tensor, for prepare_work, so that a
+// step reads each tensor's metadata once (note [one pass]): params' numel,
+// and whether every entry i of the lists checked is dense in params[i]'s
+// layout (needs no work copy).
+struct TensorScan {
+  std::vector<int64_t> numel;
+  std::vector<uint8_t> in_layout;        // per tensor
+  std::vector<const at::Tensor*> lists;  // the lists checked, by their data()
+};
+
 // params: floating point (fp32/fp64/fp16/bf16), one device of `device_type`,
 // one dtype. Each of `like` (when not empty) has params' length, and each
 // entry params[i]'s device, dtype and shape; sparse entries are rejected.
 // The lists of `state` (an optimizer's moments) are checked as `like`'s but
 // for their dtype: one per call, params' own, or float32 or bfloat16 for
-// 16-bit and float32 params (note [state dtype]).
-void check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
-                        std::initializer_list<NamedList> like, std::initializer_list<NamedList> state = {});
+// 16-bit and float32 params (note [state dtype]). `steps` (when it has
+// params' length; its length is the caller's to check) holds step counters:
+// float32 tensors of one element on params[i]'s device.
+TensorScan check_tensor_lists(const char* op, c10::DeviceType device_type, const NamedList& params,
+                              std::initializer_list<NamedList> like, std::initializer_list<NamedList> state = {},
+                              at::TensorList steps = {});
 
 // The dtype of a call's state lists (the first entry of the first non-empty one; params' dtype without any).
 at::ScalarType state_dtype_of(at::TensorList params, std::initializer_list<at::TensorList> state);
@@ -86,9 +100,11 @@ struct MultiTensorWork {
 };
 
 // lists[0] gives the layout; `mutated[k]` says whether list k is written.
-// Empty lists stay empty.
+// Empty lists stay empty. With `scan` (check_tensor_lists' of these lists),
+// a tensor it saw in layout is not looked at again but in the lists it did
+// not check.
 MultiTensorWork prepare_work(std::initializer_list<at::TensorList> lists, std::initializer_list<bool> mutated,
-                             c10::IntArrayRef group_sizes);
+                             c10::IntArrayRef group_sizes, const TensorScan* scan = nullptr);
 
 // a == b, for shapes and strides compared per tensor: an inline loop
 // (ArrayRef's == is a memcmp call, which costs more on one or two dims).
@@ -103,6 +119,45 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
   }
   return true;
 }
+
+// note [one pass]: a launch's loop over tensors reads data_ptr() of entry i
+// of several lists, dependent loads (the TensorImpl, then its StorageImpl)
+// that each miss the cache when the metadata of thousands of tensors does
+// not fit in it. Called with each i of that loop, this asks for the
+// TensorImpls of entry i + 2a and the StorageImpls of entry i + a (read
+// from TensorImpls asked for a iterations earlier), so the loop finds both
+// in cache. A prefetch never faults: this throws nothing.
+class DataPrefetch {
+ public:
+  explicit DataPrefetch(std::initializer_list<at::TensorList> lists) {
+    for (const at::TensorList l : lists) {
+      if (!l.empty() && count_ < kMaxLists) {
+        lists_[count_++] = l;
+      }
+    }
+  }
+
+  void operator()(size_t i) const {
+    for (size_t k = 0; k < count_; ++k) {
+      const at::TensorList l = lists_[k];
+      if (i + 2 * kAhead < l.size()) {
+        const char* impl = reinterpret_cast<const char*>(l[i + 2 * kAhead].unsafeGetTensorImpl());
+        __builtin_prefetch(impl);
+        __builtin_prefetch(impl + 64);
+        __builtin_prefetch(impl + 128);
+      }
+      if (i + kAhead < l.size()) {
+        __builtin_prefetch(l[i + kAhead].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      }
+    }
+  }
+
+ private:
+  static constexpr size_t kAhead = 4;
+  static constexpr size_t kMaxLists = 8;
+  std::array<at::TensorList, kMaxLists> lists_;
+  size_t count_ = 0;
+};
 
 // Reserves room for n entries in each vector (a launch's per-tensor arrays).
 template <typename... V>

@@ -109,11 +109,12 @@ void check_l1_weight_decay(const char* op, c10::ArrayRef<double> l1_weight_decay
   }
 }
 
-void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
+TensorScan check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
   const char* op = "adam_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+  TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
                      {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs},
-                      {"max_exp_avg_sqs", a.max_exp_avg_sqs}});
+                      {"max_exp_avg_sqs", a.max_exp_avg_sqs}},
+                                       a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -140,13 +141,13 @@ void check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
                 ")");
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
-  check_state_steps(op, a.state_steps, a.params);
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+  return scan;
 }
 
-void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
+TensorScan check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
   const char* op = "sgd_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+  TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
                      {{"momentum_buffers", a.momentum_buffers}});
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
@@ -169,11 +170,13 @@ void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+  return scan;
 }
 
-void check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
+TensorScan check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
   const char* op = "lion_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}}, {{"exp_avgs", a.exp_avgs}});
+  TensorScan scan =
+      check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}}, {{"exp_avgs", a.exp_avgs}});
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -191,6 +194,7 @@ void check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+  return scan;
 }
 
 void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList params) {
@@ -205,9 +209,10 @@ void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList pa
   }
 }
 
-void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op) {
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
-                     {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}});
+TensorScan check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op) {
+  TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+                     {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}},
+                                       a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -228,13 +233,14 @@ void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char*
                   ")");
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
-  check_state_steps(op, a.state_steps, a.params);
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+  return scan;
 }
 
-void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type) {
+TensorScan check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type) {
   const char* op = "adagrad_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}}, {{"state_sums", a.state_sums}});
+  TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+                                       {{"state_sums", a.state_sums}}, a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -252,15 +258,16 @@ void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type) {
     check_not_negative(op, "epsilon value", a.eps, k);
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
-  check_state_steps(op, a.state_steps, a.params);
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+  return scan;
 }
 
-void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type) {
+TensorScan check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type) {
   const char* op = "rmsprop_step_";
-  check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+  TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
                      {{"square_avgs", a.square_avgs}, {"grad_avgs", a.grad_avgs},
-                      {"momentum_buffers", a.momentum_buffers}});
+                      {"momentum_buffers", a.momentum_buffers}},
+                                       a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -284,8 +291,8 @@ void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type) {
     check_momentum_buffers(op, a.momentum, k, a.momentum_buffers, n);
   }
   check_l1_weight_decay(op, a.l1_weight_decay, static_cast<int64_t>(a.group_sizes.size()));
-  check_state_steps(op, a.state_steps, a.params);
   check_step_aux(op, a.aux, a.params, static_cast<int64_t>(a.group_sizes.size()));
+  return scan;
 }
 
 }  // namespace pyoptim

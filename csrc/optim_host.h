@@ -1,5 +1,6 @@
 // Host-side checks of the optimizer-step ops (adam_step_, sgd_step_, ...),
-// shared by their CPU and CUDA launchers.
+// shared by their CPU and CUDA launchers. Each check_*_args returns its
+// TensorScan, for prepare_work (note [one pass] in multi_tensor_host.cpp).
 #pragma once
 
 #include <optional>
@@ -69,7 +70,7 @@ struct AdamArgs {
   PrecisionArgs precision;
 };
 
-void check_adam_args(const AdamArgs& a, c10::DeviceType device_type);
+TensorScan check_adam_args(const AdamArgs& a, c10::DeviceType device_type);
 
 struct SgdArgs {
   at::TensorList params, grads, momentum_buffers;
@@ -81,7 +82,7 @@ struct SgdArgs {
   const std::optional<at::TensorList>& state_steps;  // stochastic rounding's step counters (SGD keeps none else)
 };
 
-void check_sgd_args(const SgdArgs& a, c10::DeviceType device_type);
+TensorScan check_sgd_args(const SgdArgs& a, c10::DeviceType device_type);
 
 struct LionArgs {
   at::TensorList params, grads, exp_avgs;
@@ -93,7 +94,7 @@ struct LionArgs {
   const std::optional<at::TensorList>& state_steps;  // stochastic rounding's step counters (Lion keeps none else)
 };
 
-void check_lion_args(const LionArgs& a, c10::DeviceType device_type);
+TensorScan check_lion_args(const LionArgs& a, c10::DeviceType device_type);
 
 struct LambArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, state_steps;
@@ -105,7 +106,7 @@ struct LambArgs {
 };
 
 // op: "lamb_step_", "lamb_moments_" or "lamb_apply_" (they take the same arguments), for the messages.
-void check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op = "lamb_step_");
+TensorScan check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op = "lamb_step_");
 // lamb_apply_'s norms: float64 [2, n] on the params' device (the [||p||^2, ||u||^2] rows lamb_moments_ returns).
 void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList params);
 
@@ -118,7 +119,7 @@ struct AdagradArgs {
   PrecisionArgs precision;
 };
 
-void check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type);
+TensorScan check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type);
 
 struct RmspropArgs {
   at::TensorList params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps;
@@ -129,6 +130,6 @@ struct RmspropArgs {
   PrecisionArgs precision;
 };
 
-void check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type);
+TensorScan check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type);
 
 }  // namespace pyoptim

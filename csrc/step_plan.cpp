@@ -30,6 +30,7 @@
 // the optimizer takes the ordinary path, which calls the registered ops.
 #include "step_plan.h"
 #include "multi_tensor_host.h"
+#include "step_ops.h"
 
 #include <cstring>
 #include <optional>
@@ -131,17 +132,147 @@ struct Member {
   const at::Tensor* grad_field = nullptr;     // where p.grad lived when recorded: only ever prefetched
 };
 
+// One argument of a recorded call, in the forms the op's kernel takes it
+// unboxed (note [unboxed replay]): a list argument's tensors, doubles or ints
+// are kept as vectors, which the call passes as ArrayRefs.
+struct Arg {
+  c10::IValue value;                 // the boxed argument
+  std::vector<at::Tensor> tensors;   // Tensor[] and Tensor[]?: the list (the grads: this step's, only during run())
+  std::vector<double> doubles;       // float[]
+  std::vector<int64_t> ints;         // int[]
+  std::optional<at::Tensor> tensor;  // Tensor?
+
+  void set(c10::IValue v) {
+    value = std::move(v);
+    if (value.isTensorList()) {
+      tensors = value.toTensorVector();
+    } else if (value.isDoubleList()) {
+      doubles = value.toDoubleVector();
+    } else if (value.isIntList()) {
+      ints = value.toIntVector();
+    } else if (value.isTensor()) {
+      tensor = value.toTensor();
+    } else if (value.isNone()) {
+      tensor.reset();
+    }
+  }
+};
+
+// An unboxed call of a recorded op's backend kernel (see Replay below).
+using Invoker = void (*)(const c10::OperatorHandle& op, c10::DispatchKeySet keys, const std::vector<Arg>& args);
+
 struct Call {
   c10::OperatorHandle op;
-  std::vector<c10::IValue> stack;       // every argument, as last recorded
-  int64_t grads_index;                  // position of the grads list in `stack`
+  std::vector<Arg> args;                // every argument, as last recorded
+  Invoker invoke = nullptr;             // the unboxed call, for the ops of step_ops.h
+  int64_t grads_index;                  // position of the grads list in `args`
   std::vector<int64_t> grad_members;    // per grads entry: the member whose grad it is, or -1 (fixed: flat)
   std::vector<at::Tensor> fixed_grads;  // per grads entry with -1: the flat grad buffer
   std::vector<std::pair<py::object, int64_t>> kwarg_index;  // per-step keyword name -> position
   int64_t grad_norm_index = -1;
   int64_t max_grad_norm_index = -1;
   at::Device device = at::kCPU;         // the call's tensors' device
+
+  // The boxed arguments (for the dispatcher's boxed call and the profiler).
+  std::vector<c10::IValue> stack() const {
+    std::vector<c10::IValue> out;
+    out.reserve(args.size());
+    for (const auto i : c10::irange(args.size())) {
+      out.push_back(static_cast<int64_t>(i) == grads_index ? c10::IValue(args[i].tensors) : args[i].value);
+    }
+    return out;
+  }
 };
+
+// note [unboxed replay]: a boxed call of an op converts each Tensor[]
+// argument into a new std::vector<Tensor>, a reference count taken and
+// dropped on every tensor of every list, which costs more than the rest of
+// a tiny tensor's step. For the ops of step_ops.h, run() calls the backend
+// kernel unboxed instead, with ArrayRefs over the plan's own lists. Each
+// parameter type of those signatures reads its Arg form here.
+template <typename T>
+struct FromArg;
+template <>
+struct FromArg<at::TensorList> {
+  static at::TensorList get(const Arg& a) { return a.tensors; }
+};
+template <>
+struct FromArg<std::optional<at::TensorList>> {
+  static std::optional<at::TensorList> get(const Arg& a) {
+    return a.value.isNone() ? std::nullopt : std::optional<at::TensorList>(a.tensors);
+  }
+};
+template <>
+struct FromArg<at::ArrayRef<double>> {
+  static at::ArrayRef<double> get(const Arg& a) { return a.doubles; }
+};
+template <>
+struct FromArg<at::IntArrayRef> {
+  static at::IntArrayRef get(const Arg& a) { return a.ints; }
+};
+template <>
+struct FromArg<const std::optional<at::Tensor>&> {
+  static const std::optional<at::Tensor>& get(const Arg& a) { return a.tensor; }
+};
+template <>
+struct FromArg<bool> {
+  static bool get(const Arg& a) { return a.value.toBool(); }
+};
+template <>
+struct FromArg<double> {
+  static double get(const Arg& a) { return a.value.toDouble(); }
+};
+template <>
+struct FromArg<std::optional<int64_t>> {
+  static std::optional<int64_t> get(const Arg& a) {
+    return a.value.isNone() ? std::nullopt : std::optional<int64_t>(a.value.toInt());
+  }
+};
+
+template <typename Sig>
+struct Replay;
+template <typename... Params>
+struct Replay<void(Params...)> {
+  static constexpr size_t kArity = sizeof...(Params);
+  static void call(const c10::OperatorHandle& op, c10::DispatchKeySet keys, const std::vector<Arg>& args) {
+    call_with(op.typed<void(Params...)>(), keys, args, std::index_sequence_for<Params...>{});
+  }
+  template <size_t... I>
+  static void call_with(const c10::TypedOperatorHandle<void(Params...)>& typed, c10::DispatchKeySet keys,
+                        const std::vector<Arg>& args, std::index_sequence<I...>) {
+    typed.redispatch(keys, FromArg<Params>::get(args[I])...);
+  }
+};
+
+// The unboxed call of `op` (a schema's name) and the number of arguments its
+// signature takes, or none for an op step_ops.h does not list.
+std::optional<std::pair<Invoker, size_t>> invoker_of(const c10::OperatorHandle& op) {
+  const std::string& name = op.schema().name();
+  auto entry = [&](auto* sig) {
+    using Sig = std::remove_pointer_t<decltype(sig)>;
+    op.typed<Sig>();  // throws where the registered kernels have another signature
+    return std::make_pair(&Replay<Sig>::call, Replay<Sig>::kArity);
+  };
+  if (name == "pyoptim::adam_step_") {
+    return entry(static_cast<step_ops::Adam*>(nullptr));
+  }
+  if (name == "pyoptim::sgd_step_") {
+    return entry(static_cast<step_ops::Sgd*>(nullptr));
+  }
+  if (name == "pyoptim::lion_step_") {
+    return entry(static_cast<step_ops::Lion*>(nullptr));
+  }
+  if (name == "pyoptim::lamb_step_") {
+    return entry(static_cast<step_ops::Lamb*>(nullptr));
+  }
+  if (name == "pyoptim::adagrad_step_") {
+    return entry(static_cast<step_ops::Adagrad*>(nullptr));
+  }
+  if (name == "pyoptim::rmsprop_step_") {
+    return entry(static_cast<step_ops::Rmsprop*>(nullptr));
+  }
+  return std::nullopt;
+}
 
 int64_t argument_index(const c10::FunctionSchema& schema, const std::string& name) {
   const auto index = schema.argumentIndexWithName(name);
@@ -199,11 +330,16 @@ class StepPlan {
   // args). `per_step` names the keywords each run() passes anew.
   void add_call(const std::string& op, const py::tuple& args, const py::dict& kwargs, const std::string& grads_arg,
                 const std::vector<int64_t>& grad_members, const py::list& per_step) {
-    Call c{c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), ""), {}, 0, grad_members, {}, {}};
+    Call c{c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), ""), {}, nullptr, 0, grad_members, {}, {}};
     const c10::FunctionSchema& schema = c.op.schema();
-    c.stack = torch::jit::createStackForSchema(schema, args, kwargs, std::nullopt);
+    std::vector<c10::IValue> stack = torch::jit::createStackForSchema(schema, args, kwargs, std::nullopt);
+    if (const auto invoker = invoker_of(c.op)) {
+      TORCH_CHECK(invoker->second == stack.size(), "StepPlan: ", schema.name(), " takes ", stack.size(),
+                  " arguments but its C++ signature ", invoker->second);
+      c.invoke = invoker->first;
+    }
     c.grads_index = argument_index(schema, grads_arg);
-    const std::vector<at::Tensor> grads = c.stack[c.grads_index].toTensorVector();
+    const std::vector<at::Tensor> grads = stack[c.grads_index].toTensorVector();
     TORCH_CHECK(!grads.empty() && grads.size() == grad_members.size(), "StepPlan: ", grads.size(), " grads for ",
                 grad_members.size(), " members");
     c.device = grads[0].device();
@@ -212,7 +348,11 @@ class StepPlan {
     }
     // Not the recorded step's grads: holding them would keep a set_to_none
     // zero_grad from freeing them.
-    c.stack[c.grads_index] = c10::IValue(c10::List<at::Tensor>());
+    stack[c.grads_index] = c10::IValue(c10::List<at::Tensor>());
+    c.args.resize(stack.size());
+    for (const auto i : c10::irange(stack.size())) {
+      c.args[i].set(std::move(stack[i]));
+    }
     for (const py::handle k : per_step) {
       const std::string key = k.cast<std::string>();
       c.kwarg_index.emplace_back(py::reinterpret_borrow<py::object>(k), argument_index(schema, key));
@@ -239,11 +379,14 @@ class StepPlan {
     if (state.ptr() != state_.ptr() || !state_items_.unchanged() || !same_groups(param_lists)) {
       return miss;
     }
-    std::vector<const at::Tensor*> grads(members_.size());  // non-flat members' grads (p.grad's field)
-    std::vector<int64_t> relink;  // flat members whose grad is to be copied into its slot
+    grads_.assign(members_.size(), nullptr);  // non-flat members' grads (p.grad's field)
+    relink_.clear();                           // flat members whose grad is to be copied into its slot
     for (const auto i : c10::irange(members_.size())) {
       if (i + kPrefetchAhead < members_.size()) {
         prefetch(members_[i + kPrefetchAhead]);
+      }
+      if (i + kPrefetchAhead / 2 < members_.size()) {
+        prefetch_grad(members_[i + kPrefetchAhead / 2]);
       }
       Member& m = members_[i];
       const at::Tensor& p = m.param;
@@ -261,51 +404,46 @@ class StepPlan {
           if (!usable_grad(g, m) || !same_dims(p.strides(), m.grad_slot.strides())) {
             return miss;
           }
-          relink.push_back(static_cast<int64_t>(i));
+          relink_.push_back(static_cast<int64_t>(i));
         }
       } else {
         if (p.scalar_type() != m.dtype || p.device() != m.device || !usable_grad(g, m)) {
           return miss;  // the ordinary path skips the param, or raises torch's error
         }
-        grads[i] = &g;
+        grads_[i] = &g;
       }
       if (!m.state.unchanged()) {
         return miss;
       }
     }
-    std::vector<std::vector<c10::IValue>> stacks;
-    std::vector<std::vector<at::Tensor>> call_grads(calls_.size());  // moved into the stacks after the clip's norm
-    stacks.reserve(calls_.size());
+    // The per-step arguments. The grads are held only for this step: a
+    // set_to_none zero_grad after it frees them.
+    const ReleaseGrads release{calls_};
     for (const auto c : c10::irange(calls_.size())) {
-      const Call& call = calls_[c];
-      std::vector<c10::IValue> stack = call.stack;
+      Call& call = calls_[c];
       const py::dict kw = kwargs[c].cast<py::dict>();
-      const auto& args = call.op.schema().arguments();
+      const auto& schema_args = call.op.schema().arguments();
       for (const auto& [key, index] : call.kwarg_index) {
-        stack[index] = torch::jit::toIValue(kw[key], args[index].type());
+        call.args[index].set(torch::jit::toIValue(kw[key], schema_args[index].type()));
       }
-      std::vector<at::Tensor>& these = call_grads[c];
-      these.reserve(call.grad_members.size());
+      std::vector<at::Tensor>& these = call.args[call.grads_index].tensors;
+      these.clear();
       for (const auto j : c10::irange(call.grad_members.size())) {
         const int64_t mi = call.grad_members[j];
-        these.push_back(mi < 0 ? call.fixed_grads[j] : *grads[mi]);
+        these.push_back(mi < 0 ? call.fixed_grads[j] : *grads_[mi]);
       }
-      stacks.push_back(std::move(stack));
     }
 
     // Everything checked: from here on the step writes.
     at::NoGradGuard no_grad;
-    relink_grads(relink);
+    relink_grads(relink_);
     const bool direct = !c10::impl::dispatch_mode_enabled() && !torch::jit::tracer::isTracing();
     py::object total = py::none();
     if (max_grad_norm.has_value()) {
-      total = py::cast(clip(call_grads, stacks, *max_grad_norm, direct));
+      total = py::cast(clip(*max_grad_norm, direct));
     }
-    for (const auto c : c10::irange(calls_.size())) {
-      stacks[c][calls_[c].grads_index] = c10::IValue(std::move(call_grads[c]));
-    }
-    for (const auto c : c10::irange(calls_.size())) {
-      call_op(calls_[c], stacks[c], direct);
+    for (const Call& call : calls_) {
+      call_op(call, direct);
     }
     for (const at::Tensor& s : step_syncs_) {
       if (s.numel() > 1) {
@@ -316,6 +454,16 @@ class StepPlan {
   }
 
  private:
+  // Empties every call's grads list when run() returns or throws.
+  struct ReleaseGrads {
+    std::vector<Call>& calls;
+    ~ReleaseGrads() {
+      for (Call& c : calls) {
+        c.args[c.grads_index].tensors.clear();
+      }
+    }
+  };
+
   // What the checks of a member read lies in four objects that are rarely
   // in cache together (the param's TensorImpl, its autograd metadata, its
   // state dict): the loop asks for them a few members ahead, so that a step
@@ -331,6 +479,16 @@ class StepPlan {
     __builtin_prefetch(impl + 128);
     __builtin_prefetch(m.grad_field);
     __builtin_prefetch(m.state.dict);
+  }
+
+  // The TensorImpl of m's grad, read through the param's TensorImpl and
+  // autograd metadata that prefetch() asked for kPrefetchAhead / 2 members
+  // earlier.
+  static void prefetch_grad(const Member& m) {
+    const char* impl = reinterpret_cast<const char*>(grad_of(m.param).unsafeGetTensorImpl());
+    __builtin_prefetch(impl);
+    __builtin_prefetch(impl + 64);
+    __builtin_prefetch(impl + 128);
   }
 
   // p.grad, read from its autograd metadata: at::Tensor::grad() asks the
@@ -374,14 +532,29 @@ class StepPlan {
   // past the keys above the backend, whose kernels for our ops do nothing
   // under no_grad but look at every tensor (the autograd fallback asks each
   // whether it requires grad). The profiler still sees the op.
-  static void call_op(const Call& call, std::vector<c10::IValue>& stack, bool direct) {
+  static void call_op(const Call& call, bool direct) {
     const std::optional<c10::DispatchKeySet> keys = backend_keys(call.device, direct);
     if (!keys.has_value()) {
+      std::vector<c10::IValue> stack = call.stack();
       call.op.callBoxed(&stack);
       return;
     }
-    RECORD_FUNCTION(call.op.schema().name().c_str(), c10::ArrayRef<const c10::IValue>(stack.data(), stack.size()));
-    call.op.redispatchBoxed(*keys, &stack);
+    std::vector<c10::IValue> inputs;  // outlives the guard, which may keep a view of it
+    at::RecordFunction guard(at::RecordScope::FUNCTION);
+    if (guard.isActive()) {
+      if (guard.needsInputs()) {
+        inputs = call.stack();
+        guard.before(call.op.schema().name().c_str(), c10::ArrayRef<const c10::IValue>(inputs.data(), inputs.size()));
+      } else {
+        guard.before(call.op.schema().name().c_str());
+      }
+    }
+    if (call.invoke != nullptr) {
+      call.invoke(call.op, *keys, call.args);
+    } else {
+      std::vector<c10::IValue> stack = call.stack();
+      call.op.redispatchBoxed(*keys, &stack);
+    }
   }
 
   // The backend key a call on `device` redispatches to, or none where it
@@ -421,15 +594,14 @@ class StepPlan {
   // The fused clip's norm pass: each call's grads in one multi_tensor_norm,
   // the totals combined on the first call's device; each call then scales
   // its grads by the clip factor in its kernel (as _fuse_clip does).
-  at::Tensor clip(const std::vector<std::vector<at::Tensor>>& call_grads, std::vector<std::vector<c10::IValue>>& stacks,
-                  double max_grad_norm, bool direct) {
+  at::Tensor clip(double max_grad_norm, bool direct) {
     static const auto norm = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("pyoptim::multi_tensor_norm", "")
                                  .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double)>();
     std::vector<at::Tensor> totals;
-    for (const auto c : c10::irange(calls_.size())) {
-      const std::vector<at::Tensor>& grads = call_grads[c];
-      if (const std::optional<c10::DispatchKeySet> keys = backend_keys(calls_[c].device, direct)) {
+    for (const Call& call : calls_) {
+      const std::vector<at::Tensor>& grads = call.args[call.grads_index].tensors;
+      if (const std::optional<c10::DispatchKeySet> keys = backend_keys(call.device, direct)) {
         RECORD_FUNCTION("pyoptim::multi_tensor_norm", std::vector<c10::IValue>());
         totals.push_back(std::get<0>(norm.redispatch(*keys, grads, 2.0)));  // as call_op
       } else {
@@ -444,11 +616,10 @@ class StepPlan {
       }
       total = at::linalg_vector_norm(at::stack(on0), 2.0);
     }
-    for (const auto c : c10::irange(calls_.size())) {
-      const Call& call = calls_[c];
+    for (Call& call : calls_) {
       TORCH_INTERNAL_ASSERT(call.grad_norm_index >= 0);
-      stacks[c][call.grad_norm_index] = total.device() == call.device ? total : total.to(call.device);
-      stacks[c][call.max_grad_norm_index] = max_grad_norm;
+      call.args[call.grad_norm_index].set(total.device() == call.device ? total : total.to(call.device));
+      call.args[call.max_grad_norm_index].set(max_grad_norm);
     }
     return total;
   }
@@ -459,6 +630,8 @@ class StepPlan {
   std::vector<Member> members_;
   std::vector<Call> calls_;
   std::vector<at::Tensor> step_syncs_;
+  std::vector<const at::Tensor*> grads_;  // run()'s scratch, kept so that a step does no large allocation
+  std::vector<int64_t> relink_;
   std::vector<py::object> keep_;       // references that keep every borrowed pointer above alive
 };
 

@@ -453,3 +453,90 @@ def test_grad_mode_is_restored_by_every_step(plan_steps):
     with pytest.raises((RuntimeError, ValueError), match="Invalid learning rate"):
         ours.step()
     assert torch.is_grad_enabled() and plan_steps["served"] == served
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, kw", [
+    (pyoptim.optim.Adagrad, torch.optim.Adagrad, dict(lr=0.1, weight_decay=0.01)),
+    (pyoptim.optim.RMSprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+    (pyoptim.optim.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+], ids=["Adagrad", "RMSprop", "Adam-amsgrad"])
+def test_every_step_op_is_replayed_unboxed(ours_cls, torch_cls, kw, plan_steps):
+    """note [unboxed replay]: each op of csrc/step_ops.h is called through its typed signature; a signature that
+    read an argument from the wrong position would change the result (or fail the dispatcher's type check)."""
+    init = [torch.randn(s) for s in [(3, 5), (7,), (), (2, 3, 4)]]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    ours, theirs = ours_cls(a, backend="cpu", **kw), torch_cls(b, foreach=False, **kw)
+    _steps(ours, theirs, a, b, 6)
+    # At most two ordinary steps (state made, plan recorded; Adagrad makes its state up front).
+    assert plan_steps["served"] >= 4 and plan_steps["served"] + plan_steps["ordinary"] == 6
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_grads_in_another_layout_are_copied_by_the_replayed_op(plan_steps):
+    """A grad that is not dense in its param's layout (a transposed view, a slice) is a work copy inside the op
+    (note [one pass]: the scan marks that tensor, prepare_work copies only it); dense ones beside it are not."""
+    shapes = [(4, 6), (5,), (3, 4), (8, 2)]
+    init = [torch.randn(s) for s in shapes]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    ours = pyoptim.optim.AdamW(a, lr=1e-2, weight_decay=0.1, backend="cpu")
+    theirs = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(a, b)):
+            if i in (0, 3) and step % 2:
+                g = torch.randn(tuple(reversed(p.shape))).t()  # strides not the param's
+            elif i == 2 and step % 2:
+                g = torch.randn(p.shape[0], 2 * p.shape[1])[:, ::2]  # not dense
+            else:
+                g = torch.randn_like(p)
+            p.grad, q.grad = g.clone() if g.is_contiguous() else g, g.contiguous()
+        ours.step()
+        theirs.step()
+    assert plan_steps["served"] == 4
+    _assert_same(ours, theirs, a, b)
+
+
+def test_replayed_steps_record_their_inputs(plan_steps):
+    """With record_shapes the profiler asks for the op's inputs: the replay hands it the boxed arguments of this
+    step (its lr among them), as the dispatcher hands them on the ordinary path."""
+    ours, _, a, _ = _pair("adamw", torch.device("cpu"))
+    recorded = []
+    for lr in (1e-2, 2e-2, 3e-2):
+        ours.param_groups[0]["lr"] = lr
+        for p in a:
+            p.grad = torch.randn_like(p)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            ours.step()
+        events = [e for e in prof.events() if e.name == "pyoptim::adam_step_"]
+        assert len(events) == 1
+        recorded.append(events[0])
+    assert plan_steps["served"] == 1  # the third step
+    ordinary, served = recorded[1], recorded[2]
+    assert len(served.input_shapes) == len(ordinary.input_shapes) == 24
+    assert served.concrete_inputs[6] == [3e-2] and ordinary.concrete_inputs[6] == [2e-2]
+    assert served.concrete_inputs[7:] == ordinary.concrete_inputs[7:]
+
+
+def test_a_replayed_step_that_raises_keeps_no_grads_and_writes_nothing(plan_steps):
+    import weakref
+
+    ours, theirs, a, b = _pair("adamw", torch.device("cpu"))
+    _steps(ours, theirs, a, b, 3)
+    assert plan_steps["served"] == 1
+    before = [p.detach().clone() for p in a]
+    state_before = {k: t.clone() for k, t in ours.state[a[0]].items()}
+    ours.param_groups[0]["lr"] = -1.0  # the op's own check raises (the plan checks no hyperparameter itself)
+    for p in a:
+        p.grad = torch.randn_like(p)
+    with pytest.raises((RuntimeError, ValueError), match="Invalid learning rate"):
+        ours.step()
+    for p, q in zip(a, before):
+        assert torch.equal(p.detach(), q)
+    for k, t in state_before.items():
+        assert torch.equal(ours.state[a[0]][k], t)
+    refs = [weakref.ref(p.grad) for p in a]
+    for p in a:
+        p.grad = None
+    assert all(r() is None for r in refs)

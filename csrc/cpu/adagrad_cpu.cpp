@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "adagrad_cpu.h"
 #include "cpu_isa.h"
 
@@ -28,13 +29,13 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const AdagradArgs args{params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, l1_weight_decay,
                          group_sizes, maximize, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                          PrecisionArgs{master_params, param_remainders, stochastic_seed}};
-  check_adagrad_args(args, c10::DeviceType::CPU);
+  const TensorScan scan = check_adagrad_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
   const at::TensorList extra = args.precision.extra();
-  MultiTensorWork work = prepare_work({params, grads, state_sums, extra}, {true, false, true, true}, group_sizes);
+  MultiTensorWork work = prepare_work({params, grads, state_sums, extra}, {true, false, true, true}, group_sizes, &scan);
   AdagradCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.state_dtype = state_sums[0].scalar_type();
@@ -43,7 +44,9 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   reserve_each(n, L.p, L.g, L.sum, L.hyper, L.lr, L.step, L.extra, L.key);
+  const DataPrefetch ahead({params, grads, state_sums, state_steps});
   for (const auto i : c10::irange(n)) {
+    ahead(i);
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
     L.sum.push_back(work.lists[2][i].data_ptr());
@@ -59,6 +62,8 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   run_adagrad_kernel(L);
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&adagrad_step_cpu), step_ops::Adagrad*>);  // the step plan's call
 
 }  // namespace pyoptim::cpu
 

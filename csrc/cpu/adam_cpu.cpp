@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "adam_cpu.h"
 #include "cpu_isa.h"
 
@@ -31,7 +32,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                       weight_decay, eps, l1_weight_decay, group_sizes, amsgrad, maximize, decoupled_weight_decay,
                       StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                       PrecisionArgs{master_params, param_remainders, stochastic_seed}};
-  check_adam_args(args, c10::DeviceType::CPU);
+  const TensorScan scan = check_adam_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
@@ -39,7 +40,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const at::TensorList extra = args.precision.extra();
   MultiTensorWork work = prepare_work(
       {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), extra},
-      {true, false, true, true, true, true}, group_sizes);
+      {true, false, true, true, true, true}, group_sizes, &scan);
   AdamCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.state_dtype = exp_avgs[0].scalar_type();
@@ -50,7 +51,10 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   reserve_each(n, L.p, L.g, L.m, L.v, L.vm, L.extra, L.key, L.hyper, L.lr, L.step);
+  const DataPrefetch ahead({params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
+                            state_steps});
   for (const auto i : c10::irange(n)) {
+    ahead(i);
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
     L.m.push_back(work.lists[2][i].data_ptr());
@@ -70,6 +74,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   run_adam_kernel(L);
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&adam_step_cpu), step_ops::Adam*>);  // the step plan's call
 
 }  // namespace pyoptim::cpu
 

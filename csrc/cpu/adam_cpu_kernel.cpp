@@ -80,6 +80,7 @@ void adam_all(const AdamCpuLaunch& L) {
       cache.key = key;
     }
     const Op& op = *cache.op;
+    prefetch_next(i, L.p, L.g, L.m, L.v);
     T* const ptr[5] = {static_cast<T*>(L.p[i]), static_cast<T*>(const_cast<void*>(L.g[i])),
                        static_cast<T*>(L.m[i]), static_cast<T*>(L.v[i]),
                        AMSGRAD ? static_cast<T*>(L.vm[i]) : nullptr};
@@ -95,6 +96,7 @@ void adam_mixed(const AdamCpuLaunch& L) {
   using V = at::vec::Vectorized<float>;
   constexpr unsigned kState = AMSGRAD ? 0b111u : 0b011u;
   parallel_chunks(L.plan, kAdamCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    prefetch_next(i, L.p, L.g, L.m, L.v, L.extra);
     const AdamCoeffs<V> c(adam_scalars<float>(L.hyper[i], L.lr[i], L.step[i], L.grad_mul));
     U* const state[3] = {static_cast<U*>(L.m[i]), static_cast<U*>(L.v[i]),
                          AMSGRAD ? static_cast<U*>(L.vm[i]) : nullptr};

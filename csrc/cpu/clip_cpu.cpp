@@ -31,7 +31,9 @@ MultiTensorCpuLaunch make_launch(MultiTensorWork& work, at::TensorList tensors) 
   MultiTensorCpuLaunch L;
   L.dtype = tensors[0].scalar_type();
   L.ptr.reserve(work.lists[0].size());
+  const DataPrefetch ahead({tensors});
   for (const auto i : c10::irange(work.lists[0].size())) {
+    ahead(i);
     L.ptr.push_back(work.lists[0][i].data_ptr());
   }
   L.numel = work.numel;
@@ -57,7 +59,7 @@ std::tuple<double, std::vector<double>> reduce_partials(const LaunchGroup& plan,
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double norm_type) {
   const char* op = "multi_tensor_norm";
-  check_tensor_lists(op, c10::DeviceType::CPU, {"tensors", tensors}, {});
+  const TensorScan scan = check_tensor_lists(op, c10::DeviceType::CPU, {"tensors", tensors}, {});
   PYOPTIM_CHECK(norm_type > 0.0, op, ": norm_type must be positive, got ", norm_type);
   const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   const int64_t n = static_cast<int64_t>(tensors.size());
@@ -65,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
     return {at::zeros({}, options), at::empty({0}, options)};
   }
   const int64_t groups[1] = {n};
-  MultiTensorWork work = prepare_work({tensors}, {false}, groups);
+  MultiTensorWork work = prepare_work({tensors}, {false}, groups, &scan);
   const MultiTensorCpuLaunch L = make_launch(work, tensors);
   std::vector<double> partial(L.plan.num_chunks());
   const NormKind kind = norm_kind(norm_type);
@@ -90,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
 
 void clip_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
   const char* op = "clip_scale_";
-  check_tensor_lists(op, c10::DeviceType::CPU, {"tensors", tensors}, {});
+  const TensorScan scan = check_tensor_lists(op, c10::DeviceType::CPU, {"tensors", tensors}, {});
   PYOPTIM_CHECK(max_norm >= 0.0, op, ": max_norm must be non-negative, got ", max_norm);
   if (tensors.empty()) {
     return;
@@ -101,7 +103,7 @@ void clip_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double
     return;  // x * 1 == x: skip the pass
   }
   const int64_t groups[1] = {static_cast<int64_t>(tensors.size())};
-  MultiTensorWork work = prepare_work({tensors}, {true}, groups);
+  MultiTensorWork work = prepare_work({tensors}, {true}, groups, &scan);
   run_scale_kernel(make_launch(work, tensors), coef);
   work.finish();
 }

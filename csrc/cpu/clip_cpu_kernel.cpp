@@ -69,6 +69,7 @@ double chunk_norm(const T* x, int64_t begin, int64_t end, double p) {
 template <typename T, NormKind K>
 void norm_all(const MultiTensorCpuLaunch& L, double p, double* partial) {
   parallel_each_chunk(L.plan, kNormCpuChunk, L.numel.data(), [&](int64_t i, int64_t c, int64_t begin, int64_t end) {
+    prefetch_next(i, L.ptr);
     partial[c] = chunk_norm<T, K>(static_cast<const T*>(L.ptr[i]), begin, end, p);
   });
 }
@@ -97,6 +98,7 @@ void scale_all(const MultiTensorCpuLaunch& L, float coef) {
   using S = at::opmath_type<T>;
   const ScaleOp<S> op{VecAndScalar<MathCoeff, S>(static_cast<S>(coef))};
   parallel_chunks(L.plan, kNormCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    prefetch_next(i, L.ptr);
     T* const ptr[1] = {static_cast<T*>(L.ptr[i])};
     elementwise_range<T, 1, 0b1u, 0b1u>(ptr, begin, end, op);
   });

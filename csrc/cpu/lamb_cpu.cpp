@@ -9,6 +9,7 @@
 #include <pyoptim/vector_norm.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "clip_cpu.h"
 #include "cpu_isa.h"
 #include "lamb_cpu.h"
@@ -27,7 +28,7 @@ enum class LambPass { kStep, kMoments, kApply };
 
 at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms) {
   const char* op = pass == LambPass::kStep ? "lamb_step_" : pass == LambPass::kMoments ? "lamb_moments_" : "lamb_apply_";
-  check_lamb_args(args, c10::DeviceType::CPU, op);
+  const TensorScan scan = check_lamb_args(args, c10::DeviceType::CPU, op);
   const int64_t n = static_cast<int64_t>(args.params.size());
   if (pass == LambPass::kApply) {
     check_lamb_norms(op, *norms, args.params);
@@ -45,7 +46,7 @@ at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms
   MultiTensorWork work = prepare_work({args.params, args.grads, args.exp_avgs, args.exp_avg_sqs, extra},
                                       {pass != LambPass::kMoments, false, pass != LambPass::kApply,
                                        pass != LambPass::kApply, pass != LambPass::kMoments},
-                                      args.group_sizes);
+                                      args.group_sizes, &scan);
   LambCpuLaunch L;
   L.dtype = args.params[0].scalar_type();
   L.state_dtype = args.exp_avgs[0].scalar_type();
@@ -53,7 +54,9 @@ at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms
   L.grad_mul = cpu_grad_multiplier(args.aux, args.maximize);
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, args.lr);
   reserve_each(n, L.p, L.g, L.m, L.v, L.extra, L.key, L.hyper, L.lr, L.step);
+  const DataPrefetch ahead({args.params, args.grads, args.exp_avgs, args.exp_avg_sqs, args.state_steps});
   for (const auto i : c10::irange(n)) {
+    ahead(i);
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
     L.m.push_back(work.lists[2][i].data_ptr());
@@ -160,6 +163,8 @@ void lamb_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                      max_grad_norm, master_params, param_remainders, stochastic_seed),
            LambPass::kApply, &norms);
 }
+
+static_assert(std::is_same_v<decltype(&lamb_step_cpu), step_ops::Lamb*>);  // the step plan's call
 
 }  // namespace pyoptim::cpu
 

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "cpu_isa.h"
 #include "lion_cpu.h"
 
@@ -28,13 +29,13 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const LionArgs args{params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1_weight_decay, group_sizes, maximize,
                       StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                       PrecisionArgs{master_params, param_remainders, stochastic_seed}, state_steps};
-  check_lion_args(args, c10::DeviceType::CPU);
+  const TensorScan scan = check_lion_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
   const at::TensorList extra = args.precision.extra();
-  MultiTensorWork work = prepare_work({params, grads, exp_avgs, extra}, {true, false, true, true}, group_sizes);
+  MultiTensorWork work = prepare_work({params, grads, exp_avgs, extra}, {true, false, true, true}, group_sizes, &scan);
   LionCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.state_dtype = exp_avgs[0].scalar_type();
@@ -43,7 +44,9 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   reserve_each(n, L.p, L.g, L.m, L.hyper, L.lr, L.extra, L.key);
+  const DataPrefetch ahead({params, grads, exp_avgs, state_steps.value_or(at::TensorList())});
   for (const auto i : c10::irange(n)) {
+    ahead(i);
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
     L.m.push_back(work.lists[2][i].data_ptr());
@@ -59,6 +62,8 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   run_lion_kernel(L);
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&lion_step_cpu), step_ops::Lion*>);  // the step plan's call
 
 }  // namespace pyoptim::cpu
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,6 +25,16 @@
 #include <pyoptim/multi_tensor.h>
 
 namespace pyoptim::cpu::PYOPTIM_ISA {  // note [ISA namespaces]
+
+// Asks for the first cache line of tensor i + 4 in each per-tensor pointer
+// list, for a kernel's call on tensor i: over thousands of tiny tensors each
+// step is otherwise a cache miss per list (note [one pass] in
+// multi_tensor_host.cpp). A list shorter than that (empty: unused) is left.
+template <typename... P>
+inline void prefetch_next(int64_t i, const std::vector<P>&... lists) {
+  constexpr int64_t kAhead = 4;
+  ((i + kAhead < static_cast<int64_t>(lists.size()) ? __builtin_prefetch(lists[i + kAhead]) : void()), ...);
+}
 
 // Calls fn(tensor, begin, end) for element ranges covering every tensor of
 // `plan`, in parallel: each task takes a run of chunks, and a run that spans

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "cpu_isa.h"
 #include "rmsprop_cpu.h"
 
@@ -30,7 +31,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                          weight_decay, momentum, l1_weight_decay, group_sizes, centered, maximize,
                          StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                          PrecisionArgs{master_params, param_remainders, stochastic_seed}};
-  check_rmsprop_args(args, c10::DeviceType::CPU);
+  const TensorScan scan = check_rmsprop_args(args, c10::DeviceType::CPU);
   // A step with inf/nan grads (GradScaler) changes nothing, steps included.
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
@@ -39,7 +40,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const at::TensorList extra = args.precision.extra();
   MultiTensorWork work = prepare_work(
       {params, grads, square_avgs, centered ? grad_avgs : at::TensorList(), momentum_buffers, extra},
-      {true, false, true, true, true, true}, group_sizes);
+      {true, false, true, true, true, true}, group_sizes, &scan);
   RmspropCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.state_dtype = square_avgs[0].scalar_type();
@@ -50,7 +51,9 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   reserve_each(n, L.p, L.g, L.sa, L.ga, L.buf, L.hyper, L.lr, L.extra, L.key);
+  const DataPrefetch ahead({params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps});
   for (const auto i : c10::irange(n)) {
+    ahead(i);
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
     L.sa.push_back(work.lists[2][i].data_ptr());
@@ -74,6 +77,8 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   run_rmsprop_kernel(L);
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&rmsprop_step_cpu), step_ops::Rmsprop*>);  // the step plan's call
 
 }  // namespace pyoptim::cpu
 

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "cpu_isa.h"
 #include "sgd_cpu.h"
 
@@ -29,13 +30,13 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                      group_sizes, nesterov, maximize, is_first_step,
                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                      PrecisionArgs{master_params, param_remainders, stochastic_seed}, state_steps};
-  check_sgd_args(args, c10::DeviceType::CPU);
+  const TensorScan scan = check_sgd_args(args, c10::DeviceType::CPU);
   if (params.empty() || cpu_found_inf(args.aux)) {
     return;
   }
   const at::TensorList extra = args.precision.extra();
   MultiTensorWork work =
-      prepare_work({params, grads, momentum_buffers, extra}, {true, false, true, true}, group_sizes);
+      prepare_work({params, grads, momentum_buffers, extra}, {true, false, true, true}, group_sizes, &scan);
   SgdCpuLaunch L;
   L.dtype = params[0].scalar_type();
   L.state_dtype = momentum_buffers.empty() ? L.dtype : momentum_buffers[0].scalar_type();
@@ -47,7 +48,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const std::vector<double> group_lr = cpu_group_lrs(args.aux, lr);
   const int64_t n = static_cast<int64_t>(params.size());
   reserve_each(n, L.p, L.g, L.buf, L.hyper, L.lr, L.extra, L.key);
+  const DataPrefetch ahead({params, grads, momentum_buffers, state_steps.value_or(at::TensorList())});
   for (const auto i : c10::irange(n)) {
+    ahead(i);
     L.p.push_back(work.lists[0][i].data_ptr());
     L.g.push_back(work.lists[1][i].const_data_ptr());
     if (L.momentum) {
@@ -65,6 +68,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   run_sgd_kernel(L);
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&sgd_step_cpu), step_ops::Sgd*>);  // the step plan's call
 
 }  // namespace pyoptim::cpu
 

@@ -37,6 +37,7 @@ void sgd_all(const SgdCpuLaunch& L) {
   using S = at::opmath_type<T>;
   using Op = SgdOp<S, MOMENTUM, NESTEROV, FIRST_STEP>;
   parallel_chunks(L.plan, kSgdCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    prefetch_next(i, L.p, L.g, L.buf);
     const Op op{VecAndScalar<SgdCoeffs, S>(sgd_scalars<S>(L.hyper[i], L.lr[i], L.grad_mul))};
     T* const ptr[3] = {static_cast<T*>(L.p[i]), static_cast<T*>(const_cast<void*>(L.g[i])),
                        MOMENTUM ? static_cast<T*>(L.buf[i]) : nullptr};
@@ -52,6 +53,7 @@ void sgd_mixed(const SgdCpuLaunch& L) {
   constexpr unsigned kLoad = MOMENTUM && !FIRST_STEP ? 0b1u : 0b0u;
   constexpr unsigned kStore = MOMENTUM ? 0b1u : 0b0u;
   parallel_chunks(L.plan, kSgdCpuChunk, L.numel.data(), [&](int64_t i, int64_t begin, int64_t end) {
+    prefetch_next(i, L.p, L.g, L.buf, L.extra);
     const SgdCoeffs<V> c(sgd_scalars<float>(L.hyper[i], L.lr[i], L.grad_mul));
     U* const state[1] = {MOMENTUM ? static_cast<U*>(L.buf[i]) : nullptr};
     precision_range<T, U, 1, kLoad, kStore>(

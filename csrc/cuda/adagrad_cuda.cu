@@ -19,6 +19,7 @@
 #include <pyoptim/precision.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "multi_tensor_apply.cuh"
 #include "step_aux.cuh"
 
@@ -98,7 +99,7 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const AdagradArgs args{params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps, l1_weight_decay,
                          group_sizes, maximize, StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                          PrecisionArgs{master_params, param_remainders, stochastic_seed}};
-  check_adagrad_args(args, c10::DeviceType::CUDA);
+  const TensorScan scan = check_adagrad_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -107,7 +108,7 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const at::TensorList extra = args.precision.extra();
   const auto policy = static_cast<MasterWeights>(args.precision.policy());
   const at::ScalarType state_dtype = state_sums[0].scalar_type();
-  MultiTensorWork work = prepare_work({params, grads, state_sums, extra}, {true, false, true, true}, group_sizes);
+  MultiTensorWork work = prepare_work({params, grads, state_sums, extra}, {true, false, true, true}, group_sizes, &scan);
   const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
   auto fill = [&](AdagradMeta& meta, int s, int64_t i) {
     meta.ptr[0][s] = work.lists[0][i].data_ptr();
@@ -143,6 +144,8 @@ void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   });
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&adagrad_step_cuda), step_ops::Adagrad*>);  // the step plan's call
 
 }  // namespace pyoptim::cuda
 

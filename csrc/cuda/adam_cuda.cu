@@ -22,6 +22,7 @@
 #include <pyoptim/precision.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "multi_tensor_apply.cuh"
 #include "step_aux.cuh"
 
@@ -116,7 +117,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                       weight_decay, eps, l1_weight_decay, group_sizes, amsgrad, maximize, decoupled_weight_decay,
                       StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                       PrecisionArgs{master_params, param_remainders, stochastic_seed}};
-  check_adam_args(args, c10::DeviceType::CUDA);
+  const TensorScan scan = check_adam_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -127,15 +128,19 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
   MultiTensorWork work = prepare_work(
       {params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), extra},
-      {true, false, true, true, true, true}, group_sizes);
+      {true, false, true, true, true, true}, group_sizes, &scan);
   const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
 
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<void*> step_ptr(n);
+  const DataPrefetch steps_ahead({state_steps});
   for (const auto i : c10::irange(n)) {
+    steps_ahead(i);
     step_ptr[i] = state_steps[i].data_ptr<float>();
   }
+  const DataPrefetch ahead({params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()});
   auto fill = [&](AdamMeta& meta, int s, int64_t i) {
+    ahead(i);
     meta.ptr[0][s] = work.lists[0][i].data_ptr();
     meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only (kStore)
     meta.ptr[2][s] = work.lists[2][i].data_ptr();
@@ -186,6 +191,8 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   });
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&adam_step_cuda), step_ops::Adam*>);  // the step plan's call
 
 }  // namespace pyoptim::cuda
 

@@ -124,15 +124,19 @@ struct ScaleFunctor {
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type) {
   const char* op = "multi_tensor_norm";
-  check_tensor_lists(op, c10::DeviceType::CUDA, {"tensors", tensors}, {});
+  const TensorScan scan = check_tensor_lists(op, c10::DeviceType::CUDA, {"tensors", tensors}, {});
   PYOPTIM_CHECK(norm_type > 0.0, op, ": norm_type must be positive, got ", norm_type);
   PYOPTIM_CHECK(!tensors.empty(), op, ": needs at least one tensor");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = static_cast<int64_t>(tensors.size());
   const int64_t groups[1] = {n};
-  MultiTensorWork work = prepare_work({tensors}, {false}, groups);
-  auto fill = [&](NormMeta& meta, int s, int64_t i) { meta.ptr[0][s] = work.lists[0][i].data_ptr(); };
+  MultiTensorWork work = prepare_work({tensors}, {false}, groups, &scan);
+  const DataPrefetch ahead({tensors});
+  auto fill = [&](NormMeta& meta, int s, int64_t i) {
+    ahead(i);
+    meta.ptr[0][s] = work.lists[0][i].data_ptr();
+  };
   std::vector<NormMeta> metas = build_metas<1, NormExtra>(work.numel, {}, 1, fill);
   int64_t chunks = 0;
   for (auto& meta : metas) {
@@ -162,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
 
 void clip_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
   const char* op = "clip_scale_";
-  check_tensor_lists(op, c10::DeviceType::CUDA, {"tensors", tensors}, {});
+  const TensorScan scan = check_tensor_lists(op, c10::DeviceType::CUDA, {"tensors", tensors}, {});
   PYOPTIM_CHECK(max_norm >= 0.0, op, ": max_norm must be non-negative, got ", max_norm);
   if (tensors.empty()) {
     return;
@@ -171,7 +175,7 @@ void clip_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, doubl
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t groups[1] = {static_cast<int64_t>(tensors.size())};
-  MultiTensorWork work = prepare_work({tensors}, {true}, groups);
+  MultiTensorWork work = prepare_work({tensors}, {true}, groups, &scan);
   auto fill = [&](ScaleMeta& meta, int s, int64_t i) { meta.ptr[0][s] = work.lists[0][i].data_ptr(); };
   auto nothing_before = [](const ScaleMeta&) {};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "clip_scale_cuda", [&] {

@@ -26,6 +26,7 @@
 #include <pyoptim/precision.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "block_reduce.cuh"
 #include "multi_tensor_apply.cuh"
 #include "step_aux.cuh"
@@ -243,7 +244,7 @@ enum class LambPass { kStep, kMoments, kApply };
 
 at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms) {
   const char* op = pass == LambPass::kStep ? "lamb_step_" : pass == LambPass::kMoments ? "lamb_moments_" : "lamb_apply_";
-  check_lamb_args(args, c10::DeviceType::CUDA, op);
+  const TensorScan scan = check_lamb_args(args, c10::DeviceType::CUDA, op);
   const int64_t n = static_cast<int64_t>(args.params.size());
   if (pass == LambPass::kApply) {
     check_lamb_norms(op, *norms, args.params);
@@ -261,7 +262,7 @@ at::Tensor run_lamb(const LambArgs& args, LambPass pass, const at::Tensor* norms
   MultiTensorWork work = prepare_work({args.params, args.grads, args.exp_avgs, args.exp_avg_sqs, extra},
                                       {pass != LambPass::kMoments, false, pass != LambPass::kApply,
                                        pass != LambPass::kApply, pass != LambPass::kMoments},
-                                      args.group_sizes);
+                                      args.group_sizes, &scan);
   const StepDeviceAux aux = StepDeviceAux::from(args.aux, args.maximize);
   auto fill = [&](LambMeta& meta, int s, int64_t i) {
     meta.ptr[0][s] = work.lists[0][i].data_ptr();
@@ -391,6 +392,8 @@ void lamb_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      max_grad_norm, master_params, param_remainders, stochastic_seed),
            LambPass::kApply, &norms);
 }
+
+static_assert(std::is_same_v<decltype(&lamb_step_cuda), step_ops::Lamb*>);  // the step plan's call
 
 }  // namespace pyoptim::cuda
 

@@ -17,6 +17,7 @@
 #include <pyoptim/precision.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "multi_tensor_apply.cuh"
 #include "step_aux.cuh"
 
@@ -100,7 +101,7 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const LionArgs args{params, grads, exp_avgs, lr, beta1, beta2, weight_decay, l1_weight_decay, group_sizes, maximize,
                       StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                       PrecisionArgs{master_params, param_remainders, stochastic_seed}, state_steps};
-  check_lion_args(args, c10::DeviceType::CUDA);
+  const TensorScan scan = check_lion_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -109,7 +110,7 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const at::TensorList extra = args.precision.extra();
   const auto policy = static_cast<MasterWeights>(args.precision.policy());
   const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
-  MultiTensorWork work = prepare_work({params, grads, exp_avgs, extra}, {true, false, true, true}, group_sizes);
+  MultiTensorWork work = prepare_work({params, grads, exp_avgs, extra}, {true, false, true, true}, group_sizes, &scan);
   const StepDeviceAux dev = StepDeviceAux::from(args.aux, maximize);
   auto fill = [&](auto& meta, int s, int64_t i) {
     meta.ptr[0][s] = work.lists[0][i].data_ptr();
@@ -154,6 +155,8 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   });
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&lion_step_cuda), step_ops::Lion*>);  // the step plan's call
 
 }  // namespace pyoptim::cuda
 

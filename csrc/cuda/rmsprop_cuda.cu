@@ -19,6 +19,7 @@
 #include <pyoptim/rmsprop.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "multi_tensor_apply.cuh"
 #include "step_aux.cuh"
 
@@ -136,7 +137,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                          weight_decay, momentum, l1_weight_decay, group_sizes, centered, maximize,
                          StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                          PrecisionArgs{master_params, param_remainders, stochastic_seed}};
-  check_rmsprop_args(args, c10::DeviceType::CUDA);
+  const TensorScan scan = check_rmsprop_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -148,7 +149,7 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const at::ScalarType state_dtype = square_avgs[0].scalar_type();
   MultiTensorWork work = prepare_work(
       {params, grads, square_avgs, centered ? grad_avgs : at::TensorList(), momentum_buffers, extra},
-      {true, false, true, true, true, true}, group_sizes);
+      {true, false, true, true, true, true}, group_sizes, &scan);
   const StepDeviceAux aux = StepDeviceAux::from(args.aux, maximize);
   auto fill = [&](RmspropMeta& meta, int s, int64_t i) {
     meta.ptr[0][s] = work.lists[0][i].data_ptr();
@@ -189,6 +190,8 @@ void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   });
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&rmsprop_step_cuda), step_ops::Rmsprop*>);  // the step plan's call
 
 }  // namespace pyoptim::cuda
 

@@ -17,6 +17,7 @@
 #include <pyoptim/sgd.h>
 
 #include "../optim_host.h"
+#include "../step_ops.h"
 #include "multi_tensor_apply.cuh"
 #include "step_aux.cuh"
 
@@ -130,7 +131,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                      group_sizes, nesterov, maximize, is_first_step,
                      StepAux{lr_tensor, grad_scale, found_inf, grad_norm, max_grad_norm},
                      PrecisionArgs{master_params, param_remainders, stochastic_seed}, state_steps};
-  check_sgd_args(args, c10::DeviceType::CUDA);
+  const TensorScan scan = check_sgd_args(args, c10::DeviceType::CUDA);
   if (params.empty()) {
     return;
   }
@@ -139,11 +140,13 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const at::TensorList extra = args.precision.extra();
   const auto policy = static_cast<MasterWeights>(args.precision.policy());
   MultiTensorWork work =
-      prepare_work({params, grads, momentum_buffers, extra}, {true, false, true, true}, group_sizes);
+      prepare_work({params, grads, momentum_buffers, extra}, {true, false, true, true}, group_sizes, &scan);
   const bool has_momentum = !momentum_buffers.empty();
   const StepDeviceAux dev = StepDeviceAux::from(args.aux, maximize);
   const at::ScalarType state_dtype = has_momentum ? momentum_buffers[0].scalar_type() : params[0].scalar_type();
+  const DataPrefetch ahead({params, grads, momentum_buffers, state_steps.value_or(at::TensorList())});
   auto fill = [&](auto& meta, int s, int64_t i) {
+    ahead(i);
     meta.ptr[0][s] = work.lists[0][i].data_ptr();
     meta.ptr[1][s] = const_cast<void*>(work.lists[1][i].const_data_ptr());  // read only (kStore)
     meta.ptr[2][s] = has_momentum ? work.lists[2][i].data_ptr() : nullptr;
@@ -191,6 +194,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   });
   work.finish();
 }
+
+static_assert(std::is_same_v<decltype(&sgd_step_cuda), step_ops::Sgd*>);  // the step plan's call
 
 }  // namespace pyoptim::cuda
 

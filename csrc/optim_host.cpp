@@ -49,16 +49,6 @@ double cpu_advance_step(const at::Tensor& step) {
 
 namespace {
 
-void check_state_steps(const char* op, at::TensorList state_steps, at::TensorList params) {
-  for (const auto i : c10::irange(params.size())) {
-    const at::Tensor& s = state_steps[i];
-    PYOPTIM_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,
-                "] must be a float32 tensor of one element");
-    PYOPTIM_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
-                " but params[", i, "] is on ", params[i].device());
-  }
-}
-
 // torch.optim's beta check: 0 <= beta < 1.
 void check_betas(const char* op, c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2, size_t k) {
   PYOPTIM_CHECK(beta1[k] >= 0.0 && beta1[k] < 1.0, op, ": Invalid beta parameter at index 0: ", beta1[k], " (group ",
@@ -74,7 +64,8 @@ void check_not_negative(const char* op, const char* what, c10::ArrayRef<double> 
 }
 
 // The optional step counters of an op that keeps no step (sgd_step_, lion_step_): stochastic rounding's
-// random bits hash them, so stochastic_seed needs them (note [stochastic key]).
+// random bits hash them, so stochastic_seed needs them (note [stochastic key]). Their entries are
+// check_tensor_lists' to check.
 void check_policy_steps(const char* op, const PrecisionArgs& precision,
                         const std::optional<at::TensorList>& state_steps, at::TensorList params) {
   PYOPTIM_CHECK(!precision.stochastic_seed || state_steps, op,
@@ -82,7 +73,6 @@ void check_policy_steps(const char* op, const PrecisionArgs& precision,
   if (state_steps) {
     PYOPTIM_CHECK(state_steps->size() == params.size(), op, ": state_steps has ", state_steps->size(),
                   " entries but params has ", params.size());
-    check_state_steps(op, *state_steps, params);
   }
 }
 
@@ -112,8 +102,8 @@ void check_l1_weight_decay(const char* op, c10::ArrayRef<double> l1_weight_decay
 TensorScan check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
   const char* op = "adam_step_";
   TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
-                     {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs},
-                      {"max_exp_avg_sqs", a.max_exp_avg_sqs}},
+                                       {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs},
+                                        {"max_exp_avg_sqs", a.max_exp_avg_sqs}},
                                        a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
@@ -148,7 +138,8 @@ TensorScan check_adam_args(const AdamArgs& a, c10::DeviceType device_type) {
 TensorScan check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
   const char* op = "sgd_step_";
   TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
-                     {{"momentum_buffers", a.momentum_buffers}});
+                                       {{"momentum_buffers", a.momentum_buffers}},
+                                       a.state_steps.value_or(at::TensorList()));
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -175,8 +166,8 @@ TensorScan check_sgd_args(const SgdArgs& a, c10::DeviceType device_type) {
 
 TensorScan check_lion_args(const LionArgs& a, c10::DeviceType device_type) {
   const char* op = "lion_step_";
-  TensorScan scan =
-      check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}}, {{"exp_avgs", a.exp_avgs}});
+  TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
+                                       {{"exp_avgs", a.exp_avgs}}, a.state_steps.value_or(at::TensorList()));
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -211,8 +202,7 @@ void check_lamb_norms(const char* op, const at::Tensor& norms, at::TensorList pa
 
 TensorScan check_lamb_args(const LambArgs& a, c10::DeviceType device_type, const char* op) {
   TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
-                     {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}},
-                                       a.state_steps);
+                                       {{"exp_avgs", a.exp_avgs}, {"exp_avg_sqs", a.exp_avg_sqs}}, a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);
   const int64_t n = static_cast<int64_t>(a.params.size());
@@ -265,8 +255,8 @@ TensorScan check_adagrad_args(const AdagradArgs& a, c10::DeviceType device_type)
 TensorScan check_rmsprop_args(const RmspropArgs& a, c10::DeviceType device_type) {
   const char* op = "rmsprop_step_";
   TensorScan scan = check_tensor_lists(op, device_type, {"params", a.params}, {{"grads", a.grads}},
-                     {{"square_avgs", a.square_avgs}, {"grad_avgs", a.grad_avgs},
-                      {"momentum_buffers", a.momentum_buffers}},
+                                       {{"square_avgs", a.square_avgs}, {"grad_avgs", a.grad_avgs},
+                                        {"momentum_buffers", a.momentum_buffers}},
                                        a.state_steps);
   check_precision(op, a.params, a.precision.master_params, a.precision.param_remainders,
                   a.precision.stochastic_seed);

@@ -263,3 +263,33 @@ def test_duplicate_param_across_groups_raises_torchs_error(name):
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         opt.add_param_group({"params": [p]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.skipif(not _backends.EXTENSION_LOADED, reason="the extension is not built")
+@pytest.mark.parametrize("op", ["adam_step_", "sgd_step_"])
+@pytest.mark.parametrize("bad", ["float64", "two_elements"])
+def test_bad_step_counters_are_rejected_before_writing(op, bad):
+    """A step counter that is not a one-element float32 tensor is named with its index (check_tensor_lists'
+    check, the one place for every op's counters), and nothing is written: not the params, not the counters
+    before it."""
+    n = 4
+    params = [torch.randn(3) for _ in range(n)]
+    grads = [torch.randn(3) for _ in range(n)]
+    steps = [torch.zeros(()) for _ in range(n)]
+    steps[2] = torch.zeros((), dtype=torch.float64) if bad == "float64" else torch.zeros(2)
+    before = [t.clone() for t in params + steps]
+    if op == "adam_step_":
+        call = lambda: torch.ops.pyoptim.adam_step_(  # noqa: E731
+            params, grads, [torch.zeros(3) for _ in range(n)], [torch.zeros(3) for _ in range(n)], [], steps,
+            lr=[1e-2], beta1=[0.9], beta2=[0.999], weight_decay=[0.0], eps=[1e-8], group_sizes=[n],
+            amsgrad=False, maximize=False, decoupled_weight_decay=True)
+    else:
+        params, grads = [p.bfloat16() for p in params], [g.bfloat16() for g in grads]
+        before = [t.clone() for t in params + steps]
+        call = lambda: torch.ops.pyoptim.sgd_step_(  # noqa: E731
+            params, grads, [], lr=[0.1], momentum=[0.0], dampening=[0.0], weight_decay=[0.0], group_sizes=[n],
+            nesterov=False, maximize=False, is_first_step=False, stochastic_seed=7, state_steps=steps)
+    with pytest.raises(RuntimeError, match=r"state_steps\[2\] must be a float32 tensor of one element"):
+        call()
+    for t, b in zip(params + steps, before):
+        assert torch.equal(t, b)
